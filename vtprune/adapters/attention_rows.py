@@ -1,0 +1,84 @@
+"""Recompute single attention rows under SDPA instead of asking the model for eager attention maps.
+
+Both functions compute only the query rows a scorer reads (O(N * D) work), in float32, and match the
+eager attention probabilities of the same layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    norm = getattr(attn, name, None)  # Qwen3-style per-head q_norm / k_norm
+    return norm(x) if norm is not None else x
+
+
+@torch.no_grad()
+def llm_query_attention(
+    layer: nn.Module,
+    hidden_in: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Head-mean attention probabilities of one query row per sample at a Llama-style decoder layer.
+
+    Args:
+        layer: the decoder layer (``input_layernorm`` + ``self_attn`` with ``q_proj``/``k_proj``).
+        hidden_in: ``[B, N, D]`` the layer's input hidden states.
+        position_embeddings: ``(cos, sin)``, each ``[B or 1, N, head_dim]`` (M-RoPE already folded in).
+        query_pos: ``[B]`` the query position per sample (the last prompt token).
+        key_valid: ``[B, N]`` bool, False on padding keys.
+
+    Returns:
+        ``[B, N]`` float32: mean over heads of softmax(q . k^T * scaling) over the keys ``<= query_pos``
+        that are not padding (zeros elsewhere), exactly the row eager attention would produce.
+    """
+    attn = layer.self_attn
+    bsz, n, _ = hidden_in.shape
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(hidden_in)
+    batch = torch.arange(bsz, device=x.device)
+    xq = x[batch, query_pos]  # [B, D]
+    q = attn.q_proj(xq).view(bsz, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, d]
+    k = attn.k_proj(x).view(bsz, n, -1, head_dim).transpose(1, 2)  # [B, Hkv, N, d]
+    q = _head_norm(attn, "q_norm", q)
+    k = _head_norm(attn, "k_norm", k)
+    cos, sin = position_embeddings
+    cos = cos.expand(bsz, -1, -1)
+    sin = sin.expand(bsz, -1, -1)
+    cq, sq = cos[batch, query_pos][:, None, None], sin[batch, query_pos][:, None, None]  # [B,1,1,d]
+    q = q * cq + _rotate_half(q) * sq
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, N]
+    allowed = key_valid.bool() & (torch.arange(n, device=x.device)[None, :] <= query_pos[:, None])
+    logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+@torch.no_grad()
+def vit_cls_attention(attn: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention of the CLS query (token 0) at a CLIP-style vision attention module.
+
+    Args:
+        attn: a module with ``q_proj``, ``k_proj``, ``num_heads``, ``head_dim``, ``scale``.
+        hidden_in: ``[T, P + 1, C]`` the attention module's input (after the layer norm), T tiles.
+
+    Returns:
+        ``[T, P + 1]`` float32 attention probabilities of CLS to every token (CLS itself included).
+    """
+    t, n, _ = hidden_in.shape
+    q = attn.q_proj(hidden_in[:, :1]).view(t, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(hidden_in).view(t, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).squeeze(2) * attn.scale  # [T, H, N]
+    return torch.softmax(logits, dim=-1).mean(dim=1)

@@ -1,0 +1,229 @@
+"""In-LLM pruning: drop visual tokens after decoder layer K, with hooks on the decoder layers.
+
+No transformers code is rewritten and the module tree is unchanged (state dicts stay the same):
+
+- layer K, pre-hook (prefill): recompute the attention row the scorer needs from the layer input.
+- layer K, forward hook (prefill): score, select, and return the layer output compacted to the kept
+  tokens ``[B, N', D]`` (text tokens are always kept; kept tokens keep their original positions).
+- layers > K, pre-hook: prefill: gather RoPE cos/sin, position ids and the 4D mask to the kept tokens;
+  decode: gather the mask columns to ``kept ++ new tokens``, because layers <= K cache all N entries
+  while layers > K cache only N'.
+- last layer, forward hook (prefill): scatter the kept rows back into a ``[B, N, D]`` tensor whose pruned
+  rows hold their layer-K state, so logits, ``logits_to_keep`` and right padding work unchanged.
+
+Ragged batches (samples keeping different numbers of tokens) are padded to the longest row with
+*filler* slots: dropped tokens that no other token can attend to (each filler attends only itself, so
+its state stays finite) and that the decode mask hides too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.adapters.attention_rows import llm_query_attention
+from vtprune.kernels import compact
+from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, Signals
+from vtprune.scorers.select import select_topk
+from vtprune.state import PruneState, PruneStats, Session
+
+
+def _masked_value(mask: torch.Tensor):
+    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+
+
+def _allowed_value(mask: torch.Tensor):
+    return True if mask.dtype == torch.bool else 0.0
+
+
+def build_keep_index(sess: Session, kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence positions each sample keeps, padded with fillers to a common length.
+
+    Returns:
+        keep_seq: ``[B, N']`` long; fillers first (if any), then the kept positions in order.
+        filler: ``[B, N']`` bool, True on filler slots.
+    """
+    lay = sess.layout
+    n = sess.seq_len
+    device = lay.positions[0].device if lay.positions else torch.device("cpu")
+    rows, drops = [], []
+    for b in range(lay.batch_size):
+        vis = lay.positions[b]
+        keep_mask = torch.ones(n, dtype=torch.bool, device=device)
+        keep_mask[vis] = False
+        keep_mask[vis[kept[b].to(device)]] = True
+        rows.append(torch.nonzero(keep_mask).flatten())
+        drops.append(torch.nonzero(~keep_mask).flatten())
+    width = max(int(r.numel()) for r in rows)
+    keep_seq = torch.empty(len(rows), width, dtype=torch.long, device=device)
+    filler = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for b, (row, drop) in enumerate(zip(rows, drops)):
+        pad = width - row.numel()
+        keep_seq[b] = torch.cat([drop[:pad], row])
+        filler[b, :pad] = True
+    return keep_seq, filler
+
+
+def _gather_mask(mask: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+    """Gather a ``[B|1, H, Q, K]`` mask to ``rows`` (``[B, Q']`` or None: all) and ``cols`` (``[B, K']``)."""
+    bsz = cols.shape[0]
+    mask = mask.expand(bsz, *mask.shape[1:])
+    h, q = mask.shape[1], mask.shape[2]
+    if rows is not None:
+        q = rows.shape[1]
+        mask = mask.gather(2, rows[:, None, :, None].expand(bsz, h, q, mask.shape[3]))
+    return mask.gather(3, cols[:, None, None, :].expand(bsz, h, q, cols.shape[1]))
+
+
+def prefill_mask(mask: torch.Tensor | None, sess: Session) -> torch.Tensor | None:
+    """The 4D mask of layers > K during prefill (None stays None unless fillers need hiding)."""
+    ragged = bool(sess.filler.any())
+    if mask is None and not ragged:
+        return None
+    keep_seq = sess.keep_seq
+    if mask is None:
+        n = sess.seq_len
+        mask = torch.ones(n, n, dtype=torch.bool, device=keep_seq.device).tril()[None, None]
+    out = _gather_mask(mask, keep_seq, keep_seq).clone()
+    if ragged:
+        fill = sess.filler[:, None, None, :].expand_as(out)
+        out = out.masked_fill(fill, _masked_value(out))
+        diag = torch.diag_embed(sess.filler)[:, None]  # filler rows attend themselves only
+        out = out.masked_fill(diag, _allowed_value(out))
+    return out
+
+
+def decode_mask(mask: torch.Tensor | None, sess: Session, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """The 4D mask of layers > K for a step after prefill: columns ``kept ++ [N, kv_len)``."""
+    ragged = bool(sess.filler.any())
+    if mask is None and not ragged:
+        return None
+    bsz = sess.keep_seq.shape[0]
+    device = sess.keep_seq.device
+    new = torch.arange(sess.seq_len, kv_len, device=device)[None].expand(bsz, -1)
+    cols = torch.cat([sess.keep_seq, new], dim=1)
+    if mask is None:
+        qpos = torch.arange(kv_len - q_len, kv_len, device=device)
+        mask = (torch.arange(kv_len, device=device)[None] <= qpos[:, None])[None, None]
+    out = _gather_mask(mask, None, cols).clone()
+    if ragged:
+        hide = torch.cat([sess.filler, torch.zeros_like(new, dtype=torch.bool)], dim=1)
+        out = out.masked_fill(hide[:, None, None, :].expand_as(out), _masked_value(out))
+    return out
+
+
+def _gather_positions(position_ids: torch.Tensor | None, keep_seq: torch.Tensor):
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 2:
+        return compact(position_ids, keep_seq)
+    if position_ids.dim() == 3:  # [3|4, B, N] multimodal RoPE ids
+        idx = keep_seq[None].expand(position_ids.shape[0], -1, -1)
+        return position_ids.expand(-1, keep_seq.shape[0], -1).gather(2, idx)
+    raise ValueError(f"unsupported position_ids shape {tuple(position_ids.shape)}")
+
+
+class LLMStageHooks:
+    """Installs and runs the decoder-layer hooks of in-LLM pruning after layer ``state.layer``."""
+
+    def __init__(self, state: PruneState, layers: torch.nn.ModuleList) -> None:
+        self.state = state
+        self.layers = layers
+        self.k = state.layer
+        self.last = len(layers) - 1
+
+    def install(self) -> list:
+        handles = []
+        for i, layer in enumerate(self.layers):
+            if i == self.k:
+                handles.append(layer.register_forward_pre_hook(self._pre_k, with_kwargs=True))
+                handles.append(layer.register_forward_hook(self._post_k, with_kwargs=True))
+            elif i > self.k:
+                handles.append(layer.register_forward_pre_hook(self._pre_after, with_kwargs=True))
+            if i == self.last:
+                handles.append(layer.register_forward_hook(self._post_last, with_kwargs=True))
+        return handles
+
+    # ---- layer K ------------------------------------------------------------------------------
+    def _pre_k(self, module, args, kwargs):
+        sess = self.state.session
+        if sess.phase != "prefill" or sess.layout is None:
+            return None
+        sess.llm_attention = None
+        if self.state.scorer.needs_signal(LLM_ATTENTION):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            sess.llm_attention = llm_query_attention(
+                module, hidden, kwargs["position_embeddings"], sess.query_pos, sess.attention_2d
+            )
+        return None
+
+    def _post_k(self, module, args, kwargs, output):
+        sess = self.state.session
+        if sess.phase != "prefill" or sess.layout is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        lay = sess.layout
+        signals = Signals(layout=lay, stage=IN_LLM, layer=self.k, keep=self.state.config.keep)
+        if sess.llm_attention is not None:
+            signals.llm_attention = [sess.llm_attention[b, p] for b, p in enumerate(lay.positions)]
+        if self.state.scorer.needs_signal(HIDDEN_STATES):
+            signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
+        kept = select_topk(self.state.scorer.score(signals), lay, self.state.config.keep)
+        sess.keep_seq, sess.filler = build_keep_index(sess, kept)
+        sess.full_hidden = hidden
+        sess.mask_cache = {}
+        before = sess.attention_2d.sum(1).tolist()
+        dropped = [int(p.numel() - k.numel()) for p, k in zip(lay.positions, kept)]
+        self.state.stats = PruneStats(
+            method=self.state.config.method,
+            stage=IN_LLM,
+            layer=self.k,
+            kept=[k.cpu() for k in kept],
+            visual_before=lay.counts(),
+            visual_after=[int(k.numel()) for k in kept],
+            seq_len_before=[int(x) for x in before],
+            seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
+        )
+        out = compact(hidden, sess.keep_seq)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    # ---- layers after K -----------------------------------------------------------------------
+    def _pre_after(self, module, args, kwargs):
+        sess = self.state.session
+        if sess.phase == "prefill" and sess.keep_seq is not None:
+            key = (id(kwargs.get("attention_mask")), id(kwargs.get("position_embeddings")))
+            if key not in sess.mask_cache:
+                cos, sin = kwargs["position_embeddings"]
+                sess.mask_cache[key] = {
+                    "attention_mask": prefill_mask(kwargs.get("attention_mask"), sess),
+                    "position_embeddings": (compact(cos, sess.keep_seq), compact(sin, sess.keep_seq)),
+                    "position_ids": _gather_positions(kwargs.get("position_ids"), sess.keep_seq),
+                }
+            kwargs.update(sess.mask_cache[key])
+            return args, kwargs
+        if sess.phase == "decode" and sess.keep_seq is not None:
+            mask = kwargs.get("attention_mask")
+            hidden = args[0] if args else kwargs["hidden_states"]
+            key = ("decode", id(mask))
+            if key not in sess.mask_cache:
+                sess.mask_cache = {}  # one entry per step is enough
+                q_len = hidden.shape[1]
+                # layer 0 has already cached this step's tokens, so its length is the full key length
+                kv_len = mask.shape[-1] if mask is not None else sess.cache.layers[0].get_seq_length()
+                sess.mask_cache[key] = decode_mask(mask, sess, q_len, kv_len)
+            kwargs["attention_mask"] = sess.mask_cache[key]
+            return args, kwargs
+        return None
+
+    # ---- last layer ---------------------------------------------------------------------------
+    def _post_last(self, module, args, kwargs, output):
+        sess = self.state.session
+        if sess.phase != "prefill" or sess.keep_seq is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        full = sess.full_hidden
+        src = torch.where(sess.filler[..., None], compact(full, sess.keep_seq), hidden)
+        out = full.clone()
+        out.scatter_(1, sess.keep_seq[..., None].expand(-1, -1, full.shape[-1]), src.to(full.dtype))
+        sess.full_hidden = None
+        sess.mask_cache = {}
+        return (out, *output[1:]) if isinstance(output, tuple) else out

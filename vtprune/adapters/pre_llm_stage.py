@@ -1,0 +1,145 @@
+"""Pre-LLM pruning: shorten the embedding sequence between the vision tower and the LLM.
+
+The language model then runs exactly as if each image had fewer tokens: positions are contiguous over
+the shortened sequence, and decode steps see the shortened attention mask and positions shifted by the
+number of removed tokens, so ``generate()`` keeps working. When samples keep different numbers of tokens
+the shortened rows are re-padded on the side the batch was already padded on (left if unpadded).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vtprune.kernels import compact
+from vtprune.scorers.base import HIDDEN_STATES, PIXEL_VALUES, PRE_LLM, VISION_CLS_ATTENTION, Signals
+from vtprune.scorers.select import select_topk
+from vtprune.state import PruneState, PruneStats, Session
+
+if TYPE_CHECKING:
+    from vtprune.adapters.base import Adapter, ImageInputs
+
+
+def _padding_side(mask2d: torch.Tensor | None) -> str:
+    if mask2d is not None and not bool(mask2d[:, -1].all()) and bool(mask2d[:, 0].all()):
+        return "right"
+    return "left"
+
+
+def shorten_prefill_inputs(
+    adapter: Adapter, state: PruneState, kwargs: dict[str, Any], images: ImageInputs, visual: torch.Tensor
+) -> None:
+    """Score and drop visual tokens before the LLM; rewrites ``kwargs`` of the core forward in place.
+
+    Args:
+        images: the call's images; encoded here unless ``generate()`` already did.
+        visual: ``[B, N]`` bool, True on image placeholder tokens.
+    """
+    sess = state.session
+    lay = sess.layout
+    if images.record is None:
+        adapter.encode_images(images)
+        images.record = state.vision_record
+    feats = images.features()
+    input_ids = kwargs.get("input_ids")
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = adapter.embed(input_ids)
+    feat = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
+    n_visual = int(visual.sum())
+    if feat.shape[0] != n_visual:
+        raise ValueError(
+            f"the prompts hold {n_visual} image tokens but the images produce {feat.shape[0]} features; "
+            "let the model's processor build input_ids and pixel_values together"
+        )
+    embeds = embeds.masked_scatter(visual[..., None].expand_as(embeds), feat)
+
+    signals = Signals(layout=lay, stage=PRE_LLM, keep=state.config.keep)
+    if state.scorer.needs_signal(VISION_CLS_ATTENTION):
+        if images.record.cls_attention is None:
+            raise RuntimeError("no CLS attention was recorded while the images were encoded")
+        signals.vision_cls_attention = cls_scores(images.record.cls_attention, lay.source)
+    if state.scorer.needs_signal(HIDDEN_STATES):
+        signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
+    if state.scorer.needs_signal(PIXEL_VALUES):
+        signals.pixel_values = images.pixel_values
+    kept = select_topk(state.scorer.score(signals), lay, state.config.keep)
+
+    bsz, n = visual.shape
+    dropped = visual.clone()
+    for b in range(bsz):
+        dropped[b, lay.positions[b][kept[b].to(visual.device)]] = False
+    rows = [torch.nonzero(~dropped[b]).flatten() for b in range(bsz)]
+    width = max(int(r.numel()) for r in rows)
+    mask2d = kwargs.get("attention_mask")
+    side = _padding_side(mask2d)
+    index = torch.zeros(bsz, width, dtype=torch.long, device=visual.device)
+    valid = torch.zeros(bsz, width, dtype=torch.bool, device=visual.device)
+    for b, row in enumerate(rows):
+        sl = slice(width - row.numel(), width) if side == "left" else slice(0, row.numel())
+        index[b, sl] = row
+        valid[b, sl] = sess.attention_2d[b, row]
+    ragged = any(int(r.numel()) != width for r in rows)
+
+    sess.pre_index, sess.pre_valid = index, valid
+    sess.pre_removed = dropped.sum(1)
+    kwargs["inputs_embeds"] = compact(embeds, index)
+    kwargs["input_ids"] = None
+    if mask2d is not None or ragged:
+        dtype = mask2d.dtype if mask2d is not None else torch.long
+        kwargs["attention_mask"] = valid.to(dtype)
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        if pos.dim() != 2:
+            raise ValueError(f"pre-LLM pruning expects 2D position_ids [batch, seq], got {tuple(pos.shape)}")
+        removed_before = compact(dropped.long().cumsum(1), index)
+        kwargs["position_ids"] = (compact(pos, index) - removed_before).masked_fill(~valid, 0)
+    adapter.strip_image_inputs(kwargs)
+
+    before = sess.attention_2d.sum(1)
+    state.stats = PruneStats(
+        method=state.config.method,
+        stage=PRE_LLM,
+        layer=None,
+        kept=[k.cpu() for k in kept],
+        visual_before=lay.counts(),
+        visual_after=[int(k.numel()) for k in kept],
+        seq_len_before=[int(x) for x in before],
+        seq_len_after=[int(x) for x in valid.sum(1)],
+    )
+
+
+def cls_scores(cls_rows: torch.Tensor, source: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Map CLS attention rows ``[T, P + 1]`` (all tiles of the call) onto tokens via ``source``.
+
+    Returns per sample ``[n_b]`` float32; tokens without a source (newlines) get 0.
+    """
+    flat = cls_rows.flatten().float()
+    out = []
+    for src in source:
+        src = src.to(flat.device)
+        out.append(torch.where(src >= 0, flat[src.clamp(min=0)], torch.zeros((), device=flat.device)))
+    return out
+
+
+def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
+    """Map a decode step's full-length mask and positions onto the shortened sequence."""
+    mask = kwargs.get("attention_mask")
+    n = sess.seq_len
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(
+                f"after pre-LLM pruning vtprune needs a 2D attention_mask at decode, got {tuple(mask.shape)}"
+            )
+        head = compact(mask[:, :n], sess.pre_index).masked_fill(~sess.pre_valid, 0)
+        kwargs["attention_mask"] = torch.cat([head, mask[:, n:]], dim=1)
+    elif not bool(sess.pre_valid.all()):
+        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        past = sess.cache.get_seq_length()
+        extra = past + ref.shape[1] - sess.pre_valid.shape[1]
+        tail = torch.ones(ref.shape[0], extra, dtype=torch.long, device=ref.device)
+        kwargs["attention_mask"] = torch.cat([sess.pre_valid.long(), tail], dim=1)
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        kwargs["position_ids"] = pos - sess.pre_removed[:, None].to(pos.device)

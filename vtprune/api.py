@@ -1,0 +1,110 @@
+"""The public one-liners: `apply`, `remove`, `disabled`, `stats`, `methods`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from vtprune.adapters import adapter_for, check_layer
+from vtprune.config import ConfigError, PruneConfig
+from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer, registry
+from vtprune.state import STATE_ATTR, PruneState, PruneStats
+
+
+def apply(
+    model: nn.Module,
+    config: PruneConfig | str | None = None,
+    *,
+    method: str | None = None,
+    keep: int | float | None = None,
+    layer: int | None = None,
+    **method_options: Any,
+) -> nn.Module:
+    """Patch ``model`` in place to prune visual tokens; returns the same model.
+
+    Either pass a `PruneConfig` (``apply(model, PruneConfig(...))``) or keywords
+    (``apply(model, method="fastv", keep=64, layer=2, **method_options)``; the method may also be the
+    second positional argument). Only this instance changes; applying again replaces the previous
+    setup. Raises `ConfigError` for a bad configuration and `UnsupportedModelError` for a model
+    vtprune cannot patch.
+    """
+    if isinstance(config, PruneConfig):
+        if method is not None or keep is not None or layer is not None or method_options:
+            raise ConfigError("pass either a PruneConfig or keyword arguments to vtprune.apply, not both")
+        cfg = config
+    else:
+        if config is not None and not isinstance(config, str):
+            raise ConfigError(
+                f"the second argument of vtprune.apply must be a PruneConfig or a method name, got {type(config).__name__}"
+            )
+        if config is not None and method is not None:
+            raise ConfigError("the method was given twice (positionally and as method=)")
+        fields: dict[str, Any] = {"method": config or method or PruneConfig.method, "options": method_options}
+        if keep is not None:
+            fields["keep"] = keep
+        fields["layer"] = layer
+        cfg = PruneConfig(**fields)
+
+    adapter = adapter_for(model)
+    scorer = build_scorer(cfg.method, cfg.options)
+    resolved_layer = cfg.layer if cfg.layer is not None else scorer.default_layer
+    stage = PRE_LLM if resolved_layer is None else IN_LLM
+    if stage not in scorer.stages:
+        if stage == IN_LLM:
+            raise ConfigError(
+                f"method {cfg.method!r} prunes before the LLM and takes no layer; leave layer=None"
+            )
+        raise ConfigError(f"method {cfg.method!r} prunes inside the LLM: give layer=K")
+    if resolved_layer is not None:
+        check_layer(resolved_layer, len(adapter.decoder_layers()))
+
+    remove(model)
+    state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer)
+    state.handles = adapter.install(state)
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: remove every hook and the state; the model behaves exactly as before. Idempotent."""
+    state: PruneState | None = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        for handle in state.handles:
+            handle.remove()
+        delattr(model, STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` unpruned inside the block (for A/B comparisons); pruning resumes afterwards."""
+    state: PruneState | None = getattr(model, STATE_ATTR, None)
+    if state is None:
+        yield model
+        return
+    previous = state.enabled
+    state.enabled = False
+    try:
+        yield model
+    finally:
+        state.enabled = previous
+
+
+def stats(model: nn.Module) -> PruneStats | None:
+    """What the last prefill pruned (`PruneStats`), or None (not patched, or no image seen yet)."""
+    state: PruneState | None = getattr(model, STATE_ATTR, None)
+    return state.stats if state is not None else None
+
+
+def config_of(model: nn.Module) -> PruneConfig | None:
+    """The `PruneConfig` a model is patched with, or None."""
+    state: PruneState | None = getattr(model, STATE_ATTR, None)
+    return state.config if state is not None else None
+
+
+def methods() -> dict[str, str]:
+    """Preset name -> one-line description."""
+    return {name: cls.description for name, cls in sorted(registry().items())}

@@ -1,0 +1,126 @@
+"""The scorer interface: a scorer declares the signals it needs and ranks visual tokens.
+
+Adapters compute a signal only when the active scorer asks for it, so a scorer that needs nothing
+(random, uniform) costs nothing, and the CLS row or the LLM attention row is recomputed only for the
+scorers that read it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vtprune.config import ConfigError
+from vtprune.layout import VisualLayout
+
+# Signal names a scorer may list in `needs`.
+VISION_CLS_ATTENTION = "vision_cls_attention"
+LLM_ATTENTION = "llm_attention"
+HIDDEN_STATES = "hidden_states"
+PIXEL_VALUES = "pixel_values"
+SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES)
+
+PRE_LLM = "pre-llm"
+IN_LLM = "llm"
+
+
+@dataclass
+class Signals:
+    """What a scorer can read. Per-sample lists hold one entry per sample of the batch.
+
+    - ``layout``: where the visual tokens are (`VisualLayout`).
+    - ``stage``: ``"pre-llm"`` or ``"llm"``; ``layer``: the decoder layer for ``"llm"``.
+    - ``keep``: the per-image budget of the config (for scorers that place tokens themselves).
+    - ``vision_cls_attention``: per sample ``[n_b]`` float32, head-mean attention of the vision encoder's
+      CLS query to each visual token (0 for tokens the encoder did not produce).
+    - ``llm_attention``: per sample ``[n_b]`` float32, head-mean attention of the last prompt token at
+      decoder layer ``layer`` to each visual token (softmax over all keys).
+    - ``hidden_states``: per sample ``[n_b, D]``, visual token states at the pruning point (projected
+      image features pre-LLM, layer output in-LLM).
+    - ``pixel_values``: the model's pixel input, as given.
+    """
+
+    layout: VisualLayout
+    stage: str
+    layer: int | None = None
+    keep: int | float = 1.0
+    vision_cls_attention: list[torch.Tensor] | None = None
+    llm_attention: list[torch.Tensor] | None = None
+    hidden_states: list[torch.Tensor] | None = None
+    pixel_values: torch.Tensor | None = None
+
+    def require(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"signal {name!r} was not provided by the adapter at stage {self.stage!r}")
+        return value
+
+
+class Scorer:
+    """Base class. Subclasses set the class attributes and implement `score`.
+
+    - ``name``: preset name; ``description``: one line for `vtprune.methods()`.
+    - ``needs``: signal names (see ``SIGNALS``) the adapter must provide.
+    - ``stages``: where the scorer can run (``"pre-llm"``, ``"llm"``).
+    - ``default_layer``: the in-LLM layer used when the config leaves ``layer`` as None
+      (None: run pre-LLM by default).
+
+    Options are the keyword arguments of ``__init__``; unknown options are rejected by name.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    stages: ClassVar[tuple[str, ...]] = (PRE_LLM, IN_LLM)
+    default_layer: ClassVar[int | None] = None
+
+    def score(self, signals: Signals) -> list[torch.Tensor]:
+        """Return per sample a ``[n_b]`` float tensor: higher means keep."""
+        raise NotImplementedError
+
+    def needs_signal(self, name: str) -> bool:
+        return name in self.needs
+
+
+_REGISTRY: dict[str, type[Scorer]] = {}
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: register a scorer under ``cls.name``."""
+    if not cls.name or not cls.description:
+        raise TypeError(f"{cls.__name__} needs a name and a description to be registered")
+    unknown = set(cls.needs) - set(SIGNALS)
+    if unknown:
+        raise TypeError(f"{cls.__name__} needs unknown signals {sorted(unknown)}; known: {SIGNALS}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Scorer]]:
+    return dict(_REGISTRY)
+
+
+def scorer_options(cls: type[Scorer]) -> dict[str, Any]:
+    """Option name -> default value of a scorer class."""
+    sig = inspect.signature(cls.__init__)
+    return {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def build_scorer(method: str, options: dict[str, Any]) -> Scorer:
+    """Instantiate the scorer registered as ``method`` with ``options``; clear errors on typos."""
+    if method not in _REGISTRY:
+        raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[method]
+    known = scorer_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        hint = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise ConfigError(f"method {method!r} has no option(s) {unknown}; its options: {hint}")
+    return cls(**options)

@@ -1,0 +1,29 @@
+"""FastV: rank visual tokens by the attention the last prompt token pays them at an LLM layer."""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.scorers.base import IN_LLM, LLM_ATTENTION, Scorer, Signals, register
+
+
+@register
+class FastVScorer(Scorer):
+    """s_j = mean over heads of softmax(q_last . K^T / sqrt(d))[j] at decoder layer ``layer``.
+
+    The attention row is recomputed from the layer input (one query row, all keys), so the model keeps
+    running under SDPA. Kept tokens keep their original positions. ``layer=2`` here prunes before
+    decoder layer 3, i.e. FastV's paper K=3 (its K names the first layer that sees fewer tokens).
+    """
+
+    name = "fastv"
+    description = "FastV: last-prompt-token attention at LLM layer K (in-LLM, default layer=2)"
+    needs = frozenset({LLM_ATTENTION})
+    stages = (IN_LLM,)
+    default_layer = 2
+
+    def __init__(self) -> None:
+        pass
+
+    def score(self, signals: Signals) -> list[torch.Tensor]:
+        return list(signals.require(LLM_ATTENTION))

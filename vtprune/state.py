@@ -1,0 +1,102 @@
+"""Per-model pruning state: the one object vtprune attaches to a patched model, and the stats it records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from vtprune.adapters.base import Adapter
+    from vtprune.config import PruneConfig
+    from vtprune.scorers.base import Scorer
+
+STATE_ATTR = "_vtprune_state"
+
+
+@dataclass
+class PruneStats:
+    """What the last prefill pruned.
+
+    - ``kept``: one sorted LongTensor per sample: indices into that sample's visual tokens (image
+      placeholder tokens in sequence order, all images of the sample concatenated) that survived.
+    - ``visual_before`` / ``visual_after``: visual token counts per sample.
+    - ``seq_len_before`` / ``seq_len_after``: sequence lengths per sample (padding excluded) seen by the
+      first and the last decoder layer.
+    - ``stage``: ``"pre-llm"`` (between the vision tower and the LLM) or ``"llm"`` (inside the LLM).
+    - ``layer``: for ``"llm"``, the decoder layer after which tokens were dropped; None for pre-LLM.
+    """
+
+    method: str
+    stage: str
+    layer: int | None
+    kept: list[torch.Tensor]
+    visual_before: list[int]
+    visual_after: list[int]
+    seq_len_before: list[int]
+    seq_len_after: list[int]
+
+    @property
+    def keep_ratio(self) -> float:
+        before = sum(self.visual_before)
+        return sum(self.visual_after) / before if before else 1.0
+
+    def summary(self) -> str:
+        where = "before the LLM" if self.stage == "pre-llm" else f"after LLM layer {self.layer}"
+        per = ", ".join(f"{a}/{b}" for a, b in zip(self.visual_after, self.visual_before))
+        return f"{self.method}: kept {per} visual tokens per sample ({where})"
+
+
+@dataclass
+class Session:
+    """State of one prefill and the decode steps that follow it (reset at every new prefill)."""
+
+    phase: str = "off"  # "off" | "prefill" | "decode"
+    cache: Any = None  # the DynamicCache this prefill filled (identity check at decode)
+    layout: Any = None  # VisualLayout of the prefill
+    attention_2d: torch.Tensor | None = None  # [B, N] bool, True on real (non-padding) tokens
+    query_pos: torch.Tensor | None = None  # [B] position of the last prompt token of each sample
+    seq_len: int = 0  # N, full prefill length
+    # in-LLM
+    llm_attention: list[torch.Tensor] | None = None
+    keep_seq: torch.Tensor | None = None  # [B, N'] kept sequence positions (fillers included)
+    filler: torch.Tensor | None = None  # [B, N'] bool, True on filler slots of ragged batches
+    full_hidden: torch.Tensor | None = None  # [B, N, D] output of the pruning layer (for scatter back)
+    mask_cache: dict = field(default_factory=dict)
+    # pre-LLM
+    pre_index: torch.Tensor | None = None  # [B, N'] kept positions of the shortened sequence
+    pre_valid: torch.Tensor | None = None  # [B, N'] bool, False on padding slots
+    pre_removed: torch.Tensor | None = None  # [B] real tokens removed per sample
+
+
+@dataclass
+class VisionRecord:
+    """One run of the model's ``get_image_features``: what the pruning step needs from it later.
+
+    transformers' ``generate()`` encodes the images *before* the prefill forward and passes only the
+    features on, so the image geometry and the CLS rows are recorded here when the encoder runs.
+    """
+
+    output: Any  # the returned BaseModelOutputWithPooling (features in .pooler_output)
+    image_sizes: Any  # as passed (LLaVA-NeXT needs it for the tile layout)
+    strategy: str | None  # vision_feature_select_strategy as passed
+    n_images: int
+    cls_attention: torch.Tensor | None  # [tiles, patches + 1] summed head-mean CLS rows, if recorded
+
+
+@dataclass
+class PruneState:
+    """Everything vtprune keeps on a patched model (``model._vtprune_state``)."""
+
+    config: PruneConfig
+    adapter: Adapter
+    scorer: Scorer
+    stage: str  # "pre-llm" | "llm"
+    layer: int | None
+    handles: list = field(default_factory=list)
+    enabled: bool = True
+    stats: PruneStats | None = None
+    session: Session = field(default_factory=Session)
+    vision_record: VisionRecord | None = None
+    cls_accumulator: torch.Tensor | None = None

@@ -1,0 +1,1 @@
+"""Toy models: tiny random-weight VLMs for tests and the default CLI job."""
