@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random LLaVA models (no downloads), their processors and test images."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vtprune
+from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow to run")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def make_image(h: int, w: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+_MODELS: dict = {}
+
+
+def get_model(kind: str, attn: str = "sdpa"):
+    key = (kind, attn)
+    if key not in _MODELS:
+        _MODELS[key] = tiny_llava(next_=kind == "next", attn_implementation=attn)
+    model = _MODELS[key]
+    vtprune.remove(model)
+    return model
+
+
+@pytest.fixture
+def llava():
+    model = get_model("llava")
+    yield model
+    vtprune.remove(model)
+
+
+@pytest.fixture
+def llava_next():
+    model = get_model("next")
+    yield model
+    vtprune.remove(model)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return tiny_llava_processor()
+
+
+@pytest.fixture(scope="session")
+def next_processor():
+    return tiny_llava_processor(next_=True)
+
+
+def prompts(n_images: list[int]) -> list[str]:
+    """One prompt per sample with the given number of <image> placeholders, of different lengths."""
+    out = []
+    for i, n in enumerate(n_images):
+        imgs = " ".join(["<image>"] * n)
+        out.append(f"USER: {imgs}\n" + "What is in the picture? " * (i + 1) + "ASSISTANT:")
+    return out
+
+
+def batch(proc, n_images: list[int], padding_side: str = "left", sizes=((400, 500),)):
+    """Processor outputs for samples holding ``n_images[b]`` images each."""
+    images, k = [], 0
+    for n in n_images:
+        for _ in range(n):
+            h, w = sizes[k % len(sizes)]
+            images.append(make_image(h, w, seed=k))
+            k += 1
+    proc.tokenizer.padding_side = padding_side
+    return proc(images=images, text=prompts(n_images), return_tensors="pt", padding=True)
