@@ -152,18 +152,26 @@ class Adapter:
 
     # ---- shared machinery ---------------------------------------------------------------------
     def install(self, state: PruneState) -> list:
+        """Register every hook ``state`` needs; returns their handles (all or none are installed)."""
         core = self.core()
-        handles = [core.register_forward_pre_hook(self._make_pre_hook(state), with_kwargs=True)]
-        # the cache the LLM fills may be created inside its forward: record it at the first layer
-        handles.append(self.decoder_layers()[0].register_forward_pre_hook(
-            self._make_cache_hook(state), with_kwargs=True))
-        handles.append(_InstanceWrap(core, "get_image_features", self._make_vision_wrapper(state)))
-        if state.stage == IN_LLM:
-            handles += LLMStageHooks(state, self.decoder_layers()).install()
+        cls_modules = []
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
-            for layer in self.cls_layers(state):
-                handles.append(self.vision_attention(layer).register_forward_pre_hook(
-                    self._make_cls_hook(state), with_kwargs=True))
+            cls_modules = [self.vision_attention(layer) for layer in self.cls_layers(state)]  # validates first
+        handles: list = []
+        try:
+            handles.append(core.register_forward_pre_hook(self._make_pre_hook(state), with_kwargs=True))
+            # the cache the LLM fills may be created inside its forward: record it at the first layer
+            handles.append(self.decoder_layers()[0].register_forward_pre_hook(
+                self._make_cache_hook(state), with_kwargs=True))
+            handles.append(_InstanceWrap(core, "get_image_features", self._make_vision_wrapper(state)))
+            if state.stage == IN_LLM:
+                handles += LLMStageHooks(state, self.decoder_layers()).install()
+            for module in cls_modules:
+                handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
+        except Exception:
+            for handle in reversed(handles):
+                handle.remove()
+            raise
         return handles
 
     def cls_layers(self, state: PruneState) -> list[int]:
