@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import batch, get_model
+from conftest import batch
 
 import vtprune
 from vtprune import ConfigError, PruneConfig, UnsupportedModelError

@@ -48,7 +48,7 @@ def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | fl
             cand = idx[prunable]
             k, was_clamped = image_budget(keep, int(cand.numel()))
             if was_clamped:
-                clamped.append((int(cand.numel())))
+                clamped.append(int(cand.numel()))
             if k < cand.numel():
                 # stable descending sort: equal scores keep sequence order
                 order = torch.sort(s[cand], descending=True, stable=True).indices[:k]

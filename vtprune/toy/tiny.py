@@ -22,7 +22,7 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_llava_tokenizer(vocab_size: int = 400):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with the LLaVA special tokens, trained in-process."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -101,8 +101,12 @@ def tiny_llava(
     The vision tower keeps LLaVA-1.5's geometry (336 px, patch 14: 576 patch tokens per image) so that
     token counts match the real model; only the widths and depths are small.
     """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
-    from transformers import LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
     tok = tiny_llava_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
@@ -137,7 +141,12 @@ def tiny_llava_next(**kwargs):
 
 def tiny_llava_processor(next_: bool = False):
     """The matching processor (CLIP-style image processor + the in-process tokenizer)."""
-    from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
 
     tok = tiny_llava_tokenizer()
     size = {"shortest_edge": 336}

@@ -1,0 +1,39 @@
+"""The console script: methods, --version, and the main job on the built-in tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from vtprune import __version__
+from vtprune.cli import main
+
+
+def test_methods(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "fastv" in out and "cls" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_run_on_tiny_model(capsys):
+    assert main(["run", "--model", "tiny-llava", "--method", "cls", "--keep", "32", "--repeats", "1",
+                 "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 32/576 visual tokens" in out
+    assert "prefill" in out and "speedup" in out
+
+
+def test_run_reports_bad_method(capsys):
+    assert main(["run", "--model", "tiny-llava", "--method", "nope", "--repeats", "1"]) == 2
+    assert "known methods" in capsys.readouterr().err
+
+
+def test_run_rejects_missing_model():
+    with pytest.raises(SystemExit, match="neither a built-in model"):
+        main(["run", "--model", "/no/such/dir", "--repeats", "1"])

@@ -1,0 +1,164 @@
+"""The ``vtprune`` command line: ``vtprune methods``, ``vtprune run``, ``vtprune --version``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+BUILTIN_MODELS = {
+    "tiny-llava": dict(next_=False),
+    "small-llava": dict(next_=False, hidden=512, layers=8, heads=8, vision_hidden=64, vision_layers=4),
+    "tiny-llava-next": dict(next_=True),
+}
+
+
+def _parse_keep(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--keep must be an int (tokens per image) or a float in (0, 1], got {text!r}"
+            ) from None
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"vtprune: --option expects NAME=VALUE, got {pair!r}")
+        name, value = pair.split("=", 1)
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
+def load_model(name: str, attn: str = "sdpa"):
+    """A built-in random model by name, or a checkpoint directory saved with ``save_pretrained``."""
+    from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
+
+    if name in BUILTIN_MODELS:
+        spec = dict(BUILTIN_MODELS[name])
+        next_ = spec.pop("next_")
+        return tiny_llava(next_=next_, attn_implementation=attn, **spec), tiny_llava_processor(next_=next_)
+    if not os.path.isdir(name):
+        raise SystemExit(
+            f"vtprune: --model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            "nor a local checkpoint directory (no downloads are made)"
+        )
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn).eval()
+    return model, AutoProcessor.from_pretrained(name)
+
+
+def _synthetic_image(seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = 400, 500
+    img = np.zeros((h, w, 3), dtype=np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+    for _ in range(6):  # a few coloured rectangles on a plain background
+        y, x = rng.integers(0, h - 60), rng.integers(0, w - 60)
+        img[y:y + rng.integers(20, 120), x:x + rng.integers(20, 120)] = rng.integers(0, 255, 3)
+    return Image.fromarray(img)
+
+
+def _time_prefill(model, inputs, repeats: int) -> float:
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        model(**inputs)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(**inputs, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    import vtprune
+
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, processor = load_model(args.model)
+    image = _synthetic_image(args.seed)
+    inputs = processor(images=[image], text=[args.prompt], return_tensors="pt")
+    vtprune.apply(model, method=args.method, keep=args.keep, layer=args.layer, **_parse_options(args.option))
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    st = vtprune.stats(model)
+    pruned_t = _time_prefill(model, inputs, args.repeats)
+    with vtprune.disabled(model):
+        full_t = _time_prefill(model, inputs, args.repeats)
+    print(f"model            {args.model} ({type(model).__name__})")
+    print(f"config           {vtprune.config_of(model).to_json()}")
+    print(f"pruning          {st.summary()}")
+    print(f"kept indices     {st.kept[0][:16].tolist()}{' ...' if st.kept[0].numel() > 16 else ''}")
+    print(f"sequence         {st.seq_len_before[0]} -> {st.seq_len_after[0]} tokens")
+    print(f"prefill          unpruned {full_t * 1e3:.1f} ms | pruned {pruned_t * 1e3:.1f} ms | "
+          f"speedup {full_t / pruned_t:.2f}x (median of {args.repeats}, same process)")
+    text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"generated        {text!r}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import vtprune
+
+    for name, desc in vtprune.methods().items():
+        print(f"{name:10s} {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vtprune import __version__
+
+    parser = argparse.ArgumentParser(prog="vtprune", description="Training-free visual token pruning for VLMs")
+    parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list the pruning methods").set_defaults(func=cmd_methods)
+    run = sub.add_parser(
+        "run",
+        help="prune one synthetic image on a model and print kept tokens and prefill time vs unpruned",
+    )
+    run.add_argument("--model", default="small-llava",
+                     help=f"built-in random model ({', '.join(BUILTIN_MODELS)}) or a local checkpoint dir")
+    run.add_argument("--method", default="fastv", help="pruning method (see `vtprune methods`)")
+    run.add_argument("--keep", type=_parse_keep, default=64, help="tokens per image (int) or fraction (float)")
+    run.add_argument("--layer", type=int, default=None, help="in-LLM pruning layer (default: the method's)")
+    run.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
+    run.add_argument("--prompt", default="USER: <image>\nWhat is in the picture? ASSISTANT:")
+    run.add_argument("--max-new-tokens", type=int, default=8)
+    run.add_argument("--repeats", type=int, default=5, help="timed prefills per setting")
+    run.add_argument("--seed", type=int, default=0)
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vtprune.adapters import UnsupportedModelError
+    from vtprune.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, UnsupportedModelError) as err:
+        print(f"vtprune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
