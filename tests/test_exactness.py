@@ -134,8 +134,6 @@ def shortened_reference(model, inputs, st):
 @pytest.mark.parametrize("case", ["single", "left_padded_2", "two_images", "ragged_images"])
 @pytest.mark.parametrize("method", ["cls", "uniform"])
 def test_pre_llm_equals_shortened_sequence(kind, case, method, processor, next_processor):
-    if kind == "next" and case in ("two_images", "ragged_images"):
-        pytest.skip("covered on LLaVA-1.5; NeXT multi-image is exercised in test_llava_next.py")
     model = get_model(kind)
     inputs = make_inputs(kind, case, processor, next_processor)
     vtprune.apply(model, method=method, keep=32)

@@ -46,14 +46,22 @@ def compact_torch(
         ``i < lengths[b]`` and ``pad_value`` elsewhere.
     """
     check_compact_args(x, index, lengths)
-    if x.shape[0] == 1 and index.shape[0] > 1:
-        x = x.expand(index.shape[0], *x.shape[1:])
-    batch = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+    B, K = index.shape
+    idx = index.long()
+    if lengths is not None:
+        valid = lengths_to_mask(lengths, K)
+        idx = torch.where(valid, idx, 0)
+    trailing = x.shape[2:]
+    # index_select on the flattened rows is several times faster than advanced indexing on the CPU
+    if x.shape[0] == 1:
+        out = x[0].index_select(0, idx.reshape(-1))
+    else:
+        rows = idx + torch.arange(B, device=idx.device).unsqueeze(1) * x.shape[1]
+        out = x.reshape(B * x.shape[1], *trailing).index_select(0, rows.reshape(-1))
+    out = out.view(B, K, *trailing)
     if lengths is None:
-        return x[batch, index.long()]
-    valid = lengths_to_mask(lengths, index.shape[1])
-    out = x[batch, torch.where(valid, index.long(), 0)]
-    return out.masked_fill(~valid.view(*valid.shape, *([1] * (x.dim() - 2))), pad_value)
+        return out
+    return out.masked_fill(~valid.view(B, K, *([1] * len(trailing))), pad_value)
 
 
 def _triton_compact_reason(x: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor | None) -> str | None:
