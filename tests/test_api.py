@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import batch
+from conftest import batch, get_model
 
 import vtprune
 from vtprune import ConfigError, PruneConfig, UnsupportedModelError
@@ -212,3 +212,28 @@ def test_forward_outside_generate_then_decode_with_returned_cache(llava, process
     torch.testing.assert_close(step.logits[:, -1], gen.logits[1], atol=1e-5, rtol=1e-5)
     cache = out.past_key_values
     assert cache.layers[1].get_seq_length() > cache.layers[2].get_seq_length()
+
+
+@pytest.mark.parametrize("kind,method,layer", [("llava", "cls", None), ("llava", "fastv", 1), ("next", "cls", None)])
+def test_beam_search_and_several_sequences(kind, method, layer, processor, next_processor):
+    """generate() repeats the encoded images per beam; pruning follows and keeps beams identical."""
+    model = get_model(kind)
+    proc = next_processor if kind == "next" else processor
+    inputs = batch(proc, [1, 1], padding_side="left")
+    vtprune.apply(model, method=method, keep=8, layer=layer)
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        multi = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+        beams1 = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=1, num_return_sequences=1)
+    st = vtprune.stats(model)  # of the last generate: one row per sequence
+    vtprune.remove(model)
+    assert multi.shape[0] == 4 and multi.shape[1] == greedy.shape[1]
+    assert torch.equal(beams1, greedy)
+    with torch.no_grad():
+        vtprune.apply(model, method=method, keep=8, layer=layer)
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=2)
+        expanded = vtprune.stats(model)
+    vtprune.remove(model)
+    assert len(st.kept) == 2 and len(expanded.kept) == 4
+    for b in range(2):  # both beams of a prompt keep what the single-sequence run kept
+        assert torch.equal(expanded.kept[2 * b], st.kept[b]) and torch.equal(expanded.kept[2 * b + 1], st.kept[b])

@@ -83,6 +83,7 @@ class VisionRecord:
     strategy: str | None  # vision_feature_select_strategy as passed
     n_images: int
     cls_attention: torch.Tensor | None  # [tiles, patches + 1] summed head-mean CLS rows, if recorded
+    features: list = field(default_factory=list)  # the per-image feature tensors as returned (not expanded)
 
 
 @dataclass

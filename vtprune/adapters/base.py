@@ -75,14 +75,44 @@ def image_inputs(state: PruneState, kwargs: dict[str, Any]) -> ImageInputs:
     if pixels is not None or enc is None:
         return ImageInputs(pixels, kwargs.get("image_sizes"), strategy, kwargs.get("vision_feature_layer"), None)
     rec = state.vision_record
-    if rec is None or (rec.output is not enc and rec.n_images != len(enc.pooler_output)):
+    n_given = len(enc.pooler_output)
+    if rec is None:
         raise ValueError(
             "the image features passed in mm_encoder_outputs were not computed by this patched model's "
             "get_image_features, so vtprune cannot locate the image tokens; pass pixel_values instead"
         )
-    if rec.output is not enc:  # generate() may copy the outputs (e.g. expanded for several sequences)
-        rec = VisionRecord(enc, rec.image_sizes, rec.strategy, rec.n_images, rec.cls_attention)
+    if n_given != rec.n_images:
+        rec = _expanded_record(state, rec, enc)
+    elif rec.output is not enc:
+        rec = VisionRecord(enc, rec.image_sizes, rec.strategy, rec.n_images, rec.cls_attention, rec.features)
     return ImageInputs(None, rec.image_sizes, rec.strategy or strategy, kwargs.get("vision_feature_layer"), rec)
+
+
+def _expanded_record(state: PruneState, rec: VisionRecord, enc: Any) -> VisionRecord:
+    """Follow generate()'s expansion of the encoded images (num_beams / num_return_sequences > 1).
+
+    generate() repeats each prompt's image group for each of its sequences, reusing the same feature
+    tensors; map every expanded image back to its original by identity and gather the recorded
+    geometry and CLS rows (per tile) the same way.
+    """
+    ids = {id(t): j for j, t in enumerate(rec.features)}  # generate() may have expanded rec.output in place
+    try:
+        idx = [ids[id(t)] for t in enc.pooler_output]
+    except KeyError:
+        raise ValueError(
+            "the image features in mm_encoder_outputs do not come from this patched model's "
+            "get_image_features, so vtprune cannot locate the image tokens; pass pixel_values instead"
+        ) from None
+    sizes = rec.image_sizes
+    if sizes is not None:
+        sizes = sizes[torch.tensor(idx)] if isinstance(sizes, torch.Tensor) else [sizes[j] for j in idx]
+    cls = rec.cls_attention
+    if cls is not None:
+        tiles = state.adapter.tiles_per_image(rec.image_sizes, rec.n_images)
+        starts = [sum(tiles[:j]) for j in range(len(tiles))]
+        rows = torch.cat([torch.arange(starts[j], starts[j] + tiles[j]) for j in idx]).to(cls.device)
+        cls = cls[rows]
+    return VisionRecord(enc, sizes, rec.strategy, len(idx), cls, list(enc.pooler_output))
 
 
 class _InstanceWrap:
@@ -140,6 +170,10 @@ class Adapter:
     def image_tokens(self, images: ImageInputs, n_visual: int) -> list[ImageTokens]:
         """Per image of the call, in order, the tokens it contributes (``n_visual`` in all)."""
         raise NotImplementedError
+
+    def tiles_per_image(self, image_sizes: Any, n_images: int) -> list[int]:
+        """How many vision-encoder inputs (crops) each image used; one by default."""
+        return [1] * n_images
 
     def encode_images(self, images: ImageInputs) -> None:
         """Run the model's image encoder on ``images.pixel_values`` (recorded in ``state.vision_record``)."""
@@ -204,6 +238,7 @@ class Adapter:
                 strategy=bound.get("vision_feature_select_strategy"),
                 n_images=len(pooled),
                 cls_attention=state.cls_accumulator,
+                features=list(pooled),
             )
             state.cls_accumulator = None
             return out

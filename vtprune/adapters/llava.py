@@ -117,6 +117,13 @@ class LlavaNextAdapter(_LlavaFamily):
     model_types = ("llava_next",)
     description = "LLaVA-NeXT / LLaVA-1.6 (LlavaNextForConditionalGeneration)"
 
+    def tiles_per_image(self, image_sizes: Any, n_images: int) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        return [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                for s in image_sizes]
+
     def encode_images(self, images: ImageInputs) -> None:
         self.core().get_image_features(
             images.pixel_values, images.image_sizes, return_dict=True, **self._feature_kwargs(images)
