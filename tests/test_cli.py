@@ -37,3 +37,15 @@ def test_run_reports_bad_method(capsys):
 def test_run_rejects_missing_model():
     with pytest.raises(SystemExit, match="neither a built-in model"):
         main(["run", "--model", "/no/such/dir", "--repeats", "1"])
+
+
+def test_run_loads_a_saved_checkpoint(tmp_path, capsys):
+    """`--model DIR` loads a model and processor saved with save_pretrained (no hub access)."""
+    from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
+
+    tiny_llava().save_pretrained(tmp_path)
+    tiny_llava_processor().save_pretrained(tmp_path)
+    assert main(["run", "--model", str(tmp_path), "--method", "fastv", "--keep", "16", "--layer", "1",
+                 "--repeats", "1", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 16/576 visual tokens" in out and "LlavaForConditionalGeneration" in out
