@@ -153,10 +153,10 @@ class LlavaNextAdapter(_LlavaFamily):
         packed, _ = self.core().pack_image_features(
             index_feats, sizes, self._strategy(images), image_newline=torch.tensor([-1.0], dtype=torch.float64)
         )
+        base_coords = self._tile_tokens(0, full)[1]
         images = []
         for feats in packed:
             src = feats[:, 0].round().long()
-            base_src, base_coords = self._tile_tokens(0, full)
             hi = src[base_len:]
             rows = max(1, int((hi < 0).sum()))
             width = max(1, hi.numel() // rows)
