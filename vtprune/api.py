@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from vtprune.adapters import adapter_for, check_layer
+from vtprune.adapters import adapter_for
 from vtprune.config import ConfigError, PruneConfig
 from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer, registry
 from vtprune.state import STATE_ATTR, PruneState, PruneStats
@@ -51,6 +51,9 @@ def apply(
     adapter = adapter_for(model)
     scorer = build_scorer(cfg.method, cfg.options)
     resolved_layer = cfg.layer if cfg.layer is not None else scorer.default_layer
+    if cfg.layer is None and resolved_layer is not None:
+        # a model may forbid early layers (Qwen3-VL's deepstack): the default moves to its first allowed layer
+        resolved_layer = max(resolved_layer, adapter.min_layer())
     stage = PRE_LLM if resolved_layer is None else IN_LLM
     if stage not in scorer.stages:
         if stage == IN_LLM:
@@ -59,7 +62,7 @@ def apply(
             )
         raise ConfigError(f"method {cfg.method!r} prunes inside the LLM: give layer=K")
     if resolved_layer is not None:
-        check_layer(resolved_layer, len(adapter.decoder_layers()))
+        adapter.check_layer(resolved_layer)
 
     remove(model)
     state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer)

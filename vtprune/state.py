@@ -58,6 +58,7 @@ class Session:
     attention_2d: torch.Tensor | None = None  # [B, N] bool, True on real (non-padding) tokens
     query_pos: torch.Tensor | None = None  # [B] position of the last prompt token of each sample
     seq_len: int = 0  # N, full prefill length
+    kinds: torch.Tensor | None = None  # [B, N] long: 0 text, 1 image token, 2 video token (Adapter.token_kinds)
     # in-LLM
     llm_attention: list[torch.Tensor] | None = None
     keep_seq: torch.Tensor | None = None  # [B, N'] kept sequence positions (fillers included)
@@ -68,6 +69,7 @@ class Session:
     pre_index: torch.Tensor | None = None  # [B, N'] kept positions of the shortened sequence
     pre_valid: torch.Tensor | None = None  # [B, N'] bool, False on padding slots
     pre_removed: torch.Tensor | None = None  # [B] real tokens removed per sample
+    deepstack: Any = None  # Qwen3-VL pre-LLM: (visual mask [B, N'], per-level features of kept tokens)
 
 
 @dataclass
@@ -79,10 +81,11 @@ class VisionRecord:
     """
 
     output: Any  # the returned BaseModelOutputWithPooling (features in .pooler_output)
-    image_sizes: Any  # as passed (LLaVA-NeXT needs it for the tile layout)
+    geometry: Any  # image_sizes (LLaVA-NeXT tiles) or grid_thw (Qwen-VL), as passed to the encoder
     strategy: str | None  # vision_feature_select_strategy as passed
     n_images: int
-    cls_attention: torch.Tensor | None  # [tiles, patches + 1] summed head-mean CLS rows, if recorded
+    cls_attention: torch.Tensor | None  # encoder-side scores, if recorded: [tiles, patches + 1] CLS rows
+    # (LLaVA) or [merged tokens, 1] attention received (Qwen-VL); see Adapter.vision_scores
     features: list = field(default_factory=list)  # the per-image feature tensors as returned (not expanded)
 
 
@@ -99,5 +102,7 @@ class PruneState:
     enabled: bool = True
     stats: PruneStats | None = None
     session: Session = field(default_factory=Session)
-    vision_record: VisionRecord | None = None
+    vision_record: VisionRecord | None = None  # the last image encoding
+    video_record: VisionRecord | None = None  # the last video encoding (Qwen-VL)
     cls_accumulator: torch.Tensor | None = None
+    encoding: bool = False  # inside a wrapped encoder call (Qwen3-VL's video encoder calls the image one)

@@ -82,3 +82,42 @@ def vit_cls_attention(attn: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
     k = attn.k_proj(hidden_in).view(t, n, attn.num_heads, attn.head_dim).transpose(1, 2)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).squeeze(2) * attn.scale  # [T, H, N]
     return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+@torch.no_grad()
+def vit_received_attention(
+    attn: nn.Module,
+    hidden_in: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_block: int = 1024,
+) -> torch.Tensor:
+    """Attention each token receives in a Qwen-VL vision block (no CLS token there to ask).
+
+    Args:
+        attn: a Qwen vision attention module (fused ``qkv``, ``num_heads``, ``scaling``).
+        hidden_in: ``[S, C]`` the module's input (after the block's norm), all images of the call.
+        cu_seqlens: ``[n_segments + 1]`` segment boundaries (images or frames) the block attends within.
+        position_embeddings: ``(cos, sin)``, each ``[S, head_dim]`` (the vision 2-D RoPE).
+        query_block: queries per chunk: the probabilities are built ``query_block`` rows at a time, so
+            memory stays ``O(query_block * segment)`` per head, never a full map.
+
+    Returns:
+        ``[S]`` float32: for token j of a segment, the mean over heads and over the segment's queries of
+        softmax(q . k^T * scaling)[:, j] (the column mean of the block's attention map).
+    """
+    s = hidden_in.shape[0]
+    q, k, _ = attn.qkv(hidden_in).reshape(s, 3, attn.num_heads, -1).float().unbind(1)  # [S, H, d]
+    cos, sin = (x.float()[:, None, :] for x in position_embeddings)
+    q = (q * cos + _rotate_half(q) * sin).transpose(0, 1)  # [H, S, d]
+    k = (k * cos + _rotate_half(k) * sin).transpose(0, 1)
+    out = torch.zeros(s, dtype=torch.float32, device=hidden_in.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ks = k[:, a:b]
+        acc = torch.zeros(b - a, dtype=torch.float32, device=hidden_in.device)
+        for qa in range(a, b, query_block):
+            logits = torch.matmul(q[:, qa:min(b, qa + query_block)], ks.transpose(-1, -2)) * attn.scaling
+            acc += torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+        out[a:b] = acc / (q.shape[0] * (b - a))
+    return out

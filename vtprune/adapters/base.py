@@ -20,6 +20,7 @@ from vtprune.adapters.attention_rows import vit_cls_attention
 from vtprune.adapters.llm_stage import LLMStageHooks
 from vtprune.adapters.pre_llm_stage import shorten_decode_inputs, shorten_prefill_inputs
 from vtprune.config import ConfigError
+from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import IN_LLM, PRE_LLM, VISION_CLS_ATTENTION
 from vtprune.state import PruneState, Session, VisionRecord
@@ -74,18 +75,22 @@ def image_inputs(state: PruneState, kwargs: dict[str, Any]) -> ImageInputs:
     strategy = kwargs.get("vision_feature_select_strategy")
     if pixels is not None or enc is None:
         return ImageInputs(pixels, kwargs.get("image_sizes"), strategy, kwargs.get("vision_feature_layer"), None)
-    rec = state.vision_record
-    n_given = len(enc.pooler_output)
+    rec = match_record(state, state.vision_record, enc, "image")
+    return ImageInputs(None, rec.geometry, rec.strategy or strategy, kwargs.get("vision_feature_layer"), rec)
+
+
+def match_record(state: PruneState, rec: VisionRecord | None, enc: Any, modality: str) -> VisionRecord:
+    """The record of the encoder run that produced ``enc`` (features passed in ``mm_encoder_outputs``)."""
     if rec is None:
         raise ValueError(
-            "the image features passed in mm_encoder_outputs were not computed by this patched model's "
-            "get_image_features, so vtprune cannot locate the image tokens; pass pixel_values instead"
+            f"the {modality} features passed in mm_encoder_outputs were not computed by this patched model's "
+            f"get_{modality}_features, so vtprune cannot locate the {modality} tokens; pass the pixel inputs instead"
         )
-    if n_given != rec.n_images:
-        rec = _expanded_record(state, rec, enc)
-    elif rec.output is not enc:
-        rec = VisionRecord(enc, rec.image_sizes, rec.strategy, rec.n_images, rec.cls_attention, rec.features)
-    return ImageInputs(None, rec.image_sizes, rec.strategy or strategy, kwargs.get("vision_feature_layer"), rec)
+    if len(enc.pooler_output) != rec.n_images:
+        return _expanded_record(state, rec, enc)
+    if rec.output is not enc:
+        return VisionRecord(enc, rec.geometry, rec.strategy, rec.n_images, rec.cls_attention, rec.features)
+    return rec
 
 
 def _expanded_record(state: PruneState, rec: VisionRecord, enc: Any) -> VisionRecord:
@@ -103,12 +108,12 @@ def _expanded_record(state: PruneState, rec: VisionRecord, enc: Any) -> VisionRe
             "the image features in mm_encoder_outputs do not come from this patched model's "
             "get_image_features, so vtprune cannot locate the image tokens; pass pixel_values instead"
         ) from None
-    sizes = rec.image_sizes
+    sizes = rec.geometry
     if sizes is not None:
         sizes = sizes[torch.tensor(idx)] if isinstance(sizes, torch.Tensor) else [sizes[j] for j in idx]
     cls = rec.cls_attention
     if cls is not None:
-        tiles = state.adapter.tiles_per_image(rec.image_sizes, rec.n_images)
+        tiles = state.adapter.tiles_per_image(rec.geometry, rec.n_images)
         starts = [sum(tiles[:j]) for j in range(len(tiles))]
         rows = torch.cat([torch.arange(starts[j], starts[j] + tiles[j]) for j in idx]).to(cls.device)
         cls = cls[rows]
@@ -138,10 +143,16 @@ class _InstanceWrap:
 
 
 class Adapter:
-    """Base class of model adapters, registered by ``config.model_type``."""
+    """Base class of model adapters, registered by ``config.model_type``.
+
+    The defaults implement the LLaVA family (one image token id, a CLIP tower with a CLS token, 1-D
+    positions); the Qwen-VL adapters override the geometry, scoring and position methods.
+    """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    # name of the modality -> the core's encoder method whose runs are recorded
+    encoders: ClassVar[dict[str, str]] = {"image": "get_image_features"}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -157,6 +168,10 @@ class Adapter:
     def image_token_id(self) -> int:
         raise NotImplementedError
 
+    def visual_token_ids(self) -> list[int]:
+        """Placeholder token ids that the vision features replace (images, and videos where supported)."""
+        return [self.image_token_id()]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.core().get_input_embeddings()(input_ids)
 
@@ -167,22 +182,105 @@ class Adapter:
     def default_vision_layer(self) -> int:
         raise NotImplementedError
 
+    def min_layer(self) -> int:
+        """The smallest decoder layer after which in-LLM pruning may drop tokens."""
+        return 0
+
+    def check_layer(self, layer: int) -> None:
+        check_layer(layer, len(self.decoder_layers()))
+        if layer < self.min_layer():
+            raise ConfigError(self.min_layer_reason(layer))
+
+    def min_layer_reason(self, layer: int) -> str:
+        return f"layer={layer} is below {self.min_layer()}"
+
+    def image_inputs(self, state: PruneState, kwargs: dict[str, Any]) -> Any:
+        """The images of a prefill call (`ImageInputs` for the LLaVA family)."""
+        return image_inputs(state, kwargs)
+
     def image_tokens(self, images: ImageInputs, n_visual: int) -> list[ImageTokens]:
         """Per image of the call, in order, the tokens it contributes (``n_visual`` in all)."""
         raise NotImplementedError
 
-    def tiles_per_image(self, image_sizes: Any, n_images: int) -> list[int]:
-        """How many vision-encoder inputs (crops) each image used; one by default."""
+    def build_layout(self, images: Any, kinds: torch.Tensor) -> VisualLayout:
+        """The `VisualLayout` of a prefill whose token kinds (see `token_kinds`) are ``kinds`` ``[B, N]``."""
+        visual = kinds > 0
+        return build_layout(visual, self.image_tokens(images, int(visual.sum())))
+
+    def tiles_per_image(self, geometry: Any, n_images: int) -> list[int]:
+        """How many rows of the recorded vision scores each image owns (its crops); one by default."""
         return [1] * n_images
+
+    def record_geometry(self, modality: str, bound: dict[str, Any]) -> Any:
+        """What to remember of an encoder call's arguments to lay out its tokens later."""
+        return bound.get("image_sizes")
 
     def encode_images(self, images: ImageInputs) -> None:
         """Run the model's image encoder on ``images.pixel_values`` (recorded in ``state.vision_record``)."""
         raise NotImplementedError
 
+    def ensure_encoded(self, state: PruneState, images: Any) -> None:
+        """Encode the call's images unless ``generate()`` already did (pre-LLM pruning needs the features)."""
+        if images.record is None:
+            self.encode_images(images)
+            images.record = state.vision_record
+
+    def merge_visual_features(self, images: Any, embeds: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """``embeds`` ``[B, N, D]`` with the projected visual features written at the visual positions."""
+        visual = kinds > 0
+        feat = torch.cat(images.features(), dim=0).to(embeds.device, embeds.dtype)
+        n_visual = int(visual.sum())
+        if feat.shape[0] != n_visual:
+            raise ValueError(
+                f"the prompts hold {n_visual} image tokens but the images produce {feat.shape[0]} features; "
+                "let the model's processor build input_ids and pixel_values together"
+            )
+        return embeds.masked_scatter(visual[..., None].expand_as(embeds), feat)
+
+    def vision_scores(self, images: Any) -> torch.Tensor:
+        """The recorded encoder-side scores of the call, indexed by `ImageTokens.source` once flattened."""
+        rows = images.record.cls_attention if images.record is not None else None
+        if rows is None:
+            raise RuntimeError("no CLS attention was recorded while the images were encoded")
+        return rows
+
+    def shortened_positions(self, sess: Session, original: dict[str, Any], kwargs: dict[str, Any],
+                            dropped: torch.Tensor) -> None:
+        """Set the position ids of the shortened prefill in ``kwargs`` (LLaVA: contiguous 1-D positions)."""
+        pos = original.get("position_ids")
+        if pos is not None:
+            if pos.dim() != 2:
+                raise ValueError(f"pre-LLM pruning expects 2D position_ids [batch, seq], got {tuple(pos.shape)}")
+            removed_before = compact(dropped.long().cumsum(1), sess.pre_index)
+            kwargs["position_ids"] = (compact(pos, sess.pre_index) - removed_before).masked_fill(~sess.pre_valid, 0)
+
+    def decode_positions(self, sess: Session, kwargs: dict[str, Any]) -> None:
+        """Map a decode step's position ids after pre-LLM pruning (LLaVA: shift by the tokens removed)."""
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            kwargs["position_ids"] = pos - sess.pre_removed[:, None].to(pos.device)
+
+    def after_shortening(self, state: PruneState, images: Any, visual: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Anything else the LLM needs about the kept visual tokens (Qwen3-VL: its deepstack features)."""
+
     def strip_image_inputs(self, kwargs: dict[str, Any]) -> None:
         """Remove the pixel inputs from ``kwargs`` once their features are in ``inputs_embeds``."""
         for key in ("pixel_values", "image_sizes", "mm_encoder_outputs"):
             kwargs.pop(key, None)
+
+    def extra_hooks(self, state: PruneState) -> list:
+        """Family-specific hooks (handles with ``remove()``)."""
+        return []
+
+    # ---- vision-side scores ---------------------------------------------------------------------
+    def vision_score_row(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The score rows one hooked vision attention module contributes (summed over hooked layers)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return vit_cls_attention(module, hidden)
+
+    def finish_vision_scores(self, modality: str, summed: torch.Tensor, bound: dict[str, Any]) -> torch.Tensor:
+        """Turn the summed rows of one encoder call into the recorded ``cls_attention``."""
+        return summed
 
     # ---- shared machinery ---------------------------------------------------------------------
     def install(self, state: PruneState) -> list:
@@ -197,11 +295,13 @@ class Adapter:
             # the cache the LLM fills may be created inside its forward: record it at the first layer
             handles.append(self.decoder_layers()[0].register_forward_pre_hook(
                 self._make_cache_hook(state), with_kwargs=True))
-            handles.append(_InstanceWrap(core, "get_image_features", self._make_vision_wrapper(state)))
+            for modality, name in self.encoders.items():
+                handles.append(_InstanceWrap(core, name, self._make_vision_wrapper(state, modality)))
             if state.stage == IN_LLM:
                 handles += LLMStageHooks(state, self.decoder_layers()).install()
             for module in cls_modules:
                 handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
+            handles += self.extra_hooks(state)
         except Exception:
             for handle in reversed(handles):
                 handle.remove()
@@ -214,32 +314,41 @@ class Adapter:
             chosen = self.default_vision_layer()
         return [chosen] if isinstance(chosen, int) else list(chosen)
 
-    @staticmethod
-    def _make_cls_hook(state: PruneState):
+    def _make_cls_hook(self, state: PruneState):
         def hook(module, args, kwargs):
             if state.enabled:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                row = vit_cls_attention(module, hidden)
+                row = self.vision_score_row(module, args, kwargs)
                 acc = state.cls_accumulator
                 state.cls_accumulator = row if acc is None else acc + row
             return None
 
         return hook
 
-    def _make_vision_wrapper(self, state: PruneState):
+    def _make_vision_wrapper(self, state: PruneState, modality: str):
         def wrapper(original, *args, **kwargs):
+            if state.encoding:  # nested call (Qwen3-VL's video encoder runs the image encoder)
+                return original(*args, **kwargs)
             state.cls_accumulator = None
-            out = original(*args, **kwargs)
+            state.encoding = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                state.encoding = False
             bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+            bound.update(bound.pop("kwargs", {}) or {})
             pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
-            state.vision_record = VisionRecord(
+            scores = state.cls_accumulator
+            if scores is not None:
+                scores = self.finish_vision_scores(modality, scores, bound)
+            record = VisionRecord(
                 output=out,
-                image_sizes=bound.get("image_sizes"),
+                geometry=self.record_geometry(modality, bound),
                 strategy=bound.get("vision_feature_select_strategy"),
                 n_images=len(pooled),
-                cls_attention=state.cls_accumulator,
+                cls_attention=scores,
                 features=list(pooled),
             )
+            setattr(state, "video_record" if modality == "video" else "vision_record", record)
             state.cls_accumulator = None
             return out
 
@@ -283,6 +392,7 @@ class Adapter:
                 sess.phase = "decode"
             if state.stage == PRE_LLM and sess.pre_index is not None:
                 shorten_decode_inputs(sess, kwargs)
+                self.decode_positions(sess, kwargs)
                 return (), kwargs
             return None
         # a new prefill
@@ -292,7 +402,8 @@ class Adapter:
         ref = input_ids if input_ids is not None else embeds
         if ref is None:
             return None
-        visual = self.visual_mask(input_ids, embeds)
+        kinds = self.token_kinds(input_ids, embeds)
+        visual = kinds > 0
         if not bool(visual.any()):
             state.stats = None
             return None
@@ -309,19 +420,31 @@ class Adapter:
         sess.seq_len = n
         sess.cache = cache
         sess.phase = "prefill"
-        images = image_inputs(state, kwargs)
-        sess.layout = build_layout(visual, self.image_tokens(images, int(visual.sum())))
+        sess.kinds = kinds
+        images = self.image_inputs(state, kwargs)
+        sess.layout = self.build_layout(images, kinds)
         if state.stage == PRE_LLM:
             shorten_prefill_inputs(self, state, kwargs, images, visual)
             return (), kwargs
         return None
 
     def visual_mask(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
-        """``[B, N]`` bool, True on image placeholder tokens."""
-        if input_ids is not None:
-            return input_ids == self.image_token_id()
-        token = torch.tensor(self.image_token_id(), device=embeds.device)
-        return (embeds == self.embed(token).to(embeds.dtype)).all(-1)
+        """``[B, N]`` bool, True on visual placeholder tokens (see `visual_token_ids`)."""
+        return self.token_kinds(input_ids, embeds) > 0
+
+    def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
+        """``[B, N]`` long: 0 for text, ``i + 1`` for the ``i``-th id of `visual_token_ids`."""
+        ids = self.visual_token_ids()
+        ref = input_ids if input_ids is not None else embeds
+        kinds = torch.zeros(ref.shape[:2], dtype=torch.long, device=ref.device)
+        for i, token in enumerate(ids):
+            if input_ids is not None:
+                hit = input_ids == token
+            else:
+                vec = self.embed(torch.tensor(token, device=embeds.device)).to(embeds.dtype)
+                hit = (embeds == vec).all(-1)
+            kinds = kinds.masked_fill(hit, i + 1)
+        return kinds
 
 
 def last_true(mask: torch.Tensor) -> torch.Tensor:

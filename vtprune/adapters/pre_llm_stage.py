@@ -1,8 +1,9 @@
 """Pre-LLM pruning: shorten the embedding sequence between the vision tower and the LLM.
 
-The language model then runs exactly as if each image had fewer tokens: positions are contiguous over
-the shortened sequence, and decode steps see the shortened attention mask and positions shifted by the
-number of removed tokens, so ``generate()`` keeps working. When samples keep different numbers of tokens
+The language model then runs exactly as if each image had fewer tokens. Positions follow the adapter:
+LLaVA's are contiguous over the shortened sequence (decode positions shift by the number of removed
+tokens); Qwen-VL's kept tokens keep their original 3-D M-RoPE positions. Decode steps see the shortened
+attention mask, so ``generate()`` keeps working. When samples keep different numbers of tokens
 the shortened rows are re-padded on the side the batch was already padded on (left if unpadded).
 """
 
@@ -38,32 +39,21 @@ def shorten_prefill_inputs(
     """
     sess = state.session
     lay = sess.layout
-    if images.record is None:
-        adapter.encode_images(images)
-        images.record = state.vision_record
-    feats = images.features()
+    adapter.ensure_encoded(state, images)
+    original = dict(kwargs)
     input_ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = adapter.embed(input_ids)
-    feat = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
-    n_visual = int(visual.sum())
-    if feat.shape[0] != n_visual:
-        raise ValueError(
-            f"the prompts hold {n_visual} image tokens but the images produce {feat.shape[0]} features; "
-            "let the model's processor build input_ids and pixel_values together"
-        )
-    embeds = embeds.masked_scatter(visual[..., None].expand_as(embeds), feat)
+    embeds = adapter.merge_visual_features(images, embeds, sess.kinds)
 
     signals = Signals(layout=lay, stage=PRE_LLM, keep=state.config.keep)
     if state.scorer.needs_signal(VISION_CLS_ATTENTION):
-        if images.record.cls_attention is None:
-            raise RuntimeError("no CLS attention was recorded while the images were encoded")
-        signals.vision_cls_attention = cls_scores(images.record.cls_attention, lay.source)
+        signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
     if state.scorer.needs_signal(HIDDEN_STATES):
         signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
     if state.scorer.needs_signal(PIXEL_VALUES):
-        signals.pixel_values = images.pixel_values
+        signals.pixel_values = getattr(images, "pixel_values", None)
     kept = select_topk(state.scorer.score(signals), lay, state.config.keep)
 
     bsz, n = visual.shape
@@ -89,13 +79,9 @@ def shorten_prefill_inputs(
     if mask2d is not None or ragged:
         dtype = mask2d.dtype if mask2d is not None else torch.long
         kwargs["attention_mask"] = valid.to(dtype)
-    pos = kwargs.get("position_ids")
-    if pos is not None:
-        if pos.dim() != 2:
-            raise ValueError(f"pre-LLM pruning expects 2D position_ids [batch, seq], got {tuple(pos.shape)}")
-        removed_before = compact(dropped.long().cumsum(1), index)
-        kwargs["position_ids"] = (compact(pos, index) - removed_before).masked_fill(~valid, 0)
+    adapter.shortened_positions(sess, original, kwargs, dropped)
     adapter.strip_image_inputs(kwargs)
+    adapter.after_shortening(state, images, visual, dropped)
 
     before = sess.attention_2d.sum(1)
     state.stats = PruneStats(
@@ -124,7 +110,7 @@ def cls_scores(cls_rows: torch.Tensor, source: list[torch.Tensor]) -> list[torch
 
 
 def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
-    """Map a decode step's full-length mask and positions onto the shortened sequence."""
+    """Map a decode step's full-length attention mask onto the shortened sequence (positions: the adapter)."""
     mask = kwargs.get("attention_mask")
     n = sess.seq_len
     if mask is not None:
@@ -140,6 +126,3 @@ def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
         extra = past + ref.shape[1] - sess.pre_valid.shape[1]
         tail = torch.ones(ref.shape[0], extra, dtype=torch.long, device=ref.device)
         kwargs["attention_mask"] = torch.cat([sess.pre_valid.long(), tail], dim=1)
-    pos = kwargs.get("position_ids")
-    if pos is not None:
-        kwargs["position_ids"] = pos - sess.pre_removed[:, None].to(pos.device)
