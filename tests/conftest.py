@@ -14,6 +14,7 @@ from PIL import Image
 
 import vtprune
 from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
+from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
 
 
 def pytest_addoption(parser):
@@ -39,9 +40,13 @@ _MODELS: dict = {}
 
 
 def get_model(kind: str, attn: str = "sdpa"):
+    """A cached tiny model, unpatched: ``"llava"``, ``"next"`` or a Qwen kind (``"qwen2_vl"``, ...)."""
     key = (kind, attn)
     if key not in _MODELS:
-        _MODELS[key] = tiny_llava(next_=kind == "next", attn_implementation=attn)
+        if kind.startswith("qwen"):
+            _MODELS[key] = tiny_qwen(kind, attn_implementation=attn)
+        else:
+            _MODELS[key] = tiny_llava(next_=kind == "next", attn_implementation=attn)
     model = _MODELS[key]
     vtprune.remove(model)
     return model
@@ -90,3 +95,57 @@ def batch(proc, n_images: list[int], padding_side: str = "left", sizes=((400, 50
             k += 1
     proc.tokenizer.padding_side = padding_side
     return proc(images=images, text=prompts(n_images), return_tensors="pt", padding=True)
+
+
+_PROCESSORS: dict = {}
+
+
+def get_qwen_processor(kind: str):
+    if kind not in _PROCESSORS:
+        _PROCESSORS[kind] = tiny_qwen_processor(kind)
+    return _PROCESSORS[kind]
+
+
+def make_video(frames: int, h: int, w: int, seed: int) -> np.ndarray:
+    """``[frames, h, w, 3]`` uint8 random frames."""
+    rng = np.random.default_rng(1000 + seed)
+    return (rng.random((frames, h, w, 3)) * 255).astype("uint8")
+
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+# case -> per sample, the visual items of its prompt in order ("i": image, "v": video)
+QWEN_CASES = {
+    "single": ["i"],
+    "left_padded_2": ["i", "i"],  # two samples of different lengths and image sizes
+    "two_images": ["ii"],
+    "video": ["v"],
+    "mixed": ["iv"],
+}
+
+
+def qwen_batch(kind: str, case: str, padding_side: str = "left"):
+    """Processor outputs for a Qwen-VL test case (see ``QWEN_CASES``)."""
+    proc = get_qwen_processor(kind)
+    sizes = [(300, 400), (220, 330), (260, 260)]
+    texts, images, videos = [], [], []
+    for b, items in enumerate(QWEN_CASES[case]):
+        body = ""
+        for it in items:
+            if it == "i":
+                h, w = sizes[len(images) % len(sizes)]
+                images.append(make_image(h, w, seed=len(images)))
+                body += QWEN_IMAGE
+            else:
+                videos.append(make_video(4, 200, 260, seed=len(videos)))
+                body += QWEN_VIDEO
+        question = "What is in the picture? " * (b + 1)
+        texts.append(f"<|im_start|>user\n{body}{question}<|im_end|>\n<|im_start|>assistant\n")
+    proc.tokenizer.padding_side = padding_side
+    kwargs = dict(text=texts, return_tensors="pt", padding=True)
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+    return proc(**kwargs)

@@ -12,8 +12,12 @@ import vtprune
 
 
 def dropped_positions(model, input_ids: torch.Tensor, stats: vtprune.PruneStats) -> torch.Tensor:
-    """``[B, N]`` bool: True on visual tokens that `stats` says were dropped."""
-    visual = input_ids == model.config.image_token_id
+    """``[B, N]`` bool: True on visual tokens (image or video placeholders) that `stats` says were dropped."""
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for name in ("image_token_id", "video_token_id"):
+        token = getattr(model.config, name, None)
+        if token is not None:
+            visual |= input_ids == token
     dropped = visual.clone()
     for b in range(input_ids.shape[0]):
         pos = torch.nonzero(visual[b]).flatten()
