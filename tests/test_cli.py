@@ -49,3 +49,21 @@ def test_run_loads_a_saved_checkpoint(tmp_path, capsys):
                  "--repeats", "1", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "kept 16/576 visual tokens" in out and "LlavaForConditionalGeneration" in out
+
+
+def test_run_on_tiny_qwen(capsys):
+    assert main(["run", "--model", "tiny-qwen2.5-vl", "--method", "cls", "--keep", "20", "--repeats", "1",
+                 "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 20/" in out and "Qwen2_5_VLForConditionalGeneration" in out
+
+
+def test_run_loads_a_saved_qwen_checkpoint(tmp_path, capsys):
+    from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
+
+    tiny_qwen("qwen2_vl").save_pretrained(tmp_path)
+    tiny_qwen_processor("qwen2_vl").save_pretrained(tmp_path)
+    assert main(["run", "--model", str(tmp_path), "--method", "fastv", "--keep", "16", "--layer", "1",
+                 "--repeats", "1", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 16/" in out and "Qwen2VLForConditionalGeneration" in out

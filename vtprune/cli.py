@@ -13,7 +13,12 @@ BUILTIN_MODELS = {
     "tiny-llava": dict(next_=False),
     "small-llava": dict(next_=False, hidden=512, layers=8, heads=8, vision_hidden=64, vision_layers=4),
     "tiny-llava-next": dict(next_=True),
+    "tiny-qwen2-vl": dict(qwen="qwen2_vl"),
+    "tiny-qwen2.5-vl": dict(qwen="qwen2_5_vl"),
+    "tiny-qwen3-vl": dict(qwen="qwen3_vl"),
 }
+
+QUESTION = "What is in the picture?"
 
 
 def _parse_keep(text: str) -> int | float:
@@ -44,9 +49,12 @@ def _parse_options(pairs: list[str]) -> dict:
 def load_model(name: str, attn: str = "sdpa"):
     """A built-in random model by name, or a checkpoint directory saved with ``save_pretrained``."""
     from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
+    from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
 
     if name in BUILTIN_MODELS:
         spec = dict(BUILTIN_MODELS[name])
+        if "qwen" in spec:
+            return tiny_qwen(spec["qwen"], attn_implementation=attn), tiny_qwen_processor(spec["qwen"])
         next_ = spec.pop("next_")
         return tiny_llava(next_=next_, attn_implementation=attn, **spec), tiny_llava_processor(next_=next_)
     if not os.path.isdir(name):
@@ -58,6 +66,17 @@ def load_model(name: str, attn: str = "sdpa"):
 
     model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn).eval()
     return model, AutoProcessor.from_pretrained(name)
+
+
+def default_prompt(model, processor) -> str:
+    """A one-image question in the model's own format (its chat template when the processor has one)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if model.config.model_type.startswith("qwen"):
+        return (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    return f"USER: <image>\n{QUESTION} ASSISTANT:"
 
 
 def _synthetic_image(seed: int = 0):
@@ -95,7 +114,8 @@ def cmd_run(args) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, processor = load_model(args.model)
     image = _synthetic_image(args.seed)
-    inputs = processor(images=[image], text=[args.prompt], return_tensors="pt")
+    prompt = args.prompt or default_prompt(model, processor)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     vtprune.apply(model, method=args.method, keep=args.keep, layer=args.layer, **_parse_options(args.option))
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -140,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep", type=_parse_keep, default=64, help="tokens per image (int) or fraction (float)")
     run.add_argument("--layer", type=int, default=None, help="in-LLM pruning layer (default: the method's)")
     run.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
-    run.add_argument("--prompt", default="USER: <image>\nWhat is in the picture? ASSISTANT:")
+    run.add_argument("--prompt", default=None,
+                     help="the full prompt with the image placeholder (default: a question in the model's format)")
     run.add_argument("--max-new-tokens", type=int, default=8)
     run.add_argument("--repeats", type=int, default=5, help="timed prefills per setting")
     run.add_argument("--seed", type=int, default=0)

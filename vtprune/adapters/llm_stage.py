@@ -188,29 +188,31 @@ class LLMStageHooks:
 
     # ---- layers after K -----------------------------------------------------------------------
     def _pre_after(self, module, args, kwargs):
+        # Per-call results are cached for the layers after K, keyed by the identity of the inputs they
+        # derive from; each entry keeps those inputs alive, so a key can never be reused by a new tensor.
         sess = self.state.session
         if sess.phase == "prefill" and sess.keep_seq is not None:
-            key = (id(kwargs.get("attention_mask")), id(kwargs.get("position_embeddings")))
+            mask, rope = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
+            key = ("prefill", id(mask), id(rope))
             if key not in sess.mask_cache:
-                cos, sin = kwargs["position_embeddings"]
-                sess.mask_cache[key] = {
-                    "attention_mask": prefill_mask(kwargs.get("attention_mask"), sess),
+                cos, sin = rope
+                sess.mask_cache[key] = ((mask, rope), {
+                    "attention_mask": prefill_mask(mask, sess),
                     "position_embeddings": (compact(cos, sess.keep_seq), compact(sin, sess.keep_seq)),
                     "position_ids": _gather_positions(kwargs.get("position_ids"), sess.keep_seq),
-                }
-            kwargs.update(sess.mask_cache[key])
+                })
+            kwargs.update(sess.mask_cache[key][1])
             return args, kwargs
         if sess.phase == "decode" and sess.keep_seq is not None:
             mask = kwargs.get("attention_mask")
             hidden = args[0] if args else kwargs["hidden_states"]
-            key = ("decode", id(mask))
+            q_len = hidden.shape[1]
+            # layer 0 has already cached this step's tokens, so its length is the full key length
+            kv_len = mask.shape[-1] if mask is not None else sess.cache.layers[0].get_seq_length()
+            key = ("decode", id(mask), q_len, kv_len)
             if key not in sess.mask_cache:
-                sess.mask_cache = {}  # one entry per step is enough
-                q_len = hidden.shape[1]
-                # layer 0 has already cached this step's tokens, so its length is the full key length
-                kv_len = mask.shape[-1] if mask is not None else sess.cache.layers[0].get_seq_length()
-                sess.mask_cache[key] = decode_mask(mask, sess, q_len, kv_len)
-            kwargs["attention_mask"] = sess.mask_cache[key]
+                sess.mask_cache = {key: (mask, decode_mask(mask, sess, q_len, kv_len))}  # one step at a time
+            kwargs["attention_mask"] = sess.mask_cache[key][1]
             return args, kwargs
         return None
 
