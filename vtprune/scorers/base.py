@@ -35,7 +35,9 @@ class Signals:
     - ``stage``: ``"pre-llm"`` or ``"llm"``; ``layer``: the decoder layer for ``"llm"``.
     - ``keep``: the per-image budget of the config (for scorers that place tokens themselves).
     - ``vision_cls_attention``: per sample ``[n_b]`` float32, head-mean attention of the vision encoder's
-      CLS query to each visual token (0 for tokens the encoder did not produce).
+      CLS query to each visual token (0 for tokens the encoder did not produce). On Qwen-VL, whose
+      towers have no CLS token: the attention each merged token's 2x2 patch group receives in a
+      full-attention block (mean over heads and queries of its image or frame).
     - ``llm_attention``: per sample ``[n_b]`` float32, head-mean attention of the last prompt token at
       decoder layer ``layer`` to each visual token (softmax over all keys).
     - ``hidden_states``: per sample ``[n_b, D]``, visual token states at the pruning point (projected
