@@ -10,13 +10,14 @@ from torch import nn
 
 from vtprune.adapters import adapter_for
 from vtprune.config import ConfigError, PruneConfig
-from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer, registry
+from vtprune.scorers import IN_LLM, PRE_LLM, Scorer, build_scorer, method_string, registry
+from vtprune.scorers.compose import scorer_config_options
 from vtprune.state import STATE_ATTR, PruneState, PruneStats
 
 
 def apply(
     model: nn.Module,
-    config: PruneConfig | str | None = None,
+    config: PruneConfig | str | Scorer | None = None,
     *,
     method: str | None = None,
     keep: int | float | None = None,
@@ -27,10 +28,17 @@ def apply(
 
     Either pass a `PruneConfig` (``apply(model, PruneConfig(...))``) or keywords
     (``apply(model, method="fastv", keep=64, layer=2, **method_options)``; the method may also be the
-    second positional argument). Only this instance changes; applying again replaces the previous
+    second positional argument, as a string such as ``"debias+sink+fastv"`` or as a scorer object such
+    as ``Debias(Sink(FastV()))``). Only this instance changes; applying again replaces the previous
     setup. Raises `ConfigError` for a bad configuration and `UnsupportedModelError` for a model
     vtprune cannot patch.
     """
+    given_scorer = None
+    if isinstance(config, Scorer):
+        if method is not None or method_options:
+            raise ConfigError("a scorer object carries its own method and options: do not pass method= or options too")
+        given_scorer, config = config, method_string(config)
+        method_options = scorer_config_options(given_scorer)
     if isinstance(config, PruneConfig):
         if method is not None or keep is not None or layer is not None or method_options:
             raise ConfigError("pass either a PruneConfig or keyword arguments to vtprune.apply, not both")
@@ -38,7 +46,8 @@ def apply(
     else:
         if config is not None and not isinstance(config, str):
             raise ConfigError(
-                f"the second argument of vtprune.apply must be a PruneConfig or a method name, got {type(config).__name__}"
+                "the second argument of vtprune.apply must be a PruneConfig, a method name or a scorer object, "
+                f"got {type(config).__name__}"
             )
         if config is not None and method is not None:
             raise ConfigError("the method was given twice (positionally and as method=)")
@@ -49,7 +58,7 @@ def apply(
         cfg = PruneConfig(**fields)
 
     adapter = adapter_for(model)
-    scorer = build_scorer(cfg.method, cfg.options)
+    scorer = given_scorer if given_scorer is not None else build_scorer(cfg.method, cfg.options)
     resolved_layer = cfg.layer if cfg.layer is not None else scorer.default_layer
     if cfg.layer is None and resolved_layer is not None:
         # a model may forbid early layers (Qwen3-VL's deepstack): the default moves to its first allowed layer

@@ -1,6 +1,15 @@
 """Scorers rank visual tokens; each registers itself by name (`vtprune.methods()` lists them)."""
 
-from vtprune.scorers import baselines, cls, fastv  # noqa: F401  (registration)
+from vtprune.scorers import (  # noqa: F401  (registration)
+    baselines,
+    cls,
+    compose,
+    debias,
+    fastv,
+    flowcut,
+    sink,
+    visionzip,
+)
 from vtprune.scorers.base import (
     HIDDEN_STATES,
     IN_LLM,
@@ -11,10 +20,10 @@ from vtprune.scorers.base import (
     VISION_CLS_ATTENTION,
     Scorer,
     Signals,
-    build_scorer,
     register,
     registry,
 )
+from vtprune.scorers.compose import Ensemble, Wrapper, build_scorer, method_string
 from vtprune.scorers.select import image_budget, select_topk
 
 __all__ = [
@@ -25,10 +34,13 @@ __all__ = [
     "PRE_LLM",
     "SIGNALS",
     "VISION_CLS_ATTENTION",
+    "Wrapper",
+    "Ensemble",
     "Scorer",
     "Signals",
     "build_scorer",
     "image_budget",
+    "method_string",
     "register",
     "registry",
     "select_topk",

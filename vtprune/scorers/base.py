@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from vtprune.config import ConfigError
 from vtprune.layout import VisualLayout
 
 # Signal names a scorer may list in `needs`.
@@ -113,16 +112,3 @@ def scorer_options(cls: type[Scorer]) -> dict[str, Any]:
         for n, p in sig.parameters.items()
         if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
-
-
-def build_scorer(method: str, options: dict[str, Any]) -> Scorer:
-    """Instantiate the scorer registered as ``method`` with ``options``; clear errors on typos."""
-    if method not in _REGISTRY:
-        raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[method]
-    known = scorer_options(cls)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        hint = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
-        raise ConfigError(f"method {method!r} has no option(s) {unknown}; its options: {hint}")
-    return cls(**options)

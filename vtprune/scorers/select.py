@@ -25,6 +25,9 @@ def image_budget(keep: int | float, n_prunable: int) -> tuple[int, bool]:
 def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float) -> list[torch.Tensor]:
     """Per sample, keep the ``keep`` best prunable tokens of every image plus every non-prunable token.
 
+    A score of ``-inf`` excludes a token: the image then keeps at most its finite-scored tokens (at least
+    one token per image is always kept).
+
     Args:
         scores: per sample ``[n_b]`` scores (higher = keep).
         layout: the batch's `VisualLayout`.
@@ -49,6 +52,10 @@ def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | fl
             k, was_clamped = image_budget(keep, int(cand.numel()))
             if was_clamped:
                 clamped.append(int(cand.numel()))
+            allowed = s[cand] > float("-inf")  # -inf: excluded by the scorer; the budget shrinks
+            if not bool(allowed.all()):
+                cand = cand[allowed] if bool(allowed.any()) else cand[:1]
+                k = min(k, int(cand.numel()))
             if k < cand.numel():
                 # stable descending sort: equal scores keep sequence order
                 order = torch.sort(s[cand], descending=True, stable=True).indices[:k]
