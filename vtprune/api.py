@@ -72,6 +72,7 @@ def apply(
         raise ConfigError(f"method {cfg.method!r} prunes inside the LLM: give layer=K")
     if resolved_layer is not None:
         adapter.check_layer(resolved_layer)
+    scorer.bind(model, adapter)
 
     remove(model)
     state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer)

@@ -87,6 +87,7 @@ class VisionRecord:
     cls_attention: torch.Tensor | None  # encoder-side scores, if recorded: [tiles, patches + 1] CLS rows
     # (LLaVA) or [merged tokens, 1] attention received (Qwen-VL); see Adapter.vision_scores
     features: list = field(default_factory=list)  # the per-image feature tensors as returned (not expanded)
+    pixel_values: Any = None  # the pixel input of the encoder call, as given (a reference, not a copy)
 
 
 @dataclass

@@ -347,6 +347,7 @@ class Adapter:
                 n_images=len(pooled),
                 cls_attention=scores,
                 features=list(pooled),
+                pixel_values=bound.get("pixel_values_videos" if modality == "video" else "pixel_values"),
             )
             setattr(state, "video_record" if modality == "video" else "vision_record", record)
             state.cls_accumulator = None

@@ -22,7 +22,7 @@ import torch
 
 from vtprune.adapters.attention_rows import llm_query_attention
 from vtprune.kernels import compact
-from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, Signals
+from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.select import select_topk
 from vtprune.state import PruneState, PruneStats, Session
 
@@ -167,6 +167,8 @@ class LLMStageHooks:
             signals.llm_attention = [sess.llm_attention[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
+        if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
+            signals.pixel_values = self.state.vision_record.pixel_values
         kept = select_topk(self.state.scorer.score(signals), lay, self.state.config.keep)
         sess.keep_seq, sess.filler = build_keep_index(sess, kept)
         sess.full_hidden = hidden

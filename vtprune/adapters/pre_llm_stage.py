@@ -53,7 +53,7 @@ def shorten_prefill_inputs(
     if state.scorer.needs_signal(HIDDEN_STATES):
         signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
     if state.scorer.needs_signal(PIXEL_VALUES):
-        signals.pixel_values = getattr(images, "pixel_values", None)
+        signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
     kept = select_topk(state.scorer.score(signals), lay, state.config.keep)
 
     bsz, n = visual.shape

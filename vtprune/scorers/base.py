@@ -41,7 +41,8 @@ class Signals:
       decoder layer ``layer`` to each visual token (softmax over all keys).
     - ``hidden_states``: per sample ``[n_b, D]``, visual token states at the pruning point (projected
       image features pre-LLM, layer output in-LLM).
-    - ``pixel_values``: the model's pixel input, as given.
+    - ``pixel_values``: the pixel input of the call's image encoding, as the processor gave it (all
+      images of the call; LLaVA: ``[images or tiles, 3, H, W]``, Qwen-VL: flattened patches).
     """
 
     layout: VisualLayout
@@ -84,6 +85,13 @@ class Scorer:
 
     def needs_signal(self, name: str) -> bool:
         return name in self.needs
+
+    def bind(self, model: Any, adapter: Any) -> None:
+        """Called once by `vtprune.apply` with the model and its adapter, before any hook is installed.
+
+        Scorers that depend on the model (calibration files, known sink dimensions, layer ranges)
+        resolve it here and raise `ConfigError` when the model cannot serve them. Default: nothing.
+        """
 
 
 _REGISTRY: dict[str, type[Scorer]] = {}

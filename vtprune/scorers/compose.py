@@ -25,6 +25,7 @@ class Wrapper(Scorer):
     """
 
     is_wrapper: ClassVar[bool] = True
+    default_host: ClassVar[str | None] = None  # the host used when the wrapper is named alone ("sink")
     allowed_stages: ClassVar[tuple[str, ...] | None] = None  # None: any stage the host supports
 
     def __init__(self, inner: Scorer) -> None:
@@ -48,6 +49,13 @@ class Wrapper(Scorer):
 
     def needs_signal(self, name: str) -> bool:
         return name in self.needs or self.inner.needs_signal(name)
+
+    def bind(self, model, adapter) -> None:
+        self.inner.bind(model, adapter)
+        self.bind_self(model, adapter)
+
+    def bind_self(self, model, adapter) -> None:
+        """The wrapper's own `bind` (the host is bound first)."""
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         return self.transform(self.inner.score(signals), signals)
@@ -105,6 +113,8 @@ def build_scorer(method: str, options: dict[str, Any]) -> Scorer:
     for p in parts:
         if p not in reg:
             raise ConfigError(f"unknown method {p!r} in {method!r}; known methods: {', '.join(sorted(reg))}")
+    if getattr(reg[parts[-1]], "is_wrapper", False) and getattr(reg[parts[-1]], "default_host", None):
+        parts.append(reg[parts[-1]].default_host)
     *wrappers, host = parts
     if getattr(reg[host], "is_wrapper", False):
         raise ConfigError(
@@ -220,6 +230,10 @@ class Ensemble(Scorer):
 
     def needs_signal(self, name: str) -> bool:
         return any(m.needs_signal(name) for m in self.members)
+
+    def bind(self, model, adapter) -> None:
+        for m in self.members:
+            m.bind(model, adapter)
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         member_scores = [m.score(signals) for m in self.members]
