@@ -1,0 +1,118 @@
+"""Every registered preset on every supported tiny model: keep-all is the identity, and pruning is exact.
+
+In-LLM presets are checked against the drop == mask oracle; pre-LLM presets that only select tokens
+against the unpatched language model run on the shortened sequence (what the unpatched model hands its
+language model, with the dropped columns removed). Presets that rewrite features (recycling) are
+checked for keep-all, counts and generate() here; their own test files check the merged values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch, get_model, qwen_batch
+from oracle import dropped_positions, masked_logits
+
+import vtprune
+from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer, registry
+
+MODELS = ["llava", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+OPTIONS = {"ensemble": {"members": ["random", "uniform"]}}
+RECYCLING = {"visionzip"}  # presets that write merged features into kept slots
+KEEP = 12
+LLM_LAYER = 2
+
+
+def method_strings() -> list[str]:
+    out = []
+    for name, cls in sorted(registry().items()):
+        if getattr(cls, "is_wrapper", False):
+            out.append(name if getattr(cls, "default_host", None) else f"{name}+fastv")
+        else:
+            out.append(name)
+    return out
+
+
+def setup_of(method: str) -> tuple[str, int | None]:
+    scorer = build_scorer(method, OPTIONS.get(method, {}))
+    if scorer.default_layer is None and PRE_LLM in scorer.stages:
+        return PRE_LLM, None
+    return IN_LLM, max(scorer.default_layer or LLM_LAYER, LLM_LAYER)
+
+
+def inputs_for(kind: str, processor, next_processor):
+    if kind == "llava":
+        return batch(processor, [1, 1])
+    if kind == "next":
+        return batch(next_processor, [1], sizes=((300, 620),))
+    return qwen_batch(kind, "left_padded_2")
+
+
+def _apply(model, method, keep, layer):
+    vtprune.apply(model, method=method, keep=keep, layer=layer, **OPTIONS.get(method, {}))
+
+
+def _shortened_reference(model, inputs, st):
+    """The unpatched language model on its own inputs with the dropped visual columns removed."""
+    seen = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    handle.remove()
+    embeds, pos = seen["inputs_embeds"], seen.get("position_ids")
+    dropped = dropped_positions(model, inputs["input_ids"], st)
+    rows = [torch.nonzero(~dropped[b]).flatten() for b in range(dropped.shape[0])]
+    width = max(len(r) for r in rows)
+    bsz = len(rows)
+    short = embeds.new_zeros(bsz, width, embeds.shape[-1])
+    mask = torch.zeros(bsz, width, dtype=torch.long)
+    kwargs = {}
+    if pos is not None:  # Qwen: kept tokens keep their 3-D positions
+        pos = pos[-3:]
+        kwargs["position_ids"] = torch.zeros(3, bsz, width, dtype=pos.dtype)
+    visual = seen.get("visual_pos_masks")
+    if visual is not None:
+        kwargs["visual_pos_masks"] = torch.zeros(bsz, width, dtype=torch.bool)
+        kwargs["deepstack_visual_embeds"] = [d[~dropped[visual]] for d in seen["deepstack_visual_embeds"]]
+    for b, r in enumerate(rows):
+        sl = slice(width - len(r), width)
+        short[b, sl] = embeds[b, r]
+        mask[b, sl] = inputs["attention_mask"][b, r]
+        if pos is not None:
+            kwargs["position_ids"][:, b, sl] = pos[:, b, r]
+        if visual is not None:
+            kwargs["visual_pos_masks"][b, sl] = visual[b, r]
+    with torch.no_grad():
+        h = lm(inputs_embeds=short, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+        return model.lm_head(h), mask.bool()
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("method", method_strings())
+def test_preset_keep_all_and_exactness(kind, method, processor, next_processor):
+    model = get_model(kind)
+    stage, layer = setup_of(method)
+    inputs = inputs_for(kind, processor, next_processor)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        _apply(model, method, 1.0, layer)
+        same = model(**inputs).logits
+        _apply(model, method, KEEP, layer)
+        pruned = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    st = vtprune.stats(model)
+    vtprune.remove(model)
+    torch.testing.assert_close(same, ref, atol=1e-5, rtol=0)
+    assert st.stage == stage and tokens.shape[0] == inputs["input_ids"].shape[0]
+    assert all(0 < a <= b for a, b in zip(st.visual_after, st.visual_before))
+    assert any(a < b for a, b in zip(st.visual_after, st.visual_before))
+    if stage == IN_LLM:
+        dropped = dropped_positions(model, inputs["input_ids"], st)
+        expected = masked_logits(model, inputs, layer, dropped)
+        check = inputs["attention_mask"].bool() & ~dropped
+        torch.testing.assert_close(pruned[check], expected[check], atol=2e-5, rtol=1e-4)
+    elif method.split("+")[-1] not in RECYCLING:
+        expected, valid = _shortened_reference(model, inputs, st)
+        assert pruned.shape[1] == expected.shape[1]
+        torch.testing.assert_close(pruned[valid], expected[valid], atol=2e-5, rtol=1e-4)
