@@ -1,6 +1,7 @@
-"""Prefill time pruned vs unpruned, side by side in one process, on a built-in random LLaVA.
+"""Prefill time pruned vs unpruned, side by side in one process, on a built-in random LLaVA or Qwen2-VL.
 
     python benchmarks/bench_prefill.py --out benchmarks/results/prefill_cpu.md
+    python benchmarks/bench_prefill.py --arch qwen2-vl --out benchmarks/results/prefill_cpu_qwen2vl.md
     python benchmarks/bench_prefill.py --device cuda --dtype float16 --size 7b-shape --out ...
 
 Also checks, on the same model, that keep-all pruning reproduces the unpatched logits and that the
@@ -19,12 +20,19 @@ import torch
 import vtprune
 from vtprune.cli import _synthetic_image
 from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
+from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
 
 SIZES = {
     # LLM width/depth; the vision tower keeps LLaVA-1.5's 336 px / patch 14 geometry (576 tokens)
     "small": dict(hidden=512, layers=8, heads=8, vision_hidden=64, vision_layers=4),
     "7b-shape": dict(hidden=4096, layers=8, heads=32, vision_hidden=1024, vision_layers=4),  # 32 layers in 7B
 }
+QWEN_SIZES = {
+    # Qwen2-VL geometry (patch 14, 2x2 merger); a 672 x 672 image gives 576 merged tokens, as LLaVA-1.5
+    "small": dict(hidden=512, layers=8, heads=8, kv_heads=2, vision_hidden=64, vision_layers=4),
+    "7b-shape": dict(hidden=3584, layers=8, heads=28, kv_heads=4, vision_hidden=1280, vision_layers=4),
+}
+QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the picture?<|im_end|>\n"
 SETTINGS = [("fastv", 64, 2), ("fastv", 192, 2), ("cls", 64, None), ("cls", 192, None)]
 
 
@@ -48,6 +56,7 @@ def timed(model, inputs, repeats: int, device: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2-vl"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--size", default="small", choices=sorted(SIZES))
@@ -56,10 +65,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    model = tiny_llava(**SIZES[args.size]).to(args.device, dtype)
-    proc = tiny_llava_processor()
-    inputs = proc(images=[_synthetic_image(i) for i in range(args.batch)],
-                  text=["USER: <image>\nWhat is in the picture? ASSISTANT:"] * args.batch, return_tensors="pt")
+    images = [_synthetic_image(i) for i in range(args.batch)]
+    if args.arch == "qwen2-vl":
+        model = tiny_qwen("qwen2_vl", **QWEN_SIZES[args.size]).to(args.device, dtype)
+        proc = tiny_qwen_processor("qwen2_vl", max_pixels=672 * 672)
+        images = [im.resize((672, 672)) for im in images]
+        inputs = proc(images=images, text=[QWEN_PROMPT] * args.batch, return_tensors="pt")
+    else:
+        model = tiny_llava(**SIZES[args.size]).to(args.device, dtype)
+        proc = tiny_llava_processor()
+        inputs = proc(images=images, text=["USER: <image>\nWhat is in the picture? ASSISTANT:"] * args.batch,
+                      return_tensors="pt")
     inputs = {k: (v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device)) for k, v in inputs.items()}
 
     with torch.inference_mode():
@@ -91,7 +107,7 @@ def main() -> None:
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [
-        f"# prefill, {args.size} LLaVA ({name}, {args.dtype}, batch {args.batch}, torch {torch.__version__})",
+        f"# prefill, {args.size} {'Qwen2-VL' if args.arch == 'qwen2-vl' else 'LLaVA'} ({name}, {args.dtype}, batch {args.batch}, torch {torch.__version__})",
         "",
         f"keep-all max |logit diff| vs unpatched: {keep_all_diff:.2e}; unpruned prefill {full * 1e3:.1f} ms",
         "",

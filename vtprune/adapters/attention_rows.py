@@ -90,7 +90,7 @@ def vit_received_attention(
     hidden_in: torch.Tensor,
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    query_block: int = 1024,
+    query_block: int = 256,
 ) -> torch.Tensor:
     """Attention each token receives in a Qwen-VL vision block (no CLS token there to ask).
 
