@@ -26,6 +26,8 @@ class PruneStats:
       first and the last decoder layer.
     - ``stage``: ``"pre-llm"`` (between the vision tower and the LLM) or ``"llm"`` (inside the LLM).
     - ``layer``: for ``"llm"``, the decoder layer after which tokens were dropped; None for pre-LLM.
+    - ``contextual``: per sample, how many of the kept visual tokens carry merged features (VisionZip's
+      contextual tokens; counted in ``visual_after``); None for methods that do not merge.
     """
 
     method: str
@@ -36,6 +38,7 @@ class PruneStats:
     visual_after: list[int]
     seq_len_before: list[int]
     seq_len_after: list[int]
+    contextual: list[int] | None = None
 
     @property
     def keep_ratio(self) -> float:
@@ -45,7 +48,8 @@ class PruneStats:
     def summary(self) -> str:
         where = "before the LLM" if self.stage == "pre-llm" else f"after LLM layer {self.layer}"
         per = ", ".join(f"{a}/{b}" for a, b in zip(self.visual_after, self.visual_before))
-        return f"{self.method}: kept {per} visual tokens per sample ({where})"
+        merged = f", of which {', '.join(map(str, self.contextual))} contextual" if self.contextual else ""
+        return f"{self.method}: kept {per} visual tokens per sample{merged} ({where})"
 
 
 @dataclass
@@ -88,6 +92,8 @@ class VisionRecord:
     # (LLaVA) or [merged tokens, 1] attention received (Qwen-VL); see Adapter.vision_scores
     features: list = field(default_factory=list)  # the per-image feature tensors as returned (not expanded)
     pixel_values: Any = None  # the pixel input of the encoder call, as given (a reference, not a copy)
+    extras: dict = field(default_factory=dict)  # method-specific tensors recorded during the call
+    # (VisionZip's keys, see adapters/visionzip_stage.py)
 
 
 @dataclass
@@ -106,4 +112,5 @@ class PruneState:
     vision_record: VisionRecord | None = None  # the last image encoding
     video_record: VisionRecord | None = None  # the last video encoding (Qwen-VL)
     cls_accumulator: torch.Tensor | None = None
+    vision_extras: dict | None = None  # filled by method hooks during an encoder call -> VisionRecord.extras
     encoding: bool = False  # inside a wrapped encoder call (Qwen3-VL's video encoder calls the image one)

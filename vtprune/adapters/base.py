@@ -19,6 +19,7 @@ from torch import nn
 from vtprune.adapters.attention_rows import vit_cls_attention
 from vtprune.adapters.llm_stage import LLMStageHooks
 from vtprune.adapters.pre_llm_stage import shorten_decode_inputs, shorten_prefill_inputs
+from vtprune.adapters.visionzip_stage import recycling_hooks
 from vtprune.config import ConfigError
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
@@ -89,7 +90,8 @@ def match_record(state: PruneState, rec: VisionRecord | None, enc: Any, modality
     if len(enc.pooler_output) != rec.n_images:
         return _expanded_record(state, rec, enc)
     if rec.output is not enc:
-        return VisionRecord(enc, rec.geometry, rec.strategy, rec.n_images, rec.cls_attention, rec.features)
+        return VisionRecord(enc, rec.geometry, rec.strategy, rec.n_images, rec.cls_attention, rec.features,
+                            extras=rec.extras)
     return rec
 
 
@@ -302,6 +304,7 @@ class Adapter:
             for module in cls_modules:
                 handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
             handles += self.extra_hooks(state)
+            handles += recycling_hooks(self, state)  # VisionZip's key recording (no hook otherwise)
         except Exception:
             for handle in reversed(handles):
                 handle.remove()
@@ -329,6 +332,7 @@ class Adapter:
             if state.encoding:  # nested call (Qwen3-VL's video encoder runs the image encoder)
                 return original(*args, **kwargs)
             state.cls_accumulator = None
+            state.vision_extras = {}
             state.encoding = True
             try:
                 out = original(*args, **kwargs)
@@ -348,9 +352,11 @@ class Adapter:
                 cls_attention=scores,
                 features=list(pooled),
                 pixel_values=bound.get("pixel_values_videos" if modality == "video" else "pixel_values"),
+                extras=state.vision_extras or {},
             )
             setattr(state, "video_record" if modality == "video" else "vision_record", record)
             state.cls_accumulator = None
+            state.vision_extras = None
             return out
 
         return wrapper

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host
 from vtprune.kernels import compact
 from vtprune.scorers.base import HIDDEN_STATES, PIXEL_VALUES, PRE_LLM, VISION_CLS_ATTENTION, Signals
 from vtprune.scorers.select import select_topk
@@ -54,7 +55,11 @@ def shorten_prefill_inputs(
         signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
     if state.scorer.needs_signal(PIXEL_VALUES):
         signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
-    kept = select_topk(state.scorer.score(signals), lay, state.config.keep)
+    contextual = None
+    if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
+        kept, embeds, contextual = contextual_merge(adapter, state, images, signals, embeds)
+    else:
+        kept = select_topk(state.scorer.score(signals), lay, state.config.keep)
 
     bsz, n = visual.shape
     dropped = visual.clone()
@@ -93,6 +98,7 @@ def shorten_prefill_inputs(
         visual_after=[int(k.numel()) for k in kept],
         seq_len_before=[int(x) for x in before],
         seq_len_after=[int(x) for x in valid.sum(1)],
+        contextual=contextual,
     )
 
 

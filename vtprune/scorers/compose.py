@@ -224,12 +224,22 @@ class Ensemble(Scorer):
         layers = [m.default_layer for m in self.members if m.default_layer is not None]
         # pre-LLM when every member defaults there; otherwise the deepest member default (or layer=K)
         self.default_layer = None if not layers and "pre-llm" in common else (max(layers) if layers else None)
-        vision = [getattr(m, "vision_layer", None) for m in self.members]
-        vision = [v for v in vision if v is not None]
-        self.vision_layer = vision[0] if vision else None
 
     def needs_signal(self, name: str) -> bool:
         return any(m.needs_signal(name) for m in self.members)
+
+    @property
+    def vision_layer(self):
+        """The vision layers the adapter hooks for the members' shared CLS-type signal.
+
+        Members read one signal, recorded at one set of layers: those of the first member that names
+        any (read after `bind`, so ``vtc-cls`` members contribute their resolved range).
+        """
+        for m in self.members:
+            layers = getattr(m, "vision_layer", None)
+            if layers is not None:
+                return layers
+        return None
 
     def bind(self, model, adapter) -> None:
         for m in self.members:

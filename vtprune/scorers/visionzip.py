@@ -1,1 +1,237 @@
-"""(being written: see issue 4)."""
+"""VisionZip: dominant tokens by CLS attention, plus contextual tokens merged from the rest by key similarity.
+
+Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (CVPR 2025).
+This module holds the model-independent part: the budget split, the selection plan and the merge rule,
+as pure functions of scores, keys and features. `vtprune.adapters.visionzip_stage` records the keys
+while the vision tower runs and applies the plan to the model's features before the LLM.
+
+Per image with budget ``k`` (a float ``keep`` is first converted to a count, see `image_budget`):
+
+1. ``k = D + C`` with VisionZip's ratio 54:10 (`split_budget`: 64 = 54 + 10, 128 = 108 + 20,
+   192 = 162 + 30).
+2. Dominant: the ``D`` tokens of highest CLS attention at the feature layer (VisionZip sums over heads;
+   the head mean used here ranks the same).
+3. Contextual: the ``R`` remaining tokens, in sequence order. Targets are the remaining tokens at
+   ``0, s, 2s, ...`` with ``s = max(1, R // C)`` (the first ``C``); every other remaining token joins the
+   target whose unit-normalised key has the highest cosine with its own (ties: the earlier target).
+   Contextual token ``c`` = ``x_target + mean of x over its members`` (``x_target`` when it has none).
+
+Deviations from the reference code, on purpose:
+
+- Layout: each contextual token sits at its target's position, so the kept tokens stay in raster order
+  (and keep the target's position, Qwen's M-RoPE included); VisionZip appends the contextual tokens after
+  the dominant ones.
+- CLS: VisionZip sends the CLS token to the LLM as one of the ``D`` dominant tokens; here the LLM gets
+  the model's own visual tokens only (LLaVA drops CLS), so all ``D`` dominant tokens are patches.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.kernels import recycle
+from vtprune.layout import VisualLayout
+from vtprune.scorers.base import PRE_LLM, VISION_CLS_ATTENTION, Scorer, Signals, register
+from vtprune.scorers.select import image_budget
+
+CONTEXTUAL_RATIO = 10 / 64  # VisionZip's dominant:contextual split, 54:10
+
+
+def split_budget(k: int, contextual_ratio: float = CONTEXTUAL_RATIO) -> tuple[int, int]:
+    """``(D, C)``, dominant and contextual counts with ``D + C = k``; ``C = round(k * contextual_ratio)``.
+
+    At least one dominant token is kept when ``k >= 1``. Examples at the default ratio: 64 -> (54, 10),
+    128 -> (108, 20), 192 -> (162, 30), 12 -> (10, 2).
+    """
+    if k <= 0:
+        return 0, 0
+    c = min(k - 1, int(math.floor(k * contextual_ratio + 0.5)))
+    return k - c, c
+
+
+def contextual_assign(keys: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose contextual targets among ``R`` remaining tokens and assign the others by key cosine.
+
+    Args:
+        keys: ``[R, d]`` keys of the remaining tokens, in sequence order (any float dtype).
+        n_ctx: ``C``, the number of contextual tokens wanted (fewer when ``R < C``).
+
+    Returns:
+        ``targets [C']`` and ``members [R - C']``, indices into the ``R`` tokens (ascending), and
+        ``slot [R - C']``: for each member, the index into ``targets`` of the target of highest cosine.
+    """
+    r = keys.shape[0]
+    dev = keys.device
+    c = min(n_ctx, r)
+    if c <= 0:  # no contextual token: the remaining tokens are simply dropped
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return empty, empty, empty
+    step = max(1, r // c)
+    targets = torch.arange(0, r, step, device=dev)[:c]
+    is_target = torch.zeros(r, dtype=torch.bool, device=dev)
+    is_target[targets] = True
+    members = torch.nonzero(~is_target).flatten()
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    cos = unit[members] @ unit[targets].T  # [R - C, C]
+    slot = cos.argmax(dim=1) if members.numel() else torch.zeros(0, dtype=torch.long, device=dev)
+    return targets, members, slot
+
+
+def contextual_tokens(
+    x: torch.Tensor, targets: torch.Tensor, members: torch.Tensor, slot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens: ``x_target + mean(x_members)`` per target, through `kernels.recycle`.
+
+    Args:
+        x: ``[N, D]`` features.
+        targets: ``[C]`` rows of ``x`` that become contextual tokens.
+        members: ``[M]`` rows of ``x`` merged into them; ``slot``: ``[M]`` index into ``targets`` of each.
+
+    Returns:
+        ``ctx [C, D]`` in ``x.dtype`` (sums in float32) and ``merged [C]`` bool, True where the target
+        received at least one member (elsewhere ``ctx`` is ``x_target``, bit-exact).
+    """
+    c = int(targets.numel())
+    merged = torch.zeros(c, dtype=torch.bool, device=x.device)
+    merged[slot] = True
+    if c == 0 or members.numel() == 0:
+        return x[targets], merged
+    out = recycle(
+        x.float()[None], targets[None], members[None], slot[None],
+        torch.ones(1, int(members.numel()), device=x.device), into="new", num_slots=c,
+    ).out[0]  # [C + C, D]: the targets, then the mean of each target's members (zeros when none)
+    ctx = (out[:c] + out[c:]).to(x.dtype)
+    return torch.where(merged[:, None], ctx, x[targets]), merged
+
+
+@dataclass
+class ZipPlan:
+    """One sample's VisionZip selection, as indices into that sample's visual tokens (``[n_b]``).
+
+    - ``kept``: ``[k]`` sorted, the tokens the LLM sees (dominant, contextual targets, non-prunable).
+    - ``targets``: ``[C]`` the contextual tokens (their features are replaced).
+    - ``members``: ``[M]`` the tokens merged into them; ``slot``: ``[M]`` index into ``targets``.
+    """
+
+    kept: torch.Tensor
+    targets: torch.Tensor
+    members: torch.Tensor
+    slot: torch.Tensor
+
+
+def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def plan_visionzip(
+    scores: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    layout: VisualLayout,
+    keep: int | float,
+    contextual_ratio: float = CONTEXTUAL_RATIO,
+) -> list[ZipPlan]:
+    """Dominant and contextual tokens of every image of the batch.
+
+    Args:
+        scores: per sample ``[n_b]`` dominance scores (CLS attention; ``-inf`` excludes a token from both
+            roles and from merging).
+        keys: per sample ``[n_b, d]`` keys for the contextual matching.
+        layout: the batch's `VisualLayout`; the budget applies per image to its prunable tokens, and
+            non-prunable tokens (LLaVA-NeXT newlines) are always kept and never merged.
+        keep: per-image budget (see `image_budget`), split by `split_budget`.
+    """
+    plans, clamped = [], []
+    for b in range(layout.batch_size):
+        s = scores[b].float()
+        if s.shape != layout.positions[b].shape:
+            raise ValueError(
+                f"scorer returned {tuple(s.shape)} scores for sample {b}, expected {tuple(layout.positions[b].shape)}"
+            )
+        kept, targets, members, slot = [], [], [], []
+        for idx in layout.image_slices(b):
+            prunable = layout.prunable[b][idx]
+            kept.append(idx[~prunable])
+            cand = idx[prunable]
+            k, was_clamped = image_budget(keep, int(cand.numel()))
+            if was_clamped:
+                clamped.append(int(cand.numel()))
+            allowed = s[cand] > float("-inf")
+            if not bool(allowed.all()):
+                cand = cand[allowed] if bool(allowed.any()) else cand[:1]
+                k = min(k, int(cand.numel()))
+            n_dom, n_ctx = split_budget(k, contextual_ratio)
+            order = torch.sort(s[cand], descending=True, stable=True).indices
+            is_dom = torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
+            is_dom[order[:n_dom]] = True
+            rest = cand[~is_dom]  # sequence order
+            t, m, sl = contextual_assign(keys[b][rest], n_ctx)
+            kept += [cand[is_dom], rest[t]]
+            slot.append(sl + sum(int(x.numel()) for x in targets))
+            targets.append(rest[t])
+            members.append(rest[m])
+        dev = layout.positions[b].device
+        plans.append(ZipPlan(torch.sort(_cat(kept, dev)).values, _cat(targets, dev), _cat(members, dev),
+                             _cat(slot, dev)))
+    if clamped:
+        warnings.warn(
+            f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
+            f"(smallest has {min(clamped)}); all their tokens are kept",
+            stacklevel=3,
+        )
+    return plans
+
+
+@register
+class VisionZipScorer(Scorer):
+    """VisionZip: ``D`` dominant tokens by CLS attention + ``C`` contextual tokens merged by key cosine.
+
+    See the module docstring for the algorithm and the two layout deviations. Pre-LLM only. The score is
+    the dominance criterion (so wrappers such as ``sink+visionzip`` act on it); the merge is carried
+    out by `vtprune.adapters.visionzip_stage` in each model's feature space:
+
+    - LLaVA-1.5 / NeXT: CLS row and raw ``k_proj`` keys (head mean) of the feature layer (CLIP layer 22,
+      ``hidden_states[-2]``); contextual tokens are merged on the vision features *before* the projector
+      and then projected. NeXT: the budget, the targets and the matching run per image over all its
+      tiles (base image and high-resolution grid together, in sequence order), not per crop as in
+      VisionZip; image-newline tokens are kept and never merged.
+    - Qwen2-VL / 2.5-VL / 3-VL (our adaptation): dominant by the attention received in the last
+      full-attention block (pooled per 2x2 merge group); keys = mean of the 4 patch keys of each merge
+      group (pre-RoPE ``k``, head mean; mapped back from Qwen2.5-VL's window order); the *merger outputs*
+      are averaged (the merger is nonlinear); a contextual token keeps its target's M-RoPE position.
+      Qwen3-VL's deepstack features of a contextual token are its target's (not merged).
+
+    Options:
+        vision_layer: the ``hidden_states`` index of the layer whose CLS row and keys are used
+            (default: the adapter's feature layer: LLaVA ``-2``, Qwen the last full-attention block).
+        contextual_ratio: fraction of the budget given to contextual tokens (10/64, VisionZip's 54:10).
+
+    `vtprune.stats` reports ``contextual`` (contextual tokens per sample, included in ``visual_after``).
+    """
+
+    name = "visionzip"
+    description = "VisionZip: dominant CLS-attention tokens + contextual tokens merged by key similarity (54:10), pre-LLM"
+    needs = frozenset({VISION_CLS_ATTENTION})
+    stages = (PRE_LLM,)
+    default_layer = None
+    recycles = True  # the pre-LLM stage calls `plan` and merges features instead of a plain top-k
+
+    def __init__(self, vision_layer: int | None = None, contextual_ratio: float = CONTEXTUAL_RATIO) -> None:
+        if vision_layer is not None and (isinstance(vision_layer, bool) or not isinstance(vision_layer, int)):
+            raise ValueError(f"vision_layer must be one int (a hidden_states index) or None, got {vision_layer!r}")
+        if isinstance(contextual_ratio, bool) or not isinstance(contextual_ratio, (int, float)) \
+                or not 0.0 <= float(contextual_ratio) < 1.0:
+            raise ValueError(f"contextual_ratio must be a number in [0, 1), got {contextual_ratio!r}")
+        self.vision_layer = vision_layer
+        self.contextual_ratio = float(contextual_ratio)
+
+    def score(self, signals: Signals) -> list[torch.Tensor]:
+        return list(signals.require(VISION_CLS_ATTENTION))
+
+    def plan(self, scores: list[torch.Tensor], keys: list[torch.Tensor], layout: VisualLayout,
+             keep: int | float) -> list[ZipPlan]:
+        """The per-sample `ZipPlan` for dominance ``scores`` and matching ``keys`` (see `plan_visionzip`)."""
+        return plan_visionzip(scores, keys, layout, keep, self.contextual_ratio)

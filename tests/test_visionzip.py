@@ -1,0 +1,506 @@
+"""CLS-attention presets: ``vtc-cls`` (layer ensemble) and ``visionzip`` (dominant + contextual tokens).
+
+Constructed cases with a known answer (planted attention, planted keys, budgets, default layer ranges),
+then end to end on the tiny models: vtc-cls equals the unpatched language model on the shortened sequence,
+visionzip equals a reference built by hand from the unpatched model's vision tower (features with the
+merged values at the target slots, then shortened), and both run under generate().
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import batch, get_model, qwen_batch
+from oracle import dropped_positions
+
+import vtprune
+from vtprune.adapters import adapter_for
+from vtprune.adapters.qwen import window_order
+from vtprune.config import ConfigError
+from vtprune.layout import VisualLayout
+from vtprune.scorers import build_scorer
+from vtprune.scorers.cls import ensemble_layers
+from vtprune.scorers.visionzip import contextual_assign, contextual_tokens, plan_visionzip, split_budget
+
+MODELS = ["llava", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+NO_EOS = 10_000
+
+
+def inputs_for(kind, case, processor, next_processor):
+    if kind.startswith("qwen"):
+        return qwen_batch(kind, case)
+    n_images = [1] if case == "single" else [1, 1]
+    if kind == "next":
+        return batch(next_processor, n_images, sizes=((300, 620), (400, 500)))
+    return batch(processor, n_images)
+
+
+# ---- budgets, targets, assignment, merge rule ----------------------------------------------------
+def test_split_budget_follows_the_paper_ratio():
+    assert split_budget(64) == (54, 10)
+    assert split_budget(128) == (108, 20)
+    assert split_budget(192) == (162, 30)
+    assert split_budget(12) == (10, 2)
+    assert split_budget(16) == (13, 3)  # 2.5 rounds up
+    assert split_budget(1) == (1, 0)  # at least one dominant token
+    assert split_budget(64, 0.0) == (64, 0)
+
+
+def test_contextual_targets_are_uniform_in_sequence_order():
+    keys = torch.randn(10, 4)
+    t, m, _ = contextual_assign(keys, 3)
+    assert t.tolist() == [0, 3, 6] and m.tolist() == [1, 2, 4, 5, 7, 8, 9]
+    assert contextual_assign(torch.randn(5, 4), 3)[0].tolist() == [0, 1, 2]  # step max(1, 5 // 3) = 1
+    t, m, s = contextual_assign(torch.randn(2, 4), 3)  # fewer remaining tokens than contextual slots
+    assert t.tolist() == [0, 1] and m.numel() == 0 and s.numel() == 0
+
+
+def test_assignment_follows_highest_cosine_not_dot_product():
+    # 4 remaining tokens, 2 contextual: targets are tokens 0 and 2
+    keys = torch.tensor([
+        [100.0, 0.0],  # target 0: large norm, would win every dot product
+        [0.5, 0.866],  # cosine 0.5 with target 0, ~0.99 with target 1 -> slot 1
+        [0.6, 0.8],  # target 1
+        [3.0, 0.1],  # cosine ~1 with target 0 -> slot 0
+    ])
+    t, m, s = contextual_assign(keys, 2)
+    assert t.tolist() == [0, 2] and m.tolist() == [1, 3] and s.tolist() == [1, 0]
+    # and on random keys it is the argmax of the cosine
+    keys = torch.randn(40, 8) * torch.rand(40, 1) * 10
+    t, m, s = contextual_assign(keys, 5)
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    assert torch.equal(s, (unit[m] @ unit[t].T).argmax(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contextual_token_is_target_plus_mean_of_members(dtype):
+    x = torch.randn(12, 6).to(dtype)
+    targets = torch.tensor([1, 5, 9])
+    members = torch.tensor([0, 2, 3, 7, 8])
+    slot = torch.tensor([0, 0, 2, 0, 2])  # target 5 receives nothing
+    ctx, merged = contextual_tokens(x, targets, members, slot)
+    xf = x.float()
+    want = torch.stack([
+        xf[1] + xf[[0, 2, 7]].mean(0),
+        xf[5],
+        xf[9] + xf[[3, 8]].mean(0),
+    ]).to(dtype)
+    assert merged.tolist() == [True, False, True] and ctx.dtype == dtype
+    torch.testing.assert_close(ctx, want, atol=1e-6, rtol=0)
+    assert torch.equal(ctx[1], x[5])  # no member: the target itself, bit-exact
+
+
+def _layout(sizes: list[int], fixed: dict[int, int] | None = None) -> VisualLayout:
+    """One sample with images of ``sizes`` tokens; ``fixed`` image -> local index of a non-prunable token."""
+    n = sum(sizes)
+    image = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    prunable = torch.ones(n, dtype=torch.bool)
+    start = 0
+    for i, s in enumerate(sizes):
+        if fixed and i in fixed:
+            prunable[start + fixed[i]] = False
+        start += s
+    return VisualLayout([torch.arange(n) + 3], [image], [prunable], [torch.arange(n)],
+                        [torch.zeros(n, 3, dtype=torch.long)], seq_len=n + 10)
+
+
+def test_plan_picks_planted_dominant_tokens_and_merges_the_rest():
+    lay = _layout([30, 30], fixed={0: 29})  # image 0 ends with a non-prunable token (a NeXT newline)
+    torch.manual_seed(0)
+    scores = torch.rand(60) * 0.1
+    planted = [[3, 7, 11, 12, 20], [31, 40, 41, 50, 59]]
+    scores[planted[0] + planted[1]] = 1.0 + torch.arange(10.0)
+    scores[33] = float("-inf")  # excluded: neither dominant, target nor member
+    keys = torch.randn(60, 4)
+    (plan,) = plan_visionzip([scores], [keys], lay, keep=6)  # 6 = 5 dominant + 1 contextual per image
+    rest0 = [i for i in range(29) if i not in planted[0]]
+    rest1 = [i for i in range(30, 60) if i not in planted[1] and i != 33]
+    assert plan.targets.tolist() == [rest0[0], rest1[0]]  # step R // 1: the first remaining token
+    assert plan.kept.tolist() == sorted(planted[0] + planted[1] + [29, rest0[0], rest1[0]])
+    assert sorted(plan.members.tolist()) == rest0[1:] + rest1[1:]
+    assert plan.slot.tolist() == [0] * (len(rest0) - 1) + [1] * (len(rest1) - 1)
+
+
+def test_plan_keep_all_merges_nothing():
+    lay = _layout([20])
+    (plan,) = plan_visionzip([torch.rand(20)], [torch.randn(20, 4)], lay, keep=1.0)
+    assert plan.kept.tolist() == list(range(20)) and plan.members.numel() == 0
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="vision_layer must be one int"):
+        build_scorer("visionzip", {"vision_layer": [-2, -3]})
+    with pytest.raises(ConfigError, match="contextual_ratio"):
+        build_scorer("visionzip", {"contextual_ratio": 1.5})
+    with pytest.raises(ConfigError, match="n_layers"):
+        build_scorer("vtc-cls", {"n_layers": 0})
+
+
+# ---- vtc-cls: default layer ranges and the planted layer ensemble -------------------------------
+def _stub(feature: int, depth: int, full: list[int] | None = None):
+    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(num_hidden_layers=depth)))
+    adapter = SimpleNamespace(default_vision_layer=lambda: feature)
+    if full is not None:
+        adapter.full_attention_blocks = lambda: full
+    return model, adapter
+
+
+def test_vtc_cls_default_ranges_on_real_geometries():
+    assert ensemble_layers(*_stub(-2, 24), 7) == list(range(17, 24))  # CLIP layers 16..22
+    assert ensemble_layers(*_stub(32, 32, [7, 15, 23, 31]), 7) == [8, 16, 24, 32]  # Qwen2.5-VL-7B
+    assert ensemble_layers(*_stub(32, 32, list(range(32))), 7) == list(range(26, 33))  # Qwen2-VL-7B
+    assert ensemble_layers(*_stub(-2, 24), 3) == [21, 22, 23]
+
+
+@pytest.mark.parametrize("kind,want", [("llava", [1, 2]), ("next", [1, 2]), ("qwen2_vl", [1, 2, 3, 4]),
+                                       ("qwen2_5_vl", [2, 4]), ("qwen3_vl", [1, 2, 3, 4])])
+def test_vtc_cls_default_layers_of_the_tiny_models(kind, want):
+    model = get_model(kind)
+    try:
+        vtprune.apply(model, method="vtc-cls", keep=8)
+        assert model._vtprune_state.scorer.vision_layer == want
+        adapter = model._vtprune_state.adapter
+        hooked = {id(adapter.vision_attention(layer)) for layer in want}
+        vision = [m for m in model.modules() if id(m) in hooked]
+        assert all(m._forward_pre_hooks for m in vision) and len(vision) == len(want)
+        vtprune.apply(model, method="vtc-cls", keep=8, vision_layer=[-1])  # explicit layers override
+        assert model._vtprune_state.scorer.vision_layer == [-1]
+    finally:
+        vtprune.remove(model)
+
+
+def _planted_rows(model, kind, inputs, layers: dict[int, dict[tuple[int, ...], float]]):
+    """A fake `vision_score_row`: hidden_states index -> {tokens: value}, tokens = merged raster indices."""
+    adapter = adapter_for(model)
+    modules = {id(adapter.vision_attention(h)): plant for h, plant in layers.items()}
+    seen = []
+
+    def fake(module, args, kwargs):
+        seen.append(id(module))
+        plant = modules.get(id(module), {})
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if kind == "llava":
+            row = torch.zeros(hidden.shape[0], hidden.shape[1])
+            for tokens, v in plant.items():
+                row[:, 1 + torch.tensor(tokens)] = v  # column 0 is CLS
+            return row
+        grid = inputs["image_grid_thw"]
+        n = int(grid.prod()) // 4
+        v = torch.zeros(n)
+        for tokens, val in plant.items():
+            v[list(tokens)] = val
+        if kind == "qwen2_5_vl":
+            v = v[window_order(grid, 2, 112, 14)]
+        return v.repeat_interleave(4)  # per patch; the adapter pools per 2x2 group
+
+    return fake, seen, set(modules)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "qwen2_5_vl"])
+def test_vtc_cls_sums_planted_rows_over_its_layers(kind, processor):
+    model = get_model(kind)
+    inputs = batch(processor, [1]) if kind == "llava" else qwen_batch(kind, "single")
+    first, last = {"llava": (1, 2), "qwen2_vl": (1, 4), "qwen2_5_vl": (2, 4)}[kind]
+    a, b, c = tuple(range(0, 5)), tuple(range(10, 15)), tuple(range(20, 25))
+    # the first layer plants A at 1.0; the feature layer plants B at 0.6 and C at 0.9: the sum ranks A first
+    fake, seen, hooked = _planted_rows(model, kind, inputs, {first: {a: 1.0}, last: {b: 0.6, c: 0.9}})
+    picks = {}
+    try:
+        for method, opts in (("vtc-cls", {}), ("cls", {}), ("vtc-cls", {"n_layers": 1})):
+            vtprune.apply(model, method=method, keep=5, **opts)
+            model._vtprune_state.adapter.vision_score_row = fake
+            with torch.no_grad():
+                model(**inputs)
+            picks[method, len(opts)] = vtprune.stats(model).kept[0].tolist()
+    finally:
+        vtprune.remove(model)
+    assert picks["vtc-cls", 0] == list(a)
+    assert picks["cls", 0] == list(c) and picks["vtc-cls", 1] == list(c)  # the feature layer alone
+    assert hooked <= set(seen)
+
+
+# ---- end to end: the unpatched language model on the kept tokens ----------------------------------
+def lm_on_kept(model, inputs, st, visual_rows: list[torch.Tensor] | None = None):
+    """Logits of the unpatched LM on its own inputs with ``st``'s dropped visual columns removed.
+
+    ``visual_rows``: per sample ``[n_b, D]`` replacement features of the visual tokens (the hand-built
+    VisionZip features), written before shortening.
+    """
+    seen = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    handle.remove()
+    embeds, pos = seen["inputs_embeds"].clone(), seen.get("position_ids")
+    dropped = dropped_positions(model, inputs["input_ids"], st)
+    ids = inputs["input_ids"]
+    visual = (ids == model.config.image_token_id) | (ids == getattr(model.config, "video_token_id", -1))
+    if visual_rows is not None:
+        for b, rows in enumerate(visual_rows):
+            embeds[b, torch.nonzero(visual[b]).flatten()] = rows.to(embeds.dtype)
+    keep_cols = [torch.nonzero(~dropped[b]).flatten() for b in range(dropped.shape[0])]
+    width, bsz = max(len(r) for r in keep_cols), len(keep_cols)
+    short = embeds.new_zeros(bsz, width, embeds.shape[-1])
+    mask = torch.zeros(bsz, width, dtype=torch.long)
+    kwargs = {}
+    if pos is not None:  # Qwen: kept tokens keep their 3-D positions
+        pos = pos[-3:]
+        kwargs["position_ids"] = torch.zeros(3, bsz, width, dtype=pos.dtype)
+    ds_mask = seen.get("visual_pos_masks")
+    if ds_mask is not None:  # Qwen3-VL deepstack: the kept tokens' features
+        kwargs["visual_pos_masks"] = torch.zeros(bsz, width, dtype=torch.bool)
+        kwargs["deepstack_visual_embeds"] = [d[~dropped[ds_mask]] for d in seen["deepstack_visual_embeds"]]
+    for b, r in enumerate(keep_cols):
+        sl = slice(width - len(r), width)
+        short[b, sl], mask[b, sl] = embeds[b, r], inputs["attention_mask"][b, r]
+        if pos is not None:
+            kwargs["position_ids"][:, b, sl] = pos[:, b, r]
+        if ds_mask is not None:
+            kwargs["visual_pos_masks"][b, sl] = ds_mask[b, r]
+    with torch.no_grad():
+        h = lm(inputs_embeds=short, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+        return model.lm_head(h), mask.bool()
+
+
+def _run(model, inputs, method, keep, layout=False):
+    vtprune.apply(model, method=method, keep=keep)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            lay = model._vtprune_state.session.layout
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, eos_token_id=NO_EOS)
+        out = (logits, gen, vtprune.stats(model))
+        return (*out, lay) if layout else out
+    finally:
+        vtprune.remove(model)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_vtc_cls_equals_lm_on_shortened_sequence(kind, processor, next_processor):
+    model = get_model(kind)
+    inputs = inputs_for(kind, "left_padded_2", processor, next_processor)
+    pruned, gen, st = _run(model, inputs, "vtc-cls", 10)
+    ref, valid = lm_on_kept(model, inputs, st)
+    assert st.stage == "pre-llm" and st.contextual is None
+    assert pruned.shape[1] == ref.shape[1] < inputs["input_ids"].shape[1]
+    torch.testing.assert_close(pruned[valid], ref[valid], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(gen.logits[0], pruned[:, -1], atol=2e-5, rtol=1e-4)
+
+
+# ---- visionzip: a reference built by hand from the unpatched vision tower ---------------------------
+def _plan_by_hand(dom: torch.Tensor, keys: torch.Tensor, k: int):
+    """Plain-loop VisionZip on one image: dominant top-D, targets every s-th remaining, cosine argmax."""
+    d, c = split_budget(k)
+    dominant = set(torch.topk(dom, d).indices.tolist())
+    rest = [i for i in range(dom.numel()) if i not in dominant]
+    step = max(1, len(rest) // c)
+    targets = rest[::step][:c]
+    groups = {t: [] for t in targets}
+    for i in rest:
+        if i in groups:
+            continue
+        cos = [float(torch.nn.functional.cosine_similarity(keys[i], keys[t], dim=0)) for t in targets]
+        groups[targets[max(range(c), key=lambda j: (cos[j], -j))]].append(i)
+    return sorted(dominant | set(targets)), groups
+
+
+def _merge_by_hand(x: torch.Tensor, groups) -> torch.Tensor:
+    x = x.clone()
+    for t, members in groups.items():
+        if members:
+            x[t] = x[t] + x[members].mean(0)
+    return x
+
+
+def _llava_by_hand(model, inputs, k):
+    """Per image: kept raster indices and the projected features with merged values at the targets."""
+    core = model.model
+    attn = core.vision_tower.encoder.layers[-2].self_attn  # CLIP layer whose output is hidden_states[-2]
+    cap = {}
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(h=a[0] if a else kw["hidden_states"]),
+                                            with_kwargs=True)
+    with torch.no_grad():
+        out = core.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+    handle.remove()
+    h, t, n = cap["h"], cap["h"].shape[0], cap["h"].shape[1]
+    heads, hd = attn.num_heads, attn.head_dim
+    with torch.no_grad():
+        q = attn.q_proj(h[:, :1]).view(t, 1, heads, hd).transpose(1, 2)
+        kk = attn.k_proj(h).view(t, n, heads, hd).transpose(1, 2)
+        cls = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale, dim=-1).sum(dim=1)[:, 0, 1:]  # head sum
+        keys = kk.mean(dim=1)[:, 1:]
+        x = out.hidden_states[-2][:, 1:]
+        kept, rows = [], []
+        for i in range(t):
+            keep_i, groups = _plan_by_hand(cls[i], keys[i], k)
+            kept.append(keep_i)
+            rows.append(core.multi_modal_projector(_merge_by_hand(x[i], groups)))
+    return kept, rows
+
+
+def _qwen2_by_hand(model, inputs, k):
+    """Qwen2-VL per image: received attention and group-mean keys of the last block, merged merger outputs."""
+    core = model.model
+    attn = core.visual.blocks[-1].attn
+    cap = {}
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(h=a[0], kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        feats = core.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    handle.remove()
+    mod = importlib.import_module(type(model).__module__)
+    h, kw = cap["h"], cap["kw"]
+    s = h.shape[0]
+    kept, rows = [], []
+    with torch.no_grad():
+        q, kk, _ = attn.qkv(h).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        raw_keys = kk.mean(dim=1)  # pre-RoPE, head mean
+        q, kk = mod.apply_rotary_pos_emb_vision(q, kk, *kw["position_embeddings"])
+        bounds = kw["cu_seqlens"].tolist()
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            p = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b].float(), kk[a:b].float()) * attn.scaling, -1)
+            received = p.mean(dim=(0, 1)).view(-1, 4).mean(1)
+            keys = raw_keys[a:b].view(-1, 4, raw_keys.shape[-1]).mean(1)
+            keep_i, groups = _plan_by_hand(received, keys, k)
+            kept.append(keep_i)
+            rows.append(_merge_by_hand(feats[i], groups))
+    return kept, rows
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("case", ["single", "left_padded_2"])
+def test_visionzip_equals_hand_built_reference(kind, case, processor, next_processor):
+    model = get_model(kind)
+    inputs = inputs_for(kind, case, processor, next_processor)
+    keep = 16  # 13 dominant + 3 contextual per image (16 * 10 / 64 = 2.5, rounded up)
+    pruned, gen, st = _run(model, inputs, "visionzip", keep)
+    kept, rows = (_llava_by_hand if kind == "llava" else _qwen2_by_hand)(model, inputs, keep)
+    assert [k.tolist() for k in st.kept] == kept  # one image per sample
+    assert st.visual_after == [keep] * len(kept) and st.contextual == [3] * len(kept)
+    ref, valid = lm_on_kept(model, inputs, st, visual_rows=rows)
+    plain, _ = lm_on_kept(model, inputs, st)  # the same tokens without merging
+    torch.testing.assert_close(pruned[valid], ref[valid], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(pruned[valid], plain[valid], atol=1e-3)  # the merge changed the output
+    torch.testing.assert_close(gen.logits[0], pruned[:, -1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_visionzip_generate_on_every_model(kind, processor, next_processor):
+    model = get_model(kind)
+    cases = ("single", "left_padded_2") + (("mixed",) if kind.startswith("qwen") else ())  # mixed: image + video
+    for case in cases:
+        inputs = inputs_for(kind, case, processor, next_processor)
+        pruned, gen, st, lay = _run(model, inputs, "visionzip", 12, layout=True)
+        n = inputs["input_ids"].shape[1]
+        assert gen.sequences.shape == (inputs["input_ids"].shape[0], n + 3)
+        items = [len(lay.image_slices(b)) for b in range(lay.batch_size)]
+        for b, kept in enumerate(st.kept):
+            fixed = ~lay.prunable[b]
+            assert bool(torch.isin(torch.nonzero(fixed).flatten(), kept).all())  # NeXT newlines stay
+            assert int(lay.prunable[b][kept].sum()) == 12 * items[b]  # per item: 10 dominant + 2 contextual
+            assert (int(fixed.sum()) > 0) == (kind == "next")
+        assert st.contextual == [2 * i for i in items]
+        # generate() encodes the images before the prefill: the same merged tokens as a plain forward
+        torch.testing.assert_close(gen.logits[0], pruned[:, -1], atol=2e-5, rtol=1e-4)
+
+
+def test_visionzip_planted_dominant_tokens_and_uniform_targets(processor):
+    model = get_model("llava")
+    inputs = batch(processor, [1])
+    planted = tuple(range(100, 110))
+    fake, _, _ = _planted_rows(model, "llava", inputs, {2: {planted: 1.0}})
+    vtprune.apply(model, method="visionzip", keep=12)  # 10 dominant + 2 contextual
+    model._vtprune_state.adapter.vision_score_row = fake
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+    finally:
+        vtprune.remove(model)
+    rest = [i for i in range(576) if i not in planted]
+    assert st.kept[0].tolist() == sorted([*planted, rest[0], rest[283]])  # step 566 // 2 = 283
+    assert "2 contextual" in st.summary()
+
+
+def test_visionzip_keep_all_is_identity_and_beams_are_refused(processor):
+    model = get_model("llava")
+    inputs = batch(processor, [1])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        vtprune.apply(model, method="visionzip", keep=1.0)
+        try:
+            assert torch.equal(model(**inputs).logits, ref)
+            vtprune.apply(model, method="visionzip", keep=12)
+            with pytest.raises(RuntimeError, match="num_beams"):
+                model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+        finally:
+            vtprune.remove(model)
+
+
+def test_visionzip_in_an_ensemble_is_refused(llava):
+    with pytest.raises(ConfigError, match="cannot be an ensemble member"):
+        vtprune.apply(llava, method="ensemble", keep=8, members=["visionzip", "cls"])
+    assert vtprune.config_of(llava) is None
+
+
+def test_wrapped_visionzip_uses_the_wrapped_scores(processor):
+    """A wrapper changes the dominance scores; the merge still runs (stats report contextual tokens)."""
+    from vtprune.scorers.compose import Wrapper
+
+    class Reverse(Wrapper):
+        name = "reverse-test"
+        description = "test"
+
+        def transform(self, scores, signals):
+            return [-s for s in scores]
+
+    model = get_model("llava")
+    inputs = batch(processor, [1])
+    picks = {}
+    try:
+        for scorer in (build_scorer("visionzip", {}), Reverse(build_scorer("visionzip", {}))):
+            vtprune.apply(model, scorer, keep=12)
+            with torch.no_grad():
+                model(**inputs)
+            picks[type(scorer).__name__] = vtprune.stats(model)
+    finally:
+        vtprune.remove(model)
+    a, b = picks["VisionZipScorer"], picks["Reverse"]
+    assert a.contextual == b.contextual == [2]
+    assert set(a.kept[0].tolist()) != set(b.kept[0].tolist())
+
+
+def test_qwen25_group_keys_come_back_in_raster_order():
+    """Keys recorded in Qwen2.5-VL's window order are pooled per merge group and mapped back to raster order."""
+    from transformers.vision_utils import get_vision_window_index
+
+    from vtprune.adapters.visionzip_stage import token_keys
+
+    model = get_model("qwen2_5_vl")
+    inputs = qwen_batch("qwen2_5_vl", "left_padded_2")  # two images of different sizes
+    attn = model.model.visual.blocks[-1].attn
+    cap = {}
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(h=a[0]), with_kwargs=True)
+    vtprune.apply(model, method="visionzip", keep=12)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        state = model._vtprune_state
+        images = SimpleNamespace(record=state.vision_record, video_record=None)
+        got = token_keys(state.adapter, images, state.session.layout.source)
+    finally:
+        handle.remove()
+        vtprune.remove(model)
+    s = cap["h"].shape[0]
+    with torch.no_grad():
+        raw = attn.qkv(cap["h"]).reshape(s, 3, attn.num_heads, -1)[:, 1].float().mean(1)
+    groups = raw.view(-1, 4, raw.shape[-1]).mean(1)  # window order
+    index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2, window_size=112, patch_size=14)
+    raster = torch.empty_like(groups)
+    raster[index] = groups
+    assert not torch.equal(index, torch.arange(index.numel()))  # the order really differs
+    torch.testing.assert_close(torch.cat(got), raster, atol=1e-6, rtol=0)

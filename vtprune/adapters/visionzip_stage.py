@@ -1,0 +1,185 @@
+"""VisionZip's model side: record the vision keys while the tower runs, merge contextual tokens before the LLM.
+
+`vtprune.scorers.visionzip` decides which tokens are dominant, which are contextual targets and which
+tokens merge into which target (a `ZipPlan`). This module supplies what the plan needs from the model and
+writes the result into the embedding sequence that the pre-LLM stage then shortens:
+
+- Keys: a forward pre-hook on the attention module of the key layer (the scorer's ``vision_layer``, by
+  default the adapter's feature layer) records the head-mean raw keys of each encoder call in
+  ``VisionRecord.extras["vision_keys"]``: CLIP ``k_proj(h)`` ``[tiles, patches + 1, d]``; Qwen-VL
+  the pre-RoPE ``k`` of the fused ``qkv`` ``[patches, d]`` (window order on Qwen2.5-VL), turned into one
+  key per merged token (mean of its 2x2 group, raster order) when used.
+- Merge space: LLaVA-1.5 / NeXT merge the vision features *before* the projector (the selected
+  ``hidden_states`` of the encoder call, exactly what enters ``multi_modal_projector``) and project
+  the contextual tokens; the projector acts per token, so this equals rewriting the projector's input at
+  the target slots. Qwen-VL merges the merger outputs (the visual rows of the embeddings).
+- Each contextual token is written at its target's slot, so the token count still matches the
+  placeholders, and positions (1-D or M-RoPE) are the target's.
+
+Not supported: ``generate(num_beams > 1)`` / ``num_return_sequences > 1`` (the expanded encoder outputs
+carry no recorded keys); a clear error says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from vtprune.config import ConfigError
+from vtprune.scorers.base import Scorer, Signals
+from vtprune.scorers.visionzip import VisionZipScorer, contextual_tokens
+
+if TYPE_CHECKING:
+    from vtprune.adapters.base import Adapter
+    from vtprune.state import PruneState, VisionRecord
+
+KEYS = "vision_keys"
+
+
+def recycling_host(scorer: Scorer) -> VisionZipScorer | None:
+    """The VisionZip host under any wrappers (``sink+visionzip``), or None for every other scorer.
+
+    Raises `ConfigError` for an ensemble with a VisionZip member: an ensemble only ranks tokens, so the
+    member would silently lose its merge.
+    """
+    while getattr(scorer, "is_wrapper", False):
+        scorer = scorer.inner
+    if isinstance(scorer, VisionZipScorer):
+        return scorer
+    for member in getattr(scorer, "members", None) or ():
+        if recycling_host(member) is not None:
+            raise ConfigError(
+                "visionzip merges features into its contextual tokens, so it cannot be an ensemble member; "
+                "use it alone or under wrappers (e.g. 'sink+visionzip'), or use 'cls' inside the ensemble"
+            )
+    return None
+
+
+def _is_qwen(adapter: Adapter) -> bool:
+    return hasattr(adapter, "full_attention_blocks")
+
+
+def _key_layer(adapter: Adapter, host: VisionZipScorer) -> int:
+    return host.vision_layer if host.vision_layer is not None else adapter.default_vision_layer()
+
+
+@torch.no_grad()
+def head_mean_keys(attn: nn.Module, hidden: torch.Tensor, qwen: bool) -> torch.Tensor:
+    """Raw keys (no RoPE), averaged over heads, float32.
+
+    CLIP attention: ``hidden [T, N, C]`` -> ``k_proj`` -> ``[T, N, d]``. Qwen-VL vision attention:
+    ``hidden [S, C]`` -> the ``k`` part of ``qkv`` -> ``[S, d]``.
+    """
+    if qwen:
+        s = hidden.shape[0]
+        return attn.qkv(hidden).reshape(s, 3, attn.num_heads, -1)[:, 1].float().mean(dim=1)
+    t, n, _ = hidden.shape
+    return attn.k_proj(hidden).view(t, n, attn.num_heads, attn.head_dim).float().mean(dim=2)
+
+
+def recycling_hooks(adapter: Adapter, state: PruneState) -> list:
+    """The key-recording hook when the scorer is VisionZip (possibly wrapped); no hook otherwise."""
+    host = recycling_host(state.scorer)
+    if host is None:
+        return []
+    module = adapter.vision_attention(_key_layer(adapter, host))
+    qwen = _is_qwen(adapter)
+
+    def hook(mod, args, kwargs):
+        extras = state.vision_extras
+        if state.enabled and extras is not None:
+            extras[KEYS] = head_mean_keys(mod, args[0] if args else kwargs["hidden_states"], qwen)
+        return None
+
+    return [module.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+def _recorded(rec: VisionRecord, what: str) -> Any:
+    value = rec.extras.get(what)
+    if value is None:
+        raise RuntimeError(
+            "visionzip: no vision keys were recorded for these images. The images must be encoded by this "
+            "patched model (pass pixel inputs, or let generate() encode them); generate() with num_beams > 1 "
+            "or num_return_sequences > 1 is not supported by visionzip"
+        )
+    return value
+
+
+def _gather(table: torch.Tensor, source: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rows of ``table [R, ...]`` per visual token via ``source`` (zeros where ``source`` is -1)."""
+    out = []
+    for src in source:
+        src = src.to(table.device)
+        rows = table[src.clamp(min=0)]
+        out.append(torch.where((src >= 0).view(-1, *([1] * (rows.dim() - 1))), rows, torch.zeros_like(rows)))
+    return out
+
+
+def token_keys(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per sample ``[n_b, d]`` float32 keys of the visual tokens (Qwen-VL: group-mean keys)."""
+    if not _is_qwen(adapter):
+        keys = _recorded(images.record, KEYS)  # [T, P + 1, d], rows like the CLS attention
+        return _gather(keys.flatten(0, 1), source)
+    m2 = adapter._merge() ** 2
+    parts = []
+    for rec in (images.record, images.video_record):  # the order of Adapter.vision_scores
+        if rec is None:
+            continue
+        raw = _recorded(rec, KEYS)  # [patches, d], window order on Qwen2.5-VL
+        groups = raw.view(-1, m2, raw.shape[-1]).mean(dim=1)
+        parts.append(adapter._to_raster(groups, rec.geometry))
+    return _gather(torch.cat(parts), source)
+
+
+def _llava_features(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per sample ``[n_b, C]`` vision features of the visual tokens as they enter the projector."""
+    rec = images.record
+    hidden = rec.output.hidden_states
+    layer = images.layer if images.layer is not None else adapter.model.config.vision_feature_layer
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if hidden is None or any(hidden[i] is None for i in layers):
+        raise RuntimeError("visionzip: the encoder output holds no hidden states of the feature layer")
+    feats = torch.cat([hidden[i] for i in layers], dim=-1)  # [T, P + 1, C]: CLS kept, rows like the keys
+    return _gather(feats.flatten(0, 1), source)
+
+
+def contextual_merge(
+    adapter: Adapter, state: PruneState, images: Any, signals: Signals, embeds: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+    """Plan VisionZip's selection and write the contextual tokens into the embeddings.
+
+    Args:
+        signals: the pre-LLM signals (layout, CLS attention) of the prefill.
+        embeds: ``[B, N, D]`` prompt embeddings with the visual features in place.
+
+    Returns:
+        Per sample the kept visual-token indices ``[k_b]`` (sorted), the embeddings with every contextual
+        token's features at its target's slot (``embeds`` itself when nothing merged), and per sample the
+        number of contextual tokens (included in the kept ones).
+    """
+    host = recycling_host(state.scorer)
+    lay = signals.layout
+    scores = state.scorer.score(signals)  # wrappers (sink, debias) act on the dominance scores
+    keys = [k.to(p.device) for k, p in zip(token_keys(adapter, images, lay.source), lay.positions)]
+    plans = host.plan(scores, keys, lay, state.config.keep)
+    if _is_qwen(adapter):
+        feats = [embeds[b, p] for b, p in enumerate(lay.positions)]
+        project: Callable[[torch.Tensor], torch.Tensor] = nn.Identity()  # merger outputs: already LLM features
+    else:
+        feats = _llava_features(adapter, images, lay.source)
+        project = adapter.core().multi_modal_projector
+    out = embeds
+    for b, plan in enumerate(plans):
+        if plan.members.numel() == 0:
+            continue
+        dev = feats[b].device
+        ctx, merged = contextual_tokens(feats[b], plan.targets.to(dev), plan.members.to(dev), plan.slot.to(dev))
+        rows = plan.targets[merged.to(plan.targets.device)]
+        if out is embeds:
+            out = embeds.clone()
+        pos = lay.positions[b][rows.to(lay.positions[b].device)].to(out.device)
+        out[b, pos] = project(ctx[merged]).to(out.device, out.dtype)
+    return [p.kept for p in plans], out, [int(p.targets.numel()) for p in plans]
