@@ -1,4 +1,4 @@
-"""The ``vtprune`` command line: ``vtprune methods``, ``vtprune run``, ``vtprune --version``."""
+"""The ``vtprune`` command line: ``vtprune methods``, ``vtprune run``, ``vtprune calibrate``, ``vtprune --version``."""
 
 from __future__ import annotations
 
@@ -54,9 +54,13 @@ def load_model(name: str, attn: str = "sdpa"):
     if name in BUILTIN_MODELS:
         spec = dict(BUILTIN_MODELS[name])
         if "qwen" in spec:
-            return tiny_qwen(spec["qwen"], attn_implementation=attn), tiny_qwen_processor(spec["qwen"])
-        next_ = spec.pop("next_")
-        return tiny_llava(next_=next_, attn_implementation=attn, **spec), tiny_llava_processor(next_=next_)
+            model, processor = tiny_qwen(spec["qwen"], attn_implementation=attn), tiny_qwen_processor(spec["qwen"])
+        else:
+            next_ = spec.pop("next_")
+            model = tiny_llava(next_=next_, attn_implementation=attn, **spec)
+            processor = tiny_llava_processor(next_=next_)
+        model.config.name_or_path = name  # names its calibration file (vtprune.calibration)
+        return model, processor
     if not os.path.isdir(name):
         raise SystemExit(
             f"vtprune: --model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
@@ -135,6 +139,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from vtprune.calibrate import calibrate, image_files
+    from vtprune.calibration import default_output_path, save_calibration
+
+    torch.manual_seed(0)
+    files = image_files(args.images, args.limit)  # fail on a bad directory before loading the model
+    model, processor = load_model(args.model)
+    data = calibrate(model, processor, files, host=args.host, layer=args.layer, prompts=args.prompt or None,
+                     tau=args.tau)
+    path = save_calibration(data, args.out or default_output_path(model))
+    trend = data["trend"][args.host.lower()]
+    poly = " ".join(f"{c:+.4g} {x}" for c, x in zip(trend["coeffs"][1:], ("x", "x^2", "x^3")))
+    where = f"layer {trend['layer']}" if trend["layer"] is not None else "before the LLM"
+    print(f"model            {args.model} ({type(model).__name__})")
+    print(f"images           {len(files)} from {args.images}")
+    print(f"trend            T(x) = 1 {poly} (host {args.host}, {where}; w(1) = {1 / sum(trend['coeffs']):.3f})")
+    sink = data["sink"]
+    dims = sink["dims"] or "none found"
+    print(f"sink dims        {dims} (tau {sink['tau']:g}, layers {sink['layers'][0]}..{sink['layers'][-1]}; "
+          f"{sink['visual_sink_fraction']:.2%} of visual tokens flagged)")
+    print(f"wrote            {path}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     import vtprune
 
@@ -166,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeats", type=int, default=5, help="timed prefills per setting")
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit debias's positional trend and find sink dims on calibration images; write a calibration file",
+    )
+    cal.add_argument("--model", required=True,
+                     help=f"built-in random model ({', '.join(BUILTIN_MODELS)}) or a local checkpoint dir")
+    cal.add_argument("--images", required=True, help="directory of .png/.jpg calibration images (or one image)")
+    cal.add_argument("--host", default="fastv", help="host scorer whose score trend is fitted (default: fastv)")
+    cal.add_argument("--layer", type=int, default=None, help="in-LLM layer of the host (default: the host's)")
+    cal.add_argument("--limit", type=int, default=None, help="use at most N images (sorted by name)")
+    cal.add_argument("--prompt", action="append", default=[],
+                     help="full prompt with the image placeholder; repeat for several (default: a question)")
+    cal.add_argument("--tau", type=float, default=20.0,
+                     help="sink threshold on phi (default 20; phi <= sqrt(hidden size))")
+    cal.add_argument("--out", default=None,
+                     help="output file (default: ~/.cache/vtprune/calibration/<model key>.json)")
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

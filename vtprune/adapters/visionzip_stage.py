@@ -40,7 +40,7 @@ KEYS = "vision_keys"
 
 
 def recycling_host(scorer: Scorer) -> VisionZipScorer | None:
-    """The VisionZip host under any wrappers (``sink+visionzip``), or None for every other scorer.
+    """The VisionZip host under any wrappers (``debias+visionzip``), or None for every other scorer.
 
     Raises `ConfigError` for an ensemble with a VisionZip member: an ensemble only ranks tokens, so the
     member would silently lose its merge.
@@ -53,7 +53,7 @@ def recycling_host(scorer: Scorer) -> VisionZipScorer | None:
         if recycling_host(member) is not None:
             raise ConfigError(
                 "visionzip merges features into its contextual tokens, so it cannot be an ensemble member; "
-                "use it alone or under wrappers (e.g. 'sink+visionzip'), or use 'cls' inside the ensemble"
+                "use it alone or under wrappers (e.g. 'debias+visionzip'), or use 'cls' inside the ensemble"
             )
     return None
 

@@ -1,1 +1,312 @@
-"""(being written: see issue 4)."""
+"""Attention debiasing (intcomp/attention-bias): divide out the host's positional trend; drop padding patches.
+
+(a) Recency trend. Attention-based scores grow with a visual token's position in the sequence whatever
+the image shows. With ``T`` a smooth increasing trend of the mean host score against the normalised
+visual index ``x = j / (n - 1)`` of an image's span (``n`` its tokens), the corrected score is
+``s'_j = s_j * T(0) / T(x_j)``. ``T`` is per model and host, fitted by ``vtprune calibrate``.
+
+(b) Padding sinks. LLaVA-1.5 pads each image to a square with a constant colour before resizing; the
+patches that are mostly padding carry no content but attract attention. They are excluded (score
+``-inf``), so the image keeps fewer tokens when fewer than ``keep`` real patches exist.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtprune.calibration import CalibrationError, find_calibration, load_calibration
+from vtprune.config import ConfigError
+from vtprune.scorers.base import PIXEL_VALUES, Scorer, Signals, register
+from vtprune.scorers.compose import Wrapper, method_string
+
+# The defaults, fitted to the authors' released weight files (576 values, index j = 0..575) and
+# converted to x = j / 575: FastV's 1/w = 1 + 3.015e-3 j - 1.460e-5 j^2 + 2.569e-8 j^3, every other
+# host w = exp(-lambda j) with lambda = 2.30e-3 (the SparseVLM / GQA file).
+REFERENCE_SPAN = 575
+FASTV_CUBIC = (1.0, 3.015e-3 * REFERENCE_SPAN, -1.460e-5 * REFERENCE_SPAN**2, 2.569e-8 * REFERENCE_SPAN**3)
+EXP_RATE = 2.30e-3 * REFERENCE_SPAN
+
+TREND_MODES = ("auto", "default", "none")
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A positional trend ``T(x)`` on ``x`` in ``[0, 1]`` with ``T(0) = 1``.
+
+    ``kind="cubic"``: ``coeffs = (1, c1, c2, c3)``, ``T(x) = sum_k c_k x^k``; ``kind="exp"``:
+    ``coeffs = (rate,)``, ``T(x) = exp(rate * x)``; ``kind="none"``: ``T = 1``. ``source`` says where it
+    came from (shown by ``Debias.trend_source``).
+    """
+
+    kind: str
+    coeffs: tuple[float, ...]
+    source: str
+    layer: int | None = None  # the in-LLM layer the trend was fitted at (calibration files)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        if self.kind == "exp":
+            return torch.exp(self.coeffs[0] * x)
+        if self.kind == "none":
+            return torch.ones_like(x)
+        return sum(c * x**k for k, c in enumerate(self.coeffs))
+
+    def weights(self, n: int) -> torch.Tensor:
+        """``[n]`` float32 multipliers ``w_j = T(0) / T(j / (n - 1))`` for an image span of ``n`` tokens."""
+        x = torch.arange(n, dtype=torch.float64) / max(1, n - 1)
+        return (self(torch.zeros(1)) / self(x)).float()
+
+    def check(self) -> Trend:
+        """Raise `ConfigError` unless ``T`` is positive on ``[0, 1]``."""
+        values = self(torch.linspace(0, 1, 201))
+        if not bool(torch.isfinite(values).all()) or float(values.min()) <= 0:
+            raise ConfigError(
+                f"debias: the trend from {self.source} ({self.kind} {list(self.coeffs)}) is not positive on "
+                "[0, 1]; re-run `vtprune calibrate` or pass trend='default'"
+            )
+        return self
+
+
+def default_trend(host: str) -> Trend:
+    """The documented default: FastV's cubic for ``fastv``, the exponential (lambda = 2.30e-3) otherwise."""
+    if host == "fastv":
+        return Trend("cubic", FASTV_CUBIC, "default (FastV cubic)")
+    return Trend("exp", (EXP_RATE,), "default (exponential, lambda=2.30e-3 per index)")
+
+
+def host_of(scorer: Scorer) -> str:
+    """The name of the innermost (host) scorer under any wrappers."""
+    while isinstance(scorer, Wrapper):
+        scorer = scorer.inner
+    return scorer.name
+
+
+def trend_from_file(data: dict, path: Any, hosts: Sequence[str]) -> Trend | None:
+    """The first trend of ``hosts`` in a loaded calibration file, or None."""
+    entries = data.get("trend") or {}
+    for host in hosts:
+        entry = entries.get(host)
+        if entry is None:
+            continue
+        coeffs = entry.get("coeffs")
+        if not isinstance(coeffs, list) or len(coeffs) != 4 or not all(isinstance(c, (int, float)) for c in coeffs):
+            raise CalibrationError(f"calibration file {str(path)!r}: trend[{host!r}].coeffs must be 4 numbers")
+        c0 = float(coeffs[0])
+        if c0 <= 0:
+            raise CalibrationError(f"calibration file {str(path)!r}: trend[{host!r}] has T(0) <= 0")
+        trend = Trend("cubic", tuple(float(c) / c0 for c in coeffs), f"{path} [{host}]", entry.get("layer"))
+        return trend.check()
+    return None
+
+
+# ---- padding (LLaVA-1.5 pad-to-square) ------------------------------------------------------------
+def _band(lines: torch.Tensor, tol: float) -> tuple[int, torch.Tensor]:
+    """Leading lines of ``lines`` ``[L, C, M]`` (border first) equal to the first line's corner colour."""
+    color = lines[0, :, 0]
+    same = (lines - color[None, :, None]).abs().amax(dim=(1, 2)) <= tol
+    return int(same.long().cumprod(0).sum()), color
+
+
+def padding_bands(pixels: torch.Tensor, tol: float = 2e-3) -> tuple[int, int, int] | None:
+    """Detect pad-to-square bands in one processed image ``[C, H, W]`` (any normalisation).
+
+    Returns ``(axis, before, after)``: ``axis`` 0 for bands at the top and bottom (rows), 1 for left and
+    right (columns), and their widths in pixels; None when the image has no such bands. A band is a run
+    of identical lines (every pixel within ``tol`` of one colour) at the border; both bands of the axis
+    must exist, share their colour and have nearly the same width (pad-to-square centres the image), the
+    other axis must have none, and the bands must leave content between them.
+    """
+    p = pixels.float()
+    with_bands, result = 0, None
+    for axis, lines in ((0, p.permute(1, 0, 2)), (1, p.permute(2, 0, 1))):  # [H, C, W], [W, C, H]
+        before, c1 = _band(lines, tol)
+        after, c2 = _band(lines.flip(0), tol)
+        if before == 0 or after == 0:
+            continue
+        with_bands += 1
+        size = lines.shape[0]
+        symmetric = abs(before - after) <= 2 + 0.02 * size
+        same_color = float((c1 - c2).abs().max()) <= tol
+        if symmetric and same_color and before + after < size:
+            result = (axis, before, after)
+    return result if with_bands == 1 else None  # bands on all four sides: a frame, not pad-to-square
+
+
+def padding_fraction(pixels: torch.Tensor, grid: int, tol: float = 2e-3) -> torch.Tensor | None:
+    """``[grid, grid]`` float: the fraction of each patch's area that is padding (None: no padding).
+
+    ``pixels`` ``[C, H, W]`` with ``H = W = grid * patch``. Pixels in the resampling blur at the edge of a
+    band count as content, so a fraction can be a pixel or two short of the exact geometry.
+    """
+    bands = padding_bands(pixels, tol)
+    if bands is None:
+        return None
+    axis, before, after = bands
+    size = pixels.shape[1 + axis]
+    edges = torch.arange(grid + 1, dtype=torch.float64) * size / grid
+    lo, hi = edges[:-1], edges[1:]
+    pad = (torch.clamp(torch.minimum(hi, torch.tensor(float(before))) - lo, min=0)
+           + torch.clamp(hi - torch.maximum(lo, torch.tensor(float(size - after))), min=0))
+    frac = (pad / (hi - lo)).float()
+    return frac[:, None].expand(grid, grid) if axis == 0 else frac[None, :].expand(grid, grid)
+
+
+@register
+class Debias(Wrapper):
+    """Attention debiasing around any host scorer: ``debias+fastv``, ``debias+sink+fastv``, ...
+
+    (a) ``s'_j = s_j * w_j``, ``w_j = T(0) / T(x_j)``, ``x_j = j / (n - 1)`` the index of token ``j``
+    within its image's span of ``n`` visual tokens in sequence order (per image of the layout, so images
+    with different token counts, LLaVA-NeXT and Qwen-VL, each get the whole curve; LLaVA-NeXT's newline
+    tokens count in the span; a Qwen-VL video is one span over all its frames). Scores ``[n_b]`` per sample keep
+    their shape; ``-inf`` stays ``-inf``. Meant for non-negative (attention-like) host scores.
+
+    ``T`` (option ``trend``):
+      - ``"auto"`` (default): the model's calibration file (`vtprune.calibration` lookup order) when it
+        holds a trend for this host (key: the host's method string, then the innermost host's name),
+        else the default;
+      - ``"default"``: host ``fastv``: FastV's cubic ``1 + 1.7336 x - 4.8271 x^2 + 4.8839 x^3``
+        (``1/w = 1 + 3.015e-3 j - 1.460e-5 j^2 + 2.569e-8 j^3`` at ``j = 575 x``, ``w(1) = 0.358``);
+        other hosts: ``exp(1.3225 x)`` (``lambda = 2.30e-3`` per index at ``j = 575 x``);
+      - ``"none"``: no trend correction (padding only);
+      - a path: that calibration file, which must hold a trend for this host;
+      - three numbers ``[c1, c2, c3]``: ``T(x) = 1 + c1 x + c2 x^2 + c3 x^3``.
+
+    (b) ``pad_theta`` (default 0.5; None disables): LLaVA-1.5 (``model_type == "llava"``) only. The
+    padding geometry is read from the processed image itself (``pixel_values`` ``[images, 3, H, W]``):
+    constant bands of one colour at two opposite borders (`padding_bands`); patches of the
+    ``image_size / patch_size`` grid whose area is more than ``pad_theta`` padding get ``-inf``
+    (excluded, the image's budget shrinks to its valid patches). Images without such bands are not
+    touched. Skipped on LLaVA-NeXT (its crops are resized, not padded) and Qwen-VL (native resolution,
+    no padding), and for calls whose pixels are not available (``generate`` with beams).
+
+    Runs before or inside the LLM, wherever its host runs. After each call ``last_padding`` holds per
+    sample the ``[p_b]`` visual-token indices excluded as padding; ``trend_source`` says which ``T`` is
+    in use.
+    """
+
+    name = "debias"
+    description = ("Attention debiasing: divide out the host's positional trend (calibrated or default); "
+                   "LLaVA-1.5: exclude pad-to-square padding patches")
+
+    def __init__(self, inner: Scorer, trend: str | list[float] = "auto", pad_theta: float | None = 0.5) -> None:
+        super().__init__(inner)
+        self.trend = list(trend) if isinstance(trend, (list, tuple)) else trend
+        self.pad_theta = pad_theta
+        if pad_theta is not None and (isinstance(pad_theta, bool) or not isinstance(pad_theta, (int, float))
+                                      or not 0 <= pad_theta < 1):
+            raise ConfigError(f"debias: pad_theta must be a number in [0, 1) or None (disabled), got {pad_theta!r}")
+        self._trend = self._initial_trend()
+        self._pad = False  # set by bind for LLaVA-1.5
+        self._grid = 0
+        self._warned_layer = False
+        self.last_padding: list[torch.Tensor] = []
+
+    def _initial_trend(self) -> Trend:
+        t = self.trend
+        host = host_of(self.inner)
+        if isinstance(t, list):
+            if len(t) != 3 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in t):
+                raise ConfigError(f"debias: trend as numbers must be [c1, c2, c3] (T = 1 + c1 x + c2 x^2 + c3 x^3), got {t!r}")
+            return Trend("cubic", (1.0, *map(float, t)), "trend option").check()
+        if not isinstance(t, str):
+            raise ConfigError(f"debias: trend must be 'auto', 'default', 'none', a file path or [c1, c2, c3], got {t!r}")
+        if t == "none":
+            return Trend("none", (), "trend='none'")
+        if t in ("auto", "default"):
+            return default_trend(host)
+        if not Path(t).expanduser().is_file():
+            raise ConfigError(
+                f"debias: trend={t!r} is neither 'auto', 'default', 'none' nor an existing calibration file; "
+                "write one with `vtprune calibrate --model <model> --images DIR`"
+            )
+        return default_trend(host)  # read at bind, against the model
+
+    @property
+    def trend_source(self) -> str:
+        return self._trend.source
+
+    def bind_self(self, model: Any, adapter: Any) -> None:
+        hosts = [method_string(self.inner), host_of(self.inner)]
+        self._warned_layer = False
+        if self.trend == "auto":
+            self._trend = default_trend(hosts[-1])
+            path = find_calibration(model)
+            if path is not None:
+                self._trend = trend_from_file(load_calibration(path, model), path, hosts) or self._trend
+        elif isinstance(self.trend, str) and self.trend not in TREND_MODES:
+            data = load_calibration(self.trend, model)
+            found = trend_from_file(data, self.trend, hosts)
+            if found is None:
+                raise CalibrationError(
+                    f"debias: the calibration file {self.trend!r} has no trend for host {hosts[-1]!r} "
+                    f"(it has {sorted(data.get('trend') or {})}); run `vtprune calibrate --host {hosts[-1]} ...`"
+                )
+            self._trend = found
+        self._pad = self.pad_theta is not None and model.config.model_type == "llava"
+        if self._pad:
+            vc = model.config.vision_config
+            self._grid = int(vc.image_size) // int(vc.patch_size)
+
+    def needs_signal(self, name: str) -> bool:
+        return (name == PIXEL_VALUES and self._pad) or super().needs_signal(name)
+
+    def weights(self, signals: Signals) -> list[torch.Tensor]:
+        """Per sample ``[n_b]`` float32 trend weights ``w_j`` (1 where no image span applies)."""
+        lay = signals.layout
+        out = []
+        for b in range(lay.batch_size):
+            w = torch.ones(int(lay.positions[b].numel()))
+            for idx in lay.image_slices(b):
+                w[idx.cpu()] = self._trend.weights(int(idx.numel()))
+            out.append(w)
+        return out
+
+    def transform(self, scores: list[torch.Tensor], signals: Signals) -> list[torch.Tensor]:
+        self._check_layer(signals)
+        out = [s.float() * w.to(s.device) for s, w in zip(scores, self.weights(signals))]
+        self.last_padding = [torch.zeros(0, dtype=torch.long) for _ in out]
+        if self._pad and signals.pixel_values is not None:
+            for b, s in enumerate(out):
+                pad = self._padding_tokens(signals, b)
+                if pad.numel():
+                    s[pad.to(s.device)] = float("-inf")
+                self.last_padding[b] = pad
+        return out
+
+    def _padding_tokens(self, signals: Signals, b: int) -> torch.Tensor:
+        """Visual-token indices of sample ``b`` that are more than ``pad_theta`` padding."""
+        lay, g = signals.layout, self._grid
+        pixels = signals.pixel_values
+        found = []
+        for idx in lay.image_slices(b):
+            coords = lay.coords[b][idx].cpu()
+            patch = idx.cpu()[coords[:, 0] == 0]  # the patch grid (not LLaVA's "full" CLS token)
+            if patch.numel() == 0:
+                continue
+            tile = int(lay.source[b][patch[0]]) // (g * g + 1)
+            if pixels.dim() != 4 or tile >= pixels.shape[0]:
+                continue
+            frac = padding_fraction(pixels[tile], g)
+            if frac is None:
+                continue
+            rc = lay.coords[b][patch].cpu()
+            found.append(patch[frac[rc[:, 1], rc[:, 2]] > self.pad_theta])
+        return torch.sort(torch.cat(found)).values if found else torch.zeros(0, dtype=torch.long)
+
+    def _check_layer(self, signals: Signals) -> None:
+        fitted = self._trend.layer
+        if fitted is not None and signals.layer is not None and fitted != signals.layer and not self._warned_layer:
+            self._warned_layer = True
+            warnings.warn(
+                f"debias: the trend from {self._trend.source} was fitted at layer {fitted} but pruning runs at "
+                f"layer {signals.layer}; calibrate with `vtprune calibrate --layer {signals.layer}`",
+                stacklevel=2,
+            )
+

@@ -190,7 +190,7 @@ class VisionZipScorer(Scorer):
     """VisionZip: ``D`` dominant tokens by CLS attention + ``C`` contextual tokens merged by key cosine.
 
     See the module docstring for the algorithm and the two layout deviations. Pre-LLM only. The score is
-    the dominance criterion (so wrappers such as ``sink+visionzip`` act on it); the merge is carried
+    the dominance criterion (so wrappers such as ``debias+visionzip`` act on it); the merge is carried
     out by `vtprune.adapters.visionzip_stage` in each model's feature space:
 
     - LLaVA-1.5 / NeXT: CLS row and raw ``k_proj`` keys (head mean) of the feature layer (CLIP layer 22,
