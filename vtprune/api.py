@@ -59,6 +59,7 @@ def apply(
 
     adapter = adapter_for(model)
     scorer = given_scorer if given_scorer is not None else build_scorer(cfg.method, cfg.options)
+    scorer.bind(model, adapter)  # first: a scorer's default layer may depend on the model (flowcut)
     resolved_layer = cfg.layer if cfg.layer is not None else scorer.default_layer
     if cfg.layer is None and resolved_layer is not None:
         # a model may forbid early layers (Qwen3-VL's deepstack): the default moves to its first allowed layer
@@ -72,7 +73,6 @@ def apply(
         raise ConfigError(f"method {cfg.method!r} prunes inside the LLM: give layer=K")
     if resolved_layer is not None:
         adapter.check_layer(resolved_layer)
-    scorer.bind(model, adapter)
 
     remove(model)
     state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer)

@@ -74,6 +74,8 @@ class Session:
     pre_valid: torch.Tensor | None = None  # [B, N'] bool, False on padding slots
     pre_removed: torch.Tensor | None = None  # [B] real tokens removed per sample
     deepstack: Any = None  # Qwen3-VL pre-LLM: (visual mask [B, N'], per-level features of kept tokens)
+    extras: dict = field(default_factory=dict)  # method-specific per-prefill values (FlowCut's, see
+    # adapters/flowcut_stage.py), offered to the scorer as `Signals.extras`
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vtprune.adapters.attention_rows import vit_cls_attention
+from vtprune.adapters.flowcut_stage import flowcut_hooks
 from vtprune.adapters.llm_stage import LLMStageHooks
 from vtprune.adapters.pre_llm_stage import shorten_decode_inputs, shorten_prefill_inputs
 from vtprune.adapters.visionzip_stage import recycling_hooks
@@ -305,6 +306,7 @@ class Adapter:
                 handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
             handles += self.extra_hooks(state)
             handles += recycling_hooks(self, state)  # VisionZip's key recording (no hook otherwise)
+            handles += flowcut_hooks(self, state)  # FlowCut's vision and LLM stages (no hook otherwise)
         except Exception:
             for handle in reversed(handles):
                 handle.remove()

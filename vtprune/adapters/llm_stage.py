@@ -162,7 +162,8 @@ class LLMStageHooks:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         lay = sess.layout
-        signals = Signals(layout=lay, stage=IN_LLM, layer=self.k, keep=self.state.config.keep)
+        signals = Signals(layout=lay, stage=IN_LLM, layer=self.k, keep=self.state.config.keep,
+                          extras=sess.extras)
         if sess.llm_attention is not None:
             signals.llm_attention = [sess.llm_attention[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(HIDDEN_STATES):

@@ -48,7 +48,7 @@ def shorten_prefill_inputs(
         embeds = adapter.embed(input_ids)
     embeds = adapter.merge_visual_features(images, embeds, sess.kinds)
 
-    signals = Signals(layout=lay, stage=PRE_LLM, keep=state.config.keep)
+    signals = Signals(layout=lay, stage=PRE_LLM, keep=state.config.keep, extras=sess.extras)
     if state.scorer.needs_signal(VISION_CLS_ATTENTION):
         signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
     if state.scorer.needs_signal(HIDDEN_STATES):

@@ -8,7 +8,7 @@ scorers that read it.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +43,8 @@ class Signals:
       image features pre-LLM, layer output in-LLM).
     - ``pixel_values``: the pixel input of the call's image encoding, as the processor gave it (all
       images of the call; LLaVA: ``[images or tiles, 3, H, W]``, Qwen-VL: flattened patches).
+    - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
+      (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
     """
 
     layout: VisualLayout
@@ -53,6 +55,7 @@ class Signals:
     llm_attention: list[torch.Tensor] | None = None
     hidden_states: list[torch.Tensor] | None = None
     pixel_values: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)
