@@ -146,3 +146,23 @@ def test_ensemble_pre_llm_on_qwen():
     st = vtprune.stats(model)
     vtprune.remove(model)
     assert st.stage == "pre-llm" and st.visual_after == [10, 10] and out.shape[0] == 2
+
+
+def test_short_names_compose_like_strings(processor):
+    from vtprune.scorers import Debias, FastV, Sink
+
+    model = get_model("llava")
+    inputs = batch(processor, [1])
+    obj = Debias(Sink(FastV(), dims=[3, 17], tau=4.0))
+    vtprune.apply(model, obj, keep=20, layer=2)
+    cfg = vtprune.config_of(model)
+    with torch.no_grad():
+        a = model(**inputs).logits
+    kept_a = vtprune.stats(model).kept[0]
+    assert cfg.method == "debias+sink+fastv"
+    vtprune.apply(model, cfg)  # the same setup from its config
+    with torch.no_grad():
+        b = model(**inputs).logits
+    kept_b = vtprune.stats(model).kept[0]
+    vtprune.remove(model)
+    assert torch.equal(kept_a, kept_b) and torch.equal(a, b)

@@ -26,7 +26,27 @@ from vtprune.scorers.base import (
 from vtprune.scorers.compose import Ensemble, Wrapper, build_scorer, method_string
 from vtprune.scorers.select import image_budget, select_topk
 
+# Short names for the object form: vtprune.apply(model, Debias(Sink(FastV())), keep=64)
+FastV = fastv.FastVScorer
+CLS = cls.CLSScorer
+VTCCLS = cls.VTCCLSScorer
+VisionZip = visionzip.VisionZipScorer
+FlowCut = flowcut.FlowCutScorer
+Random = baselines.RandomScorer
+Uniform = baselines.UniformScorer
+Debias = debias.Debias
+Sink = sink.Sink
+
 __all__ = [
+    "CLS",
+    "VTCCLS",
+    "Debias",
+    "FastV",
+    "FlowCut",
+    "Random",
+    "Sink",
+    "Uniform",
+    "VisionZip",
     "HIDDEN_STATES",
     "IN_LLM",
     "LLM_ATTENTION",
