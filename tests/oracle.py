@@ -1,7 +1,11 @@
-"""The reference for in-LLM dropping: keep every token, hide the dropped ones from layers > K.
+"""References for exactness tests.
 
-Dropping tokens after layer K must give the same logits (on kept tokens) as running the unpatched model
-with no cache where the dropped tokens' key columns are masked out in every layer after K.
+- In-LLM dropping (`masked_logits`): dropping tokens after layer K must give the same logits (on kept
+  tokens) as running the unpatched model with no cache where the dropped tokens' key columns are masked
+  out in every layer after K.
+- Pre-LLM dropping (`lm_on_kept`): the unpatched language model run on what the unpatched model hands it,
+  with the dropped visual columns removed (kept positions: contiguous for LLaVA, the original 3-D
+  M-RoPE positions for Qwen-VL; Qwen3-VL's deepstack features of the kept tokens).
 """
 
 from __future__ import annotations
@@ -55,3 +59,46 @@ def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor) -> tor
     finally:
         for h in handles:
             h.remove()
+
+
+def lm_on_kept(model, inputs, st, visual_rows: list[torch.Tensor] | None = None):
+    """Logits of the unpatched LM on its own inputs with ``st``'s dropped visual columns removed.
+
+    ``visual_rows``: per sample ``[n_b, D]`` replacement features of the visual tokens (the hand-built
+    VisionZip features), written before shortening.
+    """
+    seen = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    handle.remove()
+    embeds, pos = seen["inputs_embeds"].clone(), seen.get("position_ids")
+    dropped = dropped_positions(model, inputs["input_ids"], st)
+    ids = inputs["input_ids"]
+    visual = (ids == model.config.image_token_id) | (ids == getattr(model.config, "video_token_id", -1))
+    if visual_rows is not None:
+        for b, rows in enumerate(visual_rows):
+            embeds[b, torch.nonzero(visual[b]).flatten()] = rows.to(embeds.dtype)
+    keep_cols = [torch.nonzero(~dropped[b]).flatten() for b in range(dropped.shape[0])]
+    width, bsz = max(len(r) for r in keep_cols), len(keep_cols)
+    short = embeds.new_zeros(bsz, width, embeds.shape[-1])
+    mask = torch.zeros(bsz, width, dtype=torch.long)
+    kwargs = {}
+    if pos is not None:  # Qwen: kept tokens keep their 3-D positions
+        pos = pos[-3:]
+        kwargs["position_ids"] = torch.zeros(3, bsz, width, dtype=pos.dtype)
+    ds_mask = seen.get("visual_pos_masks")
+    if ds_mask is not None:  # Qwen3-VL deepstack: the kept tokens' features
+        kwargs["visual_pos_masks"] = torch.zeros(bsz, width, dtype=torch.bool)
+        kwargs["deepstack_visual_embeds"] = [d[~dropped[ds_mask]] for d in seen["deepstack_visual_embeds"]]
+    for b, r in enumerate(keep_cols):
+        sl = slice(width - len(r), width)
+        short[b, sl], mask[b, sl] = embeds[b, r], inputs["attention_mask"][b, r]
+        if pos is not None:
+            kwargs["position_ids"][:, b, sl] = pos[:, b, r]
+        if ds_mask is not None:
+            kwargs["visual_pos_masks"][b, sl] = ds_mask[b, r]
+    with torch.no_grad():
+        h = lm(inputs_embeds=short, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+        return model.lm_head(h), mask.bool()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch, get_model, qwen_batch
-from oracle import dropped_positions, masked_logits
+from oracle import dropped_positions, lm_on_kept, masked_logits
 
 import vtprune
 from vtprune.adapters import adapter_for
@@ -57,42 +57,6 @@ def _apply(model, method, keep, layer):
     vtprune.apply(model, method=method, keep=keep, layer=layer, **OPTIONS.get(method, {}))
 
 
-def _shortened_reference(model, inputs, st):
-    """The unpatched language model on its own inputs with the dropped visual columns removed."""
-    seen = {}
-    lm = model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs, use_cache=False)
-    handle.remove()
-    embeds, pos = seen["inputs_embeds"], seen.get("position_ids")
-    dropped = dropped_positions(model, inputs["input_ids"], st)
-    rows = [torch.nonzero(~dropped[b]).flatten() for b in range(dropped.shape[0])]
-    width = max(len(r) for r in rows)
-    bsz = len(rows)
-    short = embeds.new_zeros(bsz, width, embeds.shape[-1])
-    mask = torch.zeros(bsz, width, dtype=torch.long)
-    kwargs = {}
-    if pos is not None:  # Qwen: kept tokens keep their 3-D positions
-        pos = pos[-3:]
-        kwargs["position_ids"] = torch.zeros(3, bsz, width, dtype=pos.dtype)
-    visual = seen.get("visual_pos_masks")
-    if visual is not None:
-        kwargs["visual_pos_masks"] = torch.zeros(bsz, width, dtype=torch.bool)
-        kwargs["deepstack_visual_embeds"] = [d[~dropped[visual]] for d in seen["deepstack_visual_embeds"]]
-    for b, r in enumerate(rows):
-        sl = slice(width - len(r), width)
-        short[b, sl] = embeds[b, r]
-        mask[b, sl] = inputs["attention_mask"][b, r]
-        if pos is not None:
-            kwargs["position_ids"][:, b, sl] = pos[:, b, r]
-        if visual is not None:
-            kwargs["visual_pos_masks"][b, sl] = visual[b, r]
-    with torch.no_grad():
-        h = lm(inputs_embeds=short, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
-        return model.lm_head(h), mask.bool()
-
-
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("method", method_strings())
 def test_preset_keep_all_and_exactness(kind, method, processor, next_processor):
@@ -120,6 +84,6 @@ def test_preset_keep_all_and_exactness(kind, method, processor, next_processor):
         check = inputs["attention_mask"].bool() & ~dropped
         torch.testing.assert_close(pruned[check], expected[check], atol=2e-5, rtol=1e-4)
     elif method.split("+")[-1] not in RECYCLING:
-        expected, valid = _shortened_reference(model, inputs, st)
+        expected, valid = lm_on_kept(model, inputs, st)
         assert pruned.shape[1] == expected.shape[1]
         torch.testing.assert_close(pruned[valid], expected[valid], atol=2e-5, rtol=1e-4)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import batch, get_model, qwen_batch
-from oracle import dropped_positions
+from oracle import lm_on_kept
 
 import vtprune
 from vtprune.adapters import adapter_for
@@ -223,49 +223,6 @@ def test_vtc_cls_sums_planted_rows_over_its_layers(kind, processor):
 
 
 # ---- end to end: the unpatched language model on the kept tokens ----------------------------------
-def lm_on_kept(model, inputs, st, visual_rows: list[torch.Tensor] | None = None):
-    """Logits of the unpatched LM on its own inputs with ``st``'s dropped visual columns removed.
-
-    ``visual_rows``: per sample ``[n_b, D]`` replacement features of the visual tokens (the hand-built
-    VisionZip features), written before shortening.
-    """
-    seen = {}
-    lm = model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs, use_cache=False)
-    handle.remove()
-    embeds, pos = seen["inputs_embeds"].clone(), seen.get("position_ids")
-    dropped = dropped_positions(model, inputs["input_ids"], st)
-    ids = inputs["input_ids"]
-    visual = (ids == model.config.image_token_id) | (ids == getattr(model.config, "video_token_id", -1))
-    if visual_rows is not None:
-        for b, rows in enumerate(visual_rows):
-            embeds[b, torch.nonzero(visual[b]).flatten()] = rows.to(embeds.dtype)
-    keep_cols = [torch.nonzero(~dropped[b]).flatten() for b in range(dropped.shape[0])]
-    width, bsz = max(len(r) for r in keep_cols), len(keep_cols)
-    short = embeds.new_zeros(bsz, width, embeds.shape[-1])
-    mask = torch.zeros(bsz, width, dtype=torch.long)
-    kwargs = {}
-    if pos is not None:  # Qwen: kept tokens keep their 3-D positions
-        pos = pos[-3:]
-        kwargs["position_ids"] = torch.zeros(3, bsz, width, dtype=pos.dtype)
-    ds_mask = seen.get("visual_pos_masks")
-    if ds_mask is not None:  # Qwen3-VL deepstack: the kept tokens' features
-        kwargs["visual_pos_masks"] = torch.zeros(bsz, width, dtype=torch.bool)
-        kwargs["deepstack_visual_embeds"] = [d[~dropped[ds_mask]] for d in seen["deepstack_visual_embeds"]]
-    for b, r in enumerate(keep_cols):
-        sl = slice(width - len(r), width)
-        short[b, sl], mask[b, sl] = embeds[b, r], inputs["attention_mask"][b, r]
-        if pos is not None:
-            kwargs["position_ids"][:, b, sl] = pos[:, b, r]
-        if ds_mask is not None:
-            kwargs["visual_pos_masks"][b, sl] = ds_mask[b, r]
-    with torch.no_grad():
-        h = lm(inputs_embeds=short, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
-        return model.lm_head(h), mask.bool()
-
-
 def _run(model, inputs, method, keep, layout=False):
     vtprune.apply(model, method=method, keep=keep)
     try:
