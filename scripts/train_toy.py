@@ -33,20 +33,17 @@ from torch import nn
 from tqdm import tqdm
 
 from vtprune.toy import shapes
+from vtprune.toy.tiny import llava_tokenizer
 
 IMAGE = 224
 PATCH = 14
 GRID = IMAGE // PATCH  # 16 x 16 = 256 patch tokens
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 PROMPT = "USER: <image>\n"
 SUFFIX = " Answer with one word. ASSISTANT:"
 
 
 # ---- model, tokenizer, processor -----------------------------------------------------------------
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rng = np.random.default_rng(0)
     corpus = []
     for i in range(400):
@@ -56,16 +53,7 @@ def build_tokenizer():
             q, a, _ = shapes.ask(objs, rng)
             corpus.append(f"USER: {q}{SUFFIX} {a}")
     corpus += ["USER: Describe the image. ASSISTANT:", " ".join(shapes.ANSWERS)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    return llava_tokenizer(corpus, 512)
 
 
 def build_model(tok, hidden: int, layers: int, vision_hidden: int, vision_layers: int):

@@ -160,6 +160,17 @@ class Adapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    def require_core(self, tower: str, loader: str) -> nn.Module:
+        """``model.model`` with ``.language_model`` and the vision tower ``tower``, or a clear error."""
+        core = getattr(self.model, "model", None)
+        if core is None or not hasattr(core, "language_model") or not hasattr(core, tower):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} is not a {self.model_types[0]} *ForConditionalGeneration model "
+                f"(expected .model.language_model and .model.{tower}); pass the full model as loaded by "
+                f"AutoModelForImageTextToText / {loader}"
+            )
+        return core
+
     # ---- what each family provides ------------------------------------------------------------
     def core(self) -> nn.Module:
         """The module whose forward receives ``input_ids``, ``pixel_values`` and the cache."""

@@ -18,13 +18,7 @@ from vtprune.adapters.base import Adapter, ImageInputs, ImageTokens, Unsupported
 class _LlavaFamily(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        core = getattr(model, "model", None)
-        if core is None or not hasattr(core, "language_model") or not hasattr(core, "vision_tower"):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} is not a {self.model_types[0]} *ForConditionalGeneration model "
-                "(expected .model.language_model and .model.vision_tower); pass the full model as "
-                "loaded by AutoModelForImageTextToText / LlavaForConditionalGeneration"
-            )
+        core = self.require_core("vision_tower", "LlavaForConditionalGeneration")
         tower = core.vision_tower
         if not hasattr(getattr(tower, "encoder", None), "layers"):
             raise UnsupportedModelError(

@@ -86,13 +86,7 @@ class _QwenFamily(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        core = getattr(model, "model", None)
-        if core is None or not hasattr(core, "language_model") or not hasattr(core, "visual"):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} is not a {self.model_types[0]} *ForConditionalGeneration model "
-                "(expected .model.language_model and .model.visual); pass the full model as loaded by "
-                "AutoModelForImageTextToText / Qwen*VLForConditionalGeneration"
-            )
+        core = self.require_core("visual", "Qwen*VLForConditionalGeneration")
         if not hasattr(core.visual, "blocks"):
             raise UnsupportedModelError(f"the vision tower {type(core.visual).__name__} has no blocks")
 

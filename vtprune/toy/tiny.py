@@ -22,34 +22,44 @@ _CORPUS = [
 ]
 
 
-@functools.cache
-def tiny_llava_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with the LLaVA special tokens, trained in-process."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_bpe(corpus: list[str], specials: list[str], vocab_size: int, bos: str | None = None):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained in-process on ``corpus`` (specials are atomic).
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    With ``bos``, a post-processor prepends that token to every encoded text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    unk = "<unk>" if "<unk>" in specials else None
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=LLAVA_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return tok
+
+
+def llava_tokenizer(corpus: list[str], vocab_size: int):
+    """A ``PreTrainedTokenizerFast`` with the LLaVA special tokens, BPE-trained on ``corpus``."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=train_bpe(corpus, LLAVA_SPECIALS, vocab_size, bos="<s>"),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+@functools.cache
+def tiny_llava_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with the LLaVA special tokens, trained in-process."""
+    return llava_tokenizer(_CORPUS * 4, vocab_size)
 
 
 def _text_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int):
