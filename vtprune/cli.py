@@ -1,4 +1,4 @@
-"""The ``vtprune`` command line: ``vtprune methods``, ``vtprune run``, ``vtprune calibrate``, ``vtprune --version``."""
+"""The ``vtprune`` command line: ``vtprune methods``, ``run``, ``eval``, ``calibrate``, ``vtprune --version``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 BUILTIN_MODELS = {
     "tiny-llava": dict(next_=False),
@@ -18,7 +19,14 @@ BUILTIN_MODELS = {
     "tiny-qwen3-vl": dict(qwen="qwen3_vl"),
 }
 
+# trained built-ins: weights shipped as package data in vtprune/toy/weights/<name>/ (built by scripts/train_toy.py)
+TOY_MODELS = ("toy-llava", "toy-qwen2vl")
+
 QUESTION = "What is in the picture?"
+
+
+class ModelNotFoundError(ValueError):
+    """``--model`` names no built-in model, no built toy model and no local checkpoint directory."""
 
 
 def _parse_keep(text: str) -> int | float:
@@ -46,13 +54,48 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def load_model(name: str, attn: str = "sdpa"):
-    """A built-in random model by name, or a checkpoint directory saved with ``save_pretrained``."""
+def toy_weights_dir(name: str) -> Path:
+    """Where the trained toy model ``name`` (one of `TOY_MODELS`) is shipped: ``vtprune/toy/weights/<name>/``."""
+    return Path(__file__).resolve().parent / "toy" / "weights" / name
+
+
+def resolve_model(name: str) -> tuple[str, str | dict]:
+    """``("builtin", spec)``, ``("toy", directory)`` or ``("dir", path)`` for a ``--model`` value.
+
+    Raises `ModelNotFoundError` (with the fix) for an unknown name, a toy model whose weights are not
+    built yet, or a path that is not a directory.
+    """
+    if name in BUILTIN_MODELS:
+        return "builtin", dict(BUILTIN_MODELS[name])
+    if name in TOY_MODELS:
+        where = toy_weights_dir(name)
+        if not where.is_dir():
+            raise ModelNotFoundError(
+                f"the trained toy model {name!r} is not built yet: its weights belong in {where}; "
+                "build them with `python scripts/train_toy.py`, or use a tiny random model "
+                f"({', '.join(BUILTIN_MODELS)}) or a local checkpoint directory"
+            )
+        return "toy", str(where)
+    if os.path.isdir(name):
+        return "dir", name
+    raise ModelNotFoundError(
+        f"--model {name!r} is neither a built-in model ({', '.join((*TOY_MODELS, *BUILTIN_MODELS))}) "
+        "nor a local checkpoint directory (no downloads are made)"
+    )
+
+
+def load_model(name: str, attn: str = "sdpa", dtype=None):
+    """A built-in model by name (tiny random, or a trained toy model), or a checkpoint directory saved
+    with ``save_pretrained``. ``dtype`` (a ``torch.dtype``) is passed to ``from_pretrained``."""
     from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
     from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
 
-    if name in BUILTIN_MODELS:
-        spec = dict(BUILTIN_MODELS[name])
+    try:
+        kind, where = resolve_model(name)
+    except ModelNotFoundError as err:
+        raise SystemExit(f"vtprune: {err}") from None
+    if kind == "builtin":
+        spec = where
         if "qwen" in spec:
             model, processor = tiny_qwen(spec["qwen"], attn_implementation=attn), tiny_qwen_processor(spec["qwen"])
         else:
@@ -60,27 +103,27 @@ def load_model(name: str, attn: str = "sdpa"):
             model = tiny_llava(next_=next_, attn_implementation=attn, **spec)
             processor = tiny_llava_processor(next_=next_)
         model.config.name_or_path = name  # names its calibration file (vtprune.calibration)
+        if dtype is not None:
+            model = model.to(dtype)
         return model, processor
-    if not os.path.isdir(name):
-        raise SystemExit(
-            f"vtprune: --model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
-            "nor a local checkpoint directory (no downloads are made)"
-        )
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn).eval()
-    return model, AutoProcessor.from_pretrained(name)
+    extra = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForImageTextToText.from_pretrained(where, attn_implementation=attn, **extra).eval()
+    if kind == "toy":
+        model.config.name_or_path = name
+    return model, AutoProcessor.from_pretrained(where)
 
 
-def default_prompt(model, processor) -> str:
+def default_prompt(model, processor, question: str = QUESTION) -> str:
     """A one-image question in the model's own format (its chat template when the processor has one)."""
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if model.config.model_type.startswith("qwen"):
-        return (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+        return (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
                 "<|im_start|>assistant\n")
-    return f"USER: <image>\n{QUESTION} ASSISTANT:"
+    return f"USER: <image>\n{question} ASSISTANT:"
 
 
 def _synthetic_image(seed: int = 0):
@@ -137,6 +180,12 @@ def cmd_run(args) -> int:
     text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"generated        {text!r}")
     return 0
+
+
+def cmd_eval(args) -> int:
+    from vtprune.eval.command import run_eval
+
+    return run_eval(args)
 
 
 def cmd_calibrate(args) -> int:
@@ -196,6 +245,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeats", type=int, default=5, help="timed prefills per setting")
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy, visual tokens, latency, FLOPs and memory of pruning methods on a VQA task vs unpruned",
+    )
+    ev.add_argument("--model", default="toy-llava",
+                    help=f"trained toy model ({', '.join(TOY_MODELS)}), tiny random model "
+                         f"({', '.join(BUILTIN_MODELS)}) or a local checkpoint dir (default: toy-llava)")
+    ev.add_argument("--method", action="append", default=None,
+                    help="pruning method; repeat for several (default: fastv, cls, random)")
+    ev.add_argument("--keep", action="append", type=_parse_keep, default=None,
+                    help="tokens per image (int) or fraction (float); repeat for several (default: 64)")
+    ev.add_argument("--task", default="toy-shapes",
+                    help="toy-shapes (the synthetic test split) or the path of a .jsonl task (default: toy-shapes)")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="first N samples (default: 300 for toy-shapes, every record of a jsonl task)")
+    ev.add_argument("--batch-size", type=int, default=8, help="samples per batch (left padded; default 8)")
+    ev.add_argument("--out", default="vtprune-eval",
+                    help="output directory for results.json and the plot (default: ./vtprune-eval)")
+    ev.add_argument("--json", action="store_true", help="print the results JSON on stdout instead of the table")
+    ev.add_argument("--log-samples", action="store_true", help="record every prediction in results.json")
+    ev.add_argument("--layer", type=int, default=None,
+                    help="in-LLM pruning layer for the methods that prune inside the LLM (default: the method's)")
+    ev.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                    help="method option, given to the methods that declare it; repeat for several")
+    ev.add_argument("--max-new-tokens", type=int, default=4, help="generated tokens per answer (default 4)")
+    ev.add_argument("--seed", type=int, default=0, help="torch seed and toy-shapes generator seed (default 0)")
+    ev.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    ev.add_argument("--dtype", default="auto",
+                    help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16")
+    ev.set_defaults(func=cmd_eval)
     cal = sub.add_parser(
         "calibrate",
         help="fit debias's positional trend and find sink dims on calibration images; write a calibration file",
@@ -220,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vtprune.adapters import UnsupportedModelError
     from vtprune.config import ConfigError
+    from vtprune.eval.errors import EvalError
 
     try:
         return args.func(args)
-    except (ConfigError, UnsupportedModelError) as err:
+    except (ConfigError, UnsupportedModelError, EvalError, ModelNotFoundError) as err:
         print(f"vtprune: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,125 @@
+"""The ``vtprune eval`` command: arguments -> task, model, grid -> results.json, table, plot.
+
+Every check that needs no model runs first (task file and images, model name, methods), so bad
+input fails in seconds with ``vtprune: error: ...`` (exit status 2, raised here as `EvalError`,
+`ModelNotFoundError` or `ConfigError` and printed by `vtprune.cli.main`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vtprune.eval.errors import EvalError
+
+DEFAULT_METHODS = ("fastv", "cls", "random")
+DEFAULT_KEEPS = (64,)
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda was given but no CUDA device is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise EvalError(f"unknown --dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return getattr(torch, DTYPES[name])
+
+
+def load_eval_model(name: str, device, dtype):
+    """The model (on ``device``, in ``dtype``, eval mode) and its processor; a checkpoint directory that
+    cannot be loaded raises `EvalError`."""
+    from vtprune.cli import load_model
+
+    try:
+        model, processor = load_model(name, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise EvalError(f"could not load a model and processor from {name!r} ({type(err).__name__}: {err}); "
+                        "give a directory saved with save_pretrained (model and processor)") from None
+    return model.to(device).eval(), processor
+
+
+def config_dict(args) -> dict[str, Any]:
+    """The command's arguments as JSON values (results.json ``config``)."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def run_eval(args) -> int:
+    """Run ``vtprune eval`` for parsed ``args`` (see `vtprune.cli.build_parser`)."""
+    import torch
+
+    from vtprune.cli import _parse_options, default_prompt, resolve_model
+    from vtprune.eval import report
+    from vtprune.eval.memory import memory_measure
+    from vtprune.eval.runner import Runner, build_cells, validate_cells
+    from vtprune.eval.tasks import load_task
+
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    args.method = list(args.method or DEFAULT_METHODS)
+    args.keep = list(args.keep or DEFAULT_KEEPS)
+    torch.manual_seed(args.seed)
+
+    task = load_task(args.task, args.limit, args.seed)
+    resolve_model(args.model)
+    options = _parse_options(args.option)
+    cells = build_cells(args.method, args.keep, args.layer, options)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, processor = load_eval_model(args.model, device, dtype)
+    validate_cells(model, cells)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EvalError(f"cannot create the output directory {out} ({err}); give another --out") from None
+
+    runner = Runner(model, processor, lambda s: default_prompt(model, processor, s.prompt_text()),
+                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=device,
+                    dtype=dtype if dtype != torch.float32 else None)
+    runs = runner.run(task, cells)
+
+    model_info = {"name": args.model, "class": type(model).__name__, "model_type": model.config.model_type,
+                  "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    results = report.build_results(runs, task, config=config_dict(args), model_info=model_info,
+                                   memory_measure=memory_measure(device), log_samples=args.log_samples)
+    try:
+        results["plot"] = str(report.plot(results, out / report.PLOT_FILE))
+    except ImportError:
+        results["plot"] = None
+        print("vtprune: note: no plot written; install matplotlib (pip install 'vtprune[eval]')", file=sys.stderr)
+    path = report.write_results(results, out)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+        return 0
+    print(report.summary_line(results))
+    print()
+    print(report.markdown_table(results))
+    print()
+    failed = results["failed_samples"]
+    if failed:
+        print(f"{len(failed)} sample(s) failed, counted as wrong; first: #{failed[0]['index']}: {failed[0]['error']}")
+    print(f"wrote {path}" + (f" and {results['plot']}" if results["plot"] else ""))
+    return 0
