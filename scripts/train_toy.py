@@ -84,6 +84,17 @@ def pixels(processor, images) -> torch.Tensor:
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
+def optimise(loss, opt, sched, params, losses: list[float], bar) -> None:
+    """One step: backward, clip to norm 1, optimiser and schedule; logs the running mean of 20 losses."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(float(loss.detach()))
+    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+
+
 # ---- stage 1: the vision tower -------------------------------------------------------------------
 COLOUR_IDS = {c: i + 1 for i, c in enumerate(shapes.COLOURS)}
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(shapes.SHAPES)}
@@ -140,13 +151,7 @@ def train_tower(model, processor, steps: int, batch: int, lr: float, log: dict) 
         loss = (ce(heads["colour"](patches).flatten(0, 1), col.flatten())
                 + ce(heads["shape"](patches).flatten(0, 1), shp.flatten())
                 + bce(heads["presence"](cls), pres) + ce(heads["count"](cls), cnt))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        optimise(loss, opt, sched, params, losses, bar)
     tower.eval()
     log["tower"] = dict(steps=steps, batch=batch, lr=lr, final_loss=float(np.mean(losses[-20:])))
 
@@ -240,13 +245,7 @@ def train_llm(model, processor, feats: torch.Tensor, steps: int, batch: int, lr:
             labels[b, :len(s)] = torch.tensor(lab)
             attn[b, :len(s)] = 1
         loss = lm_loss(model, feats[torch.as_tensor(idx)], ids, labels, attn)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        optimise(loss, opt, sched, params, losses, bar)
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
             acc = quick_accuracy(model, processor, 96)
