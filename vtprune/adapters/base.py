@@ -156,6 +156,8 @@ class Adapter:
     description: ClassVar[str] = ""
     # name of the modality -> the core's encoder method whose runs are recorded
     encoders: ClassVar[dict[str, str]] = {"image": "get_image_features"}
+    # "clip": a CLS token and one LLM token per patch; "qwen": no CLS, one LLM token per 2x2 patch group
+    vision_family: ClassVar[str] = "clip"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -172,15 +174,16 @@ class Adapter:
         return core
 
     # ---- what each family provides ------------------------------------------------------------
+    # the defaults fit transformers v5's *ForConditionalGeneration layout (model.model.language_model)
     def core(self) -> nn.Module:
         """The module whose forward receives ``input_ids``, ``pixel_values`` and the cache."""
-        raise NotImplementedError
+        return self.model.model
 
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.core().language_model.layers
 
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        return int(self.model.config.image_token_id)
 
     def visual_token_ids(self) -> list[int]:
         """Placeholder token ids that the vision features replace (images, and videos where supported)."""
@@ -447,10 +450,6 @@ class Adapter:
             shorten_prefill_inputs(self, state, kwargs, images, visual)
             return (), kwargs
         return None
-
-    def visual_mask(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
-        """``[B, N]`` bool, True on visual placeholder tokens (see `visual_token_ids`)."""
-        return self.token_kinds(input_ids, embeds) > 0
 
     def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         """``[B, N]`` long: 0 for text, ``i + 1`` for the ``i``-th id of `visual_token_ids`."""

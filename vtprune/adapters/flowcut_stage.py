@@ -60,6 +60,7 @@ from vtprune.adapters.attention_rows import _head_norm, _rotate_half
 from vtprune.adapters.pre_llm_stage import cls_scores
 from vtprune.config import ConfigError
 from vtprune.scorers.base import IN_LLM, Scorer
+from vtprune.scorers.compose import host_of
 from vtprune.scorers.flowcut import (
     LLM_SCORES,
     FlowCutScorer,
@@ -86,21 +87,11 @@ def flowcut_host(scorer: Scorer) -> FlowCutScorer | None:
     Raises `ConfigError` for an ensemble with a FlowCut member: FlowCut hides tokens inside the vision
     tower, which an ensemble of scores cannot undo.
     """
-    while getattr(scorer, "is_wrapper", False):
-        scorer = scorer.inner
-    if isinstance(scorer, FlowCutScorer):
-        return scorer
-    for member in getattr(scorer, "members", None) or ():
-        if flowcut_host(member) is not None:
-            raise ConfigError(
-                "flowcut prunes inside the vision tower, so it cannot be an ensemble member; use it alone or "
-                "under wrappers (e.g. 'sink+flowcut')"
-            )
-    return None
-
-
-def _is_qwen(adapter: Adapter) -> bool:
-    return hasattr(adapter, "full_attention_blocks")
+    return host_of(
+        scorer, FlowCutScorer,
+        "flowcut prunes inside the vision tower, so it cannot be an ensemble member; use it alone or "
+        "under wrappers (e.g. 'sink+flowcut')",
+    )
 
 
 def flowcut_hooks(adapter: Adapter, state: PruneState) -> list:
@@ -118,7 +109,7 @@ def flowcut_hooks(adapter: Adapter, state: PruneState) -> list:
             f"flowcut hides pruned patches from later vision layers with an attention mask, which "
             f"{impl} cannot take: load the model with attn_implementation='sdpa' (or 'eager')"
         )
-    tower = QwenVisionStage(adapter, state) if _is_qwen(adapter) else ClipVisionStage(adapter, state)
+    tower = QwenVisionStage(adapter, state) if adapter.vision_family == "qwen" else ClipVisionStage(adapter, state)
     handles = tower.install()
     if state.stage == IN_LLM:
         handles += LLMStage(adapter, state).install()

@@ -26,15 +26,6 @@ class _LlavaFamily(Adapter):
             )
 
     # structure
-    def core(self) -> nn.Module:
-        return self.model.model
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.core().language_model.layers
-
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def _vision_layers(self) -> nn.ModuleList:
         return self.core().vision_tower.encoder.layers
 

@@ -83,6 +83,7 @@ def window_order(grid_thw: torch.Tensor, merge: int, window: int, patch: int) ->
 
 class _QwenFamily(Adapter):
     encoders = {"image": "get_image_features", "video": "get_video_features"}
+    vision_family = "qwen"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -91,15 +92,6 @@ class _QwenFamily(Adapter):
             raise UnsupportedModelError(f"the vision tower {type(core.visual).__name__} has no blocks")
 
     # ---- structure ------------------------------------------------------------------------------
-    def core(self) -> nn.Module:
-        return self.model.model
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.core().language_model.layers
-
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def visual_token_ids(self) -> list[int]:
         return [self.image_token_id(), int(self.model.config.video_token_id)]
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vtprune.config import ConfigError
 from vtprune.scorers.base import Scorer, Signals
+from vtprune.scorers.compose import host_of
 from vtprune.scorers.visionzip import VisionZipScorer, contextual_tokens
 
 if TYPE_CHECKING:
@@ -45,21 +45,11 @@ def recycling_host(scorer: Scorer) -> VisionZipScorer | None:
     Raises `ConfigError` for an ensemble with a VisionZip member: an ensemble only ranks tokens, so the
     member would silently lose its merge.
     """
-    while getattr(scorer, "is_wrapper", False):
-        scorer = scorer.inner
-    if isinstance(scorer, VisionZipScorer):
-        return scorer
-    for member in getattr(scorer, "members", None) or ():
-        if recycling_host(member) is not None:
-            raise ConfigError(
-                "visionzip merges features into its contextual tokens, so it cannot be an ensemble member; "
-                "use it alone or under wrappers (e.g. 'debias+visionzip'), or use 'cls' inside the ensemble"
-            )
-    return None
-
-
-def _is_qwen(adapter: Adapter) -> bool:
-    return hasattr(adapter, "full_attention_blocks")
+    return host_of(
+        scorer, VisionZipScorer,
+        "visionzip merges features into its contextual tokens, so it cannot be an ensemble member; "
+        "use it alone or under wrappers (e.g. 'debias+visionzip'), or use 'cls' inside the ensemble",
+    )
 
 
 def _key_layer(adapter: Adapter, host: VisionZipScorer) -> int:
@@ -86,7 +76,7 @@ def recycling_hooks(adapter: Adapter, state: PruneState) -> list:
     if host is None:
         return []
     module = adapter.vision_attention(_key_layer(adapter, host))
-    qwen = _is_qwen(adapter)
+    qwen = adapter.vision_family == "qwen"
 
     def hook(mod, args, kwargs):
         extras = state.vision_extras
@@ -120,7 +110,7 @@ def _gather(table: torch.Tensor, source: list[torch.Tensor]) -> list[torch.Tenso
 
 def token_keys(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per sample ``[n_b, d]`` float32 keys of the visual tokens (Qwen-VL: group-mean keys)."""
-    if not _is_qwen(adapter):
+    if not adapter.vision_family == "qwen":
         keys = _recorded(images.record, KEYS)  # [T, P + 1, d], rows like the CLS attention
         return _gather(keys.flatten(0, 1), source)
     m2 = adapter._merge() ** 2
@@ -165,7 +155,7 @@ def contextual_merge(
     scores = state.scorer.score(signals)  # wrappers (sink, debias) act on the dominance scores
     keys = [k.to(p.device) for k, p in zip(token_keys(adapter, images, lay.source), lay.positions)]
     plans = host.plan(scores, keys, lay, state.config.keep)
-    if _is_qwen(adapter):
+    if adapter.vision_family == "qwen":
         feats = [embeds[b, p] for b, p in enumerate(lay.positions)]
         project: Callable[[torch.Tensor], torch.Tensor] = nn.Identity()  # merger outputs: already LLM features
     else:

@@ -68,6 +68,22 @@ class Wrapper(Scorer):
         return f"{self.name}+{method_string(self.inner)}"
 
 
+def host_of(scorer: Scorer, cls: type[Scorer], ensemble_error: str) -> Scorer | None:
+    """The ``cls`` host under any wrappers, or None when ``scorer`` has none.
+
+    For stage-changing hosts (VisionZip's merge, FlowCut's in-tower pruning) that an ensemble of scores
+    cannot carry: raises `ConfigError` with ``ensemble_error`` when an ensemble member is one.
+    """
+    while isinstance(scorer, Wrapper):
+        scorer = scorer.inner
+    if isinstance(scorer, cls):
+        return scorer
+    for member in getattr(scorer, "members", None) or ():
+        if host_of(member, cls, ensemble_error) is not None:
+            raise ConfigError(ensemble_error)
+    return None
+
+
 def method_string(scorer: Scorer) -> str:
     """The method string that builds ``scorer`` (``"debias+fastv"``)."""
     if isinstance(scorer, Wrapper):
