@@ -1,21 +1,27 @@
-"""Train the built-in toy VLM `toy-llava` on the synthetic shapes task, on the CPU, reproducibly by seed.
+"""Train the built-in toy VLMs `toy-llava` and `toy-qwen2vl` on the synthetic shapes task, on the CPU.
 
-    python scripts/train_toy.py --out vtprune/toy/weights/toy-llava            # full run (about 1-2 h)
-    python scripts/train_toy.py --smoke --out /tmp/toy-smoke                     # a few steps (CI)
+    python scripts/train_toy.py --arch llava --out vtprune/toy/weights/toy-llava       # full run
+    python scripts/train_toy.py --arch qwen2-vl --out vtprune/toy/weights/toy-qwen2vl  # full run
+    python scripts/train_toy.py --arch llava --smoke --out /tmp/toy-smoke             # a few steps (CI)
 
-The real LLaVA recipe, scaled down:
+Reproducible by seed. The real recipe, scaled down, in two stages:
 
-1. Vision tower (CLIP ViT, 224 px, patch 14: 256 patch tokens + CLS). Dense supervision so that it
-   learns colour *and* shape quickly (captions that differ by colour alone never teach shape): per
-   patch, the colour and the shape of the object under it (or background); on the CLS output, the
-   multi-label presence of every (colour, shape) pair and the object count, so that CLS attention
-   learns to land on the objects.
-2. Projector + language model (Llama), tower frozen and its features cached: each training sequence is
-   one image followed by several turns (a caption listing every object, then one-word questions);
-   the loss is on the answers only.
+1. Vision tower (LLaVA: CLIP ViT, 224 px, patch 14, 256 patch tokens + CLS; Qwen2-VL: its own ViT with
+   2-D RoPE, 256 patches merged 2 x 2 into 64 tokens). Dense supervision, so that the tower learns what
+   the questions ask about in a few minutes (captions that differ by colour alone never teach shape): on
+   every token of an object, its colour, shape, size, side and the number of objects in the image; on
+   background tokens, "background". On LLaVA the CLS output also learns the multi-label presence of every
+   (colour, shape) pair and the count, so that CLS attention learns to land on the objects.
+2. Projector (LLaVA's MLP projector, Qwen2-VL's patch merger) + language model, the tower frozen and its
+   features cached: each training sequence is one image followed by several independent turns (a
+   one-word question, or now and then a caption listing every object), packed so that each turn sees
+   only the image prefix and itself at the positions it would have alone (a block attention mask): the
+   model trains on exactly the one-question prompts it is tested on, and pays for the image's tokens
+   once per sequence. The loss is on the answers only.
 
-The result is saved with ``save_pretrained`` (model + processor) plus ``train_log.json`` (settings,
-per-stage losses, test accuracy). Progress bars show each stage.
+The result is saved with ``save_pretrained`` (model + processor) plus ``train_log.json``: the settings,
+per-stage losses, the tower's held-out head accuracies, and test accuracy overall and per question type,
+with the real images and with the images replaced by noise (which must fall to chance: the model looks).
 """
 
 from __future__ import annotations
@@ -33,55 +39,231 @@ from torch import nn
 from tqdm import tqdm
 
 from vtprune.toy import shapes
-from vtprune.toy.tiny import llava_tokenizer
 
 IMAGE = 224
 PATCH = 14
-GRID = IMAGE // PATCH  # 16 x 16 = 256 patch tokens
-PROMPT = "USER: <image>\n"
-SUFFIX = " Answer with one word. ASSISTANT:"
+GRID = IMAGE // PATCH  # 16 x 16 = 256 patches
+ONE_WORD = " Answer with one word."
+
+COLOUR_IDS = {c: i + 1 for i, c in enumerate(shapes.COLOURS)}
+SHAPE_IDS = {s: i + 1 for i, s in enumerate(shapes.SHAPES)}
+PAIRS = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
+TOKEN_HEADS = {"colour": len(COLOUR_IDS) + 1, "shape": len(SHAPE_IDS) + 1, "size": 3, "side": 3, "count": 5}
 
 
-# ---- model, tokenizer, processor -----------------------------------------------------------------
-def build_tokenizer():
+def token_labels(objects, grid: int) -> np.ndarray:
+    """``[len(TOKEN_HEADS), grid*grid]`` targets for the visual tokens of a ``grid`` x ``grid`` image, 0 on background.
+
+    On the tokens of an object: its colour, its shape, its size (1 small, 2 big), its side (1 left,
+    2 right) and the number of objects in the image (1-4). Every answer of the task can be read from any
+    single token of the right object and from no background token, so the language model must find the
+    object, and pruning that loses it loses the answer.
+    """
+    out = np.zeros((len(TOKEN_HEADS), grid, grid), dtype=np.int64)
+    per_cell = grid * shapes.CELL // IMAGE
+    half = IMAGE // shapes.CELL // 2
+    for o in objects:
+        values = np.array([COLOUR_IDS[o.colour], SHAPE_IDS[o.shape], 2 if o.big else 1, 1 if o.col < half else 2,
+                           len(objects)])
+        for r, c in o.cells:
+            out[:, r * per_cell:(r + 1) * per_cell, c * per_cell:(c + 1) * per_cell] = values[:, None, None]
+    return out.reshape(len(TOKEN_HEADS), -1)
+
+
+def corpus(turn_text) -> list[str]:
+    """Tokenizer training text: captions and question/answer turns of 400 scenes."""
     rng = np.random.default_rng(0)
-    corpus = []
+    out = []
     for i in range(400):
         _, objs = shapes.make_scene("train", i)
-        corpus.append(shapes.describe(objs))
+        out.append(turn_text("Describe the image.", shapes.describe(objs)))
         for _ in range(3):
             q, a, _ = shapes.ask(objs, rng)
-            corpus.append(f"USER: {q}{SUFFIX} {a}")
-    corpus += ["USER: Describe the image. ASSISTANT:", " ".join(shapes.ANSWERS)]
-    return llava_tokenizer(corpus, 512)
+            out.append(turn_text(q + ONE_WORD, a))
+    return out + [" ".join(shapes.ANSWERS)]
 
 
-def build_model(tok, hidden: int, layers: int, vision_hidden: int, vision_layers: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+# ---- the two architectures ----------------------------------------------------------------------------
+class LlavaRecipe:
+    """LLaVA-1.5: CLIP ViT (patch 14, 224 px, CLS dropped) -> 2-layer MLP projector -> Llama."""
 
-    vision = CLIPVisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=vision_hidden,
-                              intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
-                              num_attention_heads=4, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-1, vision_feature_select_strategy="default",
-                      image_seq_length=GRID * GRID, projector_hidden_act="gelu")
-    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+    name = "llava"
+    label_grid = GRID  # one label per patch token
+
+    def prompt(self, question: str) -> str:
+        return f"USER: <image>\n{question}{ONE_WORD} ASSISTANT:"
+
+    def tokenizer(self):
+        from vtprune.toy.tiny import llava_tokenizer
+
+        return llava_tokenizer(corpus(lambda q, a: f"USER: {q} ASSISTANT: {a}"), 512)
+
+    def model(self, tok, args):
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        vision = CLIPVisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=args.vision_hidden,
+                                  intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
+                                  num_attention_heads=4, projection_dim=args.vision_hidden)
+        text = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                           num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_layer=-1, vision_feature_select_strategy="default",
+                          image_seq_length=GRID * GRID, projector_hidden_act="gelu")
+        return LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+
+    def processor(self, tok):
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+        ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+        return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+    def tower(self, model) -> nn.Module:
+        return model.model.vision_tower
+
+    def tower_outputs(self, model, processor, images):
+        """``([B, 256, Cv] patch features LLaVA reads, [B, Cv] CLS output)``; also what stage 2 caches."""
+        px = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        out = model.model.vision_tower(pixel_values=px)
+        return out.last_hidden_state[:, 1:], out.pooler_output
+
+    def cached(self, model, processor, images) -> torch.Tensor:
+        return self.tower_outputs(model, processor, images)[0]
+
+    def projector(self, model) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def start(self, tok, model) -> list[int]:
+        return [tok.bos_token_id] + tok.encode("USER: ", add_special_tokens=False) + [model.config.image_token_id] * 256
+
+    def turn(self, tok, question: str) -> list[int]:
+        """The rest of the one-question prompt after the image tokens."""
+        return tok.encode("\n" + question + " ASSISTANT:", add_special_tokens=False)
+
+    def answer(self, tok, answer: str) -> list[int]:
+        return tok.encode(" " + answer, add_special_tokens=False) + [tok.eos_token_id]
+
+    def positions(self, flat: torch.Tensor, prefix: int) -> torch.Tensor:
+        """``[B, L]`` position ids from single-turn token indices ``flat`` [B, L] (1-D RoPE: the same)."""
+        return flat
+
+    def embed(self, model, feats, ids) -> torch.Tensor:
+        """``[B, L, H]`` input embeddings, the projected cached features ``feats`` [B, 256, Cv] in place."""
+        core = model.model
+        embeds = core.get_input_embeddings()(ids)
+        vis = core.multi_modal_projector(feats.float())
+        mask = ids == model.config.image_token_id
+        return embeds.masked_scatter(mask[..., None].expand_as(embeds), vis.reshape(-1, vis.shape[-1]))
 
 
-def build_processor(tok):
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+class QwenRecipe:
+    """Qwen2-VL: a ViT with 2-D RoPE over 14 px patches, a 2 x 2 patch merger, a Qwen2 LM with M-RoPE.
 
-    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    At 224 px one merged token covers exactly one 28 px cell of the task, so the label grid is 8 x 8.
+    """
+
+    name = "qwen2-vl"
+    label_grid = IMAGE // shapes.CELL  # 8: one label per merged token
+
+    def prompt(self, question: str) -> str:
+        return (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}{ONE_WORD}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+    def tokenizer(self):
+        from transformers import PreTrainedTokenizerFast
+
+        from vtprune.toy.tiny import train_bpe
+        from vtprune.toy.tiny_qwen import QWEN_SPECIALS
+
+        text = corpus(lambda q, a: f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=train_bpe(text, QWEN_SPECIALS, 512), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+
+    def model(self, tok, args):
+        import transformers as tf
+
+        head_dim = args.hidden // 4
+        section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
+        text = dict(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                    num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                    max_position_embeddings=2048, bos_token_id=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": section},
+                    eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                    pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+        vision = dict(depth=args.vision_layers, embed_dim=args.vision_hidden, hidden_size=args.hidden, mlp_ratio=4,
+                      num_heads=4, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
+        ids = {k: tok.convert_tokens_to_ids(v) for k, v in dict(
+            image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+            vision_end_token_id="<|vision_end|>").items()}
+        cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        return tf.Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+
+    def processor(self, tok):
+        import transformers as tf
+
+        size = {"shortest_edge": IMAGE * IMAGE, "longest_edge": IMAGE * IMAGE}  # every image becomes 224 x 224
+        common = dict(patch_size=PATCH, merge_size=2, temporal_patch_size=2, size=size)
+        return tf.Qwen2VLProcessor(image_processor=tf.Qwen2VLImageProcessorPil(**common), tokenizer=tok,
+                                   video_processor=tf.Qwen2VLVideoProcessor(**common, do_sample_frames=False))
+
+    def tower(self, model) -> nn.Module:
+        return model.model.visual
+
+    def _run(self, model, processor, images):
+        enc = processor.image_processor(images=images, return_tensors="pt")
+        out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
+        return out, len(images)
+
+    def tower_outputs(self, model, processor, images):
+        """``([B, 64, H] merged tokens the LM reads, None)``: Qwen2-VL has no CLS token."""
+        out, b = self._run(model, processor, images)
+        return out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1]), None
+
+    def cached(self, model, processor, images) -> torch.Tensor:
+        """``[B, 256, Cv]`` patch states before the merger (in the processor's merge-group order)."""
+        out, b = self._run(model, processor, images)
+        return out.last_hidden_state.reshape(b, -1, out.last_hidden_state.shape[-1])
+
+    def projector(self, model) -> nn.Module:
+        return model.model.visual.merger
+
+    def start(self, tok, model) -> list[int]:
+        return (tok.encode("<|im_start|>user\n<|vision_start|>", add_special_tokens=False)
+                + [model.config.image_token_id] * 64 + [tok.convert_tokens_to_ids("<|vision_end|>")])
+
+    def turn(self, tok, question: str) -> list[int]:
+        """The rest of the one-question prompt after the image tokens."""
+        return tok.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+
+    def answer(self, tok, answer: str) -> list[int]:
+        return tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id] + tok.encode("\n", add_special_tokens=False)
+
+    def positions(self, flat: torch.Tensor, prefix: int) -> torch.Tensor:
+        """``[3, B, L]`` M-RoPE position ids from single-turn token indices ``flat`` [B, L]: text before the
+        image counts up, the 8 x 8 image tokens get ``start + (0, row, col)``, text after it continues from
+        ``start + 8`` (what `Qwen2VLModel.get_rope_index` gives a one-image prompt)."""
+        start = prefix - 65  # tokens before the first image token (the prefix ends with 64 image tokens + vision_end)
+        rel = flat - start
+        image = (rel >= 0) & (rel < 64)
+        after = flat - 64 + 8
+        t = torch.where(rel < 0, flat, torch.where(image, torch.full_like(flat, start), after))
+        h = torch.where(image, start + rel.clamp(0, 63) // 8, t)
+        w = torch.where(image, start + rel.clamp(0, 63) % 8, t)
+        return torch.stack([t, h, w])
+
+    def embed(self, model, feats, ids) -> torch.Tensor:
+        """``[B, L, H]`` input embeddings, the merger applied to cached patch states ``feats`` [B, 256, Cv]."""
+        b = ids.shape[0]
+        merged = model.model.visual.merger(feats.float().reshape(-1, feats.shape[-1])).reshape(b, 64, -1)
+        embeds = model.model.get_input_embeddings()(ids)
+        mask = ids == model.config.image_token_id
+        return embeds.masked_scatter(mask[..., None].expand_as(embeds), merged.reshape(-1, merged.shape[-1]))
 
 
-def pixels(processor, images) -> torch.Tensor:
-    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+RECIPES = {"llava": LlavaRecipe, "qwen2-vl": QwenRecipe}
 
 
 def optimise(loss, opt, sched, params, losses: list[float], bar) -> None:
@@ -95,47 +277,34 @@ def optimise(loss, opt, sched, params, losses: list[float], bar) -> None:
     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
 
 
+def fmt(acc: dict) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in acc.items())
+
+
 # ---- stage 1: the vision tower -------------------------------------------------------------------
-COLOUR_IDS = {c: i + 1 for i, c in enumerate(shapes.COLOURS)}
-SHAPE_IDS = {s: i + 1 for i, s in enumerate(shapes.SHAPES)}
-PAIRS = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
-
-
-def patch_labels(objects) -> tuple[np.ndarray, np.ndarray]:
-    """``[GRID*GRID]`` colour and shape ids per patch (0 = background); a patch belongs to an object cell."""
-    col = np.zeros((GRID, GRID), dtype=np.int64)
-    shp = np.zeros((GRID, GRID), dtype=np.int64)
-    per_cell = shapes.CELL // PATCH
-    for o in objects:
-        for r, c in o.cells:
-            sl = (slice(r * per_cell, (r + 1) * per_cell), slice(c * per_cell, (c + 1) * per_cell))
-            col[sl] = COLOUR_IDS[o.colour]
-            shp[sl] = SHAPE_IDS[o.shape]
-    return col.reshape(-1), shp.reshape(-1)
-
-
-def tower_batch(processor, start: int, n: int):
-    imgs, cols, shps, pres, counts = [], [], [], [], []
+def tower_batch(recipe, start: int, n: int):
+    """Images ``start .. start+n`` of the train split, their token labels, pair presence and counts."""
+    imgs, labels, pres, counts = [], [], [], []
     for i in range(start, start + n):
         img, objs = shapes.make_scene("train", i)
         imgs.append(img)
-        c, s = patch_labels(objs)
-        cols.append(c)
-        shps.append(s)
+        labels.append(token_labels(objs, recipe.label_grid))
         p = np.zeros(len(PAIRS), dtype=np.float32)
         for o in objs:
             p[PAIRS.index((o.colour, o.shape))] = 1
         pres.append(p)
         counts.append(len(objs) - 1)
-    return (pixels(processor, imgs), torch.tensor(np.stack(cols)), torch.tensor(np.stack(shps)),
-            torch.tensor(np.stack(pres)), torch.tensor(counts))
+    return imgs, torch.tensor(np.stack(labels)), torch.tensor(np.stack(pres)), torch.tensor(counts)
 
 
-def train_tower(model, processor, steps: int, batch: int, lr: float, log: dict) -> None:
-    tower = model.model.vision_tower
-    width = tower.config.hidden_size
-    heads = nn.ModuleDict(dict(colour=nn.Linear(width, len(COLOUR_IDS) + 1), shape=nn.Linear(width, len(SHAPE_IDS) + 1),
-                               presence=nn.Linear(width, len(PAIRS)), count=nn.Linear(width, 4)))
+def train_tower(recipe, model, processor, steps: int, batch: int, lr: float, log: dict) -> None:
+    tower = recipe.tower(model)
+    feats, cls = recipe.tower_outputs(model, processor, [shapes.make_scene("train", 0)[0]])
+    width = feats.shape[-1]
+    heads = nn.ModuleDict({name: nn.Linear(width, n) for name, n in TOKEN_HEADS.items()})
+    if cls is not None:
+        heads["cls_presence"] = nn.Linear(cls.shape[-1], len(PAIRS))
+        heads["cls_count"] = nn.Linear(cls.shape[-1], 4)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 100), pct_start=0.1)
@@ -144,136 +313,175 @@ def train_tower(model, processor, steps: int, batch: int, lr: float, log: dict) 
     losses = []
     bar = tqdm(range(steps), desc="stage 1: vision tower", file=sys.stderr)
     for step in bar:
-        px, col, shp, pres, cnt = tower_batch(processor, step * batch, batch)
-        out = tower(pixel_values=px)
-        patches = out.last_hidden_state[:, 1:]  # the features LLaVA reads (vision_feature_layer=-1)
-        cls = out.pooler_output
-        loss = (ce(heads["colour"](patches).flatten(0, 1), col.flatten())
-                + ce(heads["shape"](patches).flatten(0, 1), shp.flatten())
-                + bce(heads["presence"](cls), pres) + ce(heads["count"](cls), cnt))
+        imgs, labels, pres, cnt = tower_batch(recipe, step * batch, batch)
+        feats, cls = recipe.tower_outputs(model, processor, imgs)
+        loss = sum(ce(heads[name](feats).flatten(0, 1), labels[:, k].flatten()) for k, name in enumerate(TOKEN_HEADS))
+        if cls is not None:
+            loss = loss + bce(heads["cls_presence"](cls), pres) + ce(heads["cls_count"](cls), cnt)
         optimise(loss, opt, sched, params, losses, bar)
     tower.eval()
-    log["tower"] = dict(steps=steps, batch=batch, lr=lr, final_loss=float(np.mean(losses[-20:])))
+    with torch.no_grad():  # held out: each head's accuracy on the object tokens of unseen scenes
+        imgs, labels, _, _ = tower_batch(recipe, 10_000_000, 64)
+        feats, _ = recipe.tower_outputs(model, processor, imgs)
+        on = labels[:, 0] > 0
+        probe = {name: float((heads[name](feats).argmax(-1) == labels[:, k])[on].float().mean())
+                 for k, name in enumerate(TOKEN_HEADS)}
+    tqdm.write(f"tower heads on object tokens (held out): {fmt(probe)}", file=sys.stderr)
+    log["tower"] = dict(steps=steps, batch=batch, lr=lr, final_loss=float(np.mean(losses[-20:])), heads=probe)
 
 
 # ---- stage 2: projector + language model -----------------------------------------------------------
 @torch.no_grad()
-def cache_features(model, processor, n: int, chunk: int = 64) -> torch.Tensor:
-    """``[n, 256, C]`` float16 tower features of the first ``n`` training scenes."""
-    tower = model.model.vision_tower
+def cache_features(recipe, model, processor, n: int, chunk: int = 64) -> torch.Tensor:
+    """``[n, T, C]`` float16 frozen-tower features of the first ``n`` training scenes."""
     out = []
     for start in tqdm(range(0, n, chunk), desc="caching tower features", file=sys.stderr):
         imgs = [shapes.make_scene("train", i)[0] for i in range(start, min(n, start + chunk))]
-        out.append(tower(pixel_values=pixels(processor, imgs)).last_hidden_state[:, 1:].half())
+        out.append(recipe.cached(model, processor, imgs).half())
     return torch.cat(out)
 
 
-def sequence(tok, objects, rng: np.random.Generator, turns: int, image_id: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 off the answers) of one image followed by ``turns`` turns."""
-    ids = [tok.bos_token_id] + tok.encode("USER: ", add_special_tokens=False) + [image_id] * (GRID * GRID)
+def sequence(recipe, tok, model, objects, rng: np.random.Generator, turns: int):
+    """One image and ``turns`` independent turns about it, packed: ``(ids, labels, segment)``.
+
+    ``segment`` is 0 on the image prefix and ``j`` on turn ``j``; labels are -100 off the answers. Each
+    turn is written as the first (and only) turn after the image, and `pack` makes it see only the prefix
+    and itself, at the positions it would have alone: the model trains on exactly the one-question
+    prompts it is tested on (with visible earlier turns it learns to copy answers from the text instead of
+    reading the image), and the image's tokens are paid once for ``turns`` answers.
+    """
+    ids = recipe.start(tok, model)
     labels = [-100] * len(ids)
-    first = True
+    segment = [0] * len(ids)
     for t in range(turns):
-        if t == 0 and rng.random() < 0.3:
+        if rng.random() < 0.15:
             q, a = "Describe the image.", shapes.describe(objects)
-            prompt = ("\n" if first else "USER: ") + q + " ASSISTANT:"
         else:
             q, a, _ = shapes.ask(objects, rng)
-            prompt = ("\n" if first else "USER: ") + q + SUFFIX
-        first = False
-        p = tok.encode(prompt, add_special_tokens=False)
-        ans = tok.encode(" " + a, add_special_tokens=False) + [tok.eos_token_id]
+            q += ONE_WORD
+        p, ans = recipe.turn(tok, q), recipe.answer(tok, a)
         ids += p + ans
         labels += [-100] * len(p) + ans
-    return ids, labels
+        segment += [t + 1] * (len(p) + len(ans))
+    return ids, labels, segment
 
 
-def lm_loss(model, feats: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    core = model.model
-    embeds = core.get_input_embeddings()(ids)
-    vis = core.multi_modal_projector(feats.float())  # [B, 256, H]
-    mask = ids == model.config.image_token_id
-    embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), vis.reshape(-1, vis.shape[-1]))
-    h = core.language_model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
-    logits = model.lm_head(h[:, :-1])
-    return nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+def pack(recipe, seqs, pad_id: int):
+    """Right-padded ``ids``, ``labels`` [B, L], the boolean attention mask [B, 1, L, L] (causal, each turn
+    sees the prefix and itself; a pad position sees only itself) and position ids for ``seqs``."""
+    width = max(len(s[0]) for s in seqs)
+    b = len(seqs)
+    ids = torch.full((b, width), pad_id)
+    labels = torch.full((b, width), -100)
+    seg = torch.full((b, width), -1)
+    for i, (s, lab, sg) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(s)] = torch.tensor(lab)
+        seg[i, :len(s)] = torch.tensor(sg)
+    prefix = int((seg[0] == 0).sum())
+    idx = torch.arange(width)
+    causal = idx[None, :] <= idx[:, None]
+    same = (seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == 0)
+    mask = causal[None] & same & (seg[:, :, None] >= 0) & (seg[:, None, :] >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)[None]
+    # single-turn index of every token: the prefix counts from 0, every turn restarts after the prefix
+    first = torch.zeros_like(seg)
+    for i in range(b):
+        for j in seg[i].unique().tolist():
+            if j > 0:
+                first[i, seg[i] == j] = int((seg[i] == j).nonzero()[0])
+    flat = torch.where(seg > 0, prefix + idx[None] - first, torch.where(seg == 0, idx[None], 0))
+    return ids, labels, mask[:, None], recipe.positions(flat, prefix)
 
 
 @torch.no_grad()
-def quick_accuracy(model, processor, n: int, seed: int = 0) -> float:
-    """Greedy one-word accuracy on the first ``n`` test samples (the model's own generate())."""
+def quick_accuracy(recipe, model, processor, n: int, seed: int = 0, noise: bool = False) -> dict:
+    """Greedy one-word accuracy on the first ``n`` test samples (the model's own generate()), overall and
+    per question type; ``noise=True`` replaces every image by uniform noise (the model must fall to chance)."""
+    from PIL import Image
+
     tok = processor.tokenizer
     tok.padding_side = "left"
-    correct = 0
+    rng = np.random.default_rng(seed)
+    hits: dict[str, list[bool]] = {}
     samples = shapes.dataset("test", n, seed)
     for start in range(0, n, 16):
         chunk = samples[start:start + 16]
-        inputs = processor(images=[s.image for s in chunk], text=[PROMPT + s.question + SUFFIX for s in chunk],
-                           return_tensors="pt", padding=True)
+        images = [s.image for s in chunk]
+        if noise:
+            images = [Image.fromarray(rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in chunk]
+        inputs = processor(images=images, text=[recipe.prompt(s.question) for s in chunk], return_tensors="pt",
+                           padding=True)
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(t.strip().split(" ")[0].strip(".").lower() == s.answer for t, s in zip(texts, chunk))
-    return correct / n
+        for t, s in zip(texts, chunk):
+            words = t.strip().split()
+            hits.setdefault(s.qtype, []).append(bool(words) and words[0].strip(".").lower() == s.answer)
+    result = {"all": float(np.mean([h for v in hits.values() for h in v]))}
+    result.update({q: float(np.mean(v)) for q, v in sorted(hits.items())})
+    return result
 
 
-def train_llm(model, processor, feats: torch.Tensor, steps: int, batch: int, lr: float, turns: int,
-              eval_every: int, log: dict) -> None:
+def train_llm(recipe, model, processor, feats: torch.Tensor, args, log: dict) -> None:
     tok = processor.tokenizer
-    image_id = model.config.image_token_id
-    params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
+    params = list(recipe.projector(model).parameters()) + list(model.model.language_model.parameters())
     params += [p for p in model.lm_head.parameters() if all(p is not q for q in params)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 100), pct_start=0.05)
-    rng = np.random.default_rng(1)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps, batch = args.llm_steps, args.llm_batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps, 100), pct_start=0.05)
+    rng = np.random.default_rng(args.seed + 1)
     scenes = {}
     losses, evals = [], []
     bar = tqdm(range(steps), desc="stage 2: projector + LLM", file=sys.stderr)
     for step in bar:
-        model.model.language_model.train()
+        model.train()
         idx = rng.integers(0, feats.shape[0], batch)
         seqs = []
         for i in idx:
             if int(i) not in scenes:
                 scenes[int(i)] = shapes.make_scene("train", int(i))[1]
-            seqs.append(sequence(tok, scenes[int(i)], rng, turns, image_id))
-        width = max(len(s[0]) for s in seqs)
-        ids = torch.full((batch, width), tok.pad_token_id)
-        labels = torch.full((batch, width), -100)
-        attn = torch.zeros(batch, width, dtype=torch.long)
-        for b, (s, lab) in enumerate(seqs):  # right padding
-            ids[b, :len(s)] = torch.tensor(s)
-            labels[b, :len(s)] = torch.tensor(lab)
-            attn[b, :len(s)] = 1
-        loss = lm_loss(model, feats[torch.as_tensor(idx)], ids, labels, attn)
+            seqs.append(sequence(recipe, tok, model, scenes[int(i)], rng, args.turns))
+        ids, labels, mask, pos = pack(recipe, seqs, tok.pad_token_id)
+        embeds = recipe.embed(model, feats[torch.as_tensor(idx)], ids)
+        h = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        logits = model.lm_head(h[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         optimise(loss, opt, sched, params, losses, bar)
-        if eval_every and (step + 1) % eval_every == 0:
+        if args.eval_every and (step + 1) % args.eval_every == 0:
             model.eval()
-            acc = quick_accuracy(model, processor, 96)
+            acc = quick_accuracy(recipe, model, processor, 192)
             evals.append((step + 1, acc))
-            tqdm.write(f"step {step + 1}: loss {np.mean(losses[-50:]):.3f}, test accuracy (96) {acc:.3f}", file=sys.stderr)
+            tqdm.write(f"step {step + 1}: loss {np.mean(losses[-50:]):.3f}, test accuracy (192): {fmt(acc)}",
+                       file=sys.stderr)
+            if args.stop_at and acc["all"] >= args.stop_at:
+                tqdm.write(f"reached {args.stop_at:.0%}: stopping stage 2 at step {step + 1}", file=sys.stderr)
+                break
     model.eval()
-    log["llm"] = dict(steps=steps, batch=batch, lr=lr, turns=turns, final_loss=float(np.mean(losses[-20:])),
+    log["llm"] = dict(steps=step + 1, batch=batch, lr=args.lr, turns=args.turns, final_loss=float(np.mean(losses[-20:])),
                       evals=evals)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(RECIPES), default="llava")
     ap.add_argument("--out", required=True, help="output directory (save_pretrained)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a few steps of each stage (for CI)")
-    ap.add_argument("--tower-steps", type=int, default=1500)
+    ap.add_argument("--tower-steps", type=int, default=400)
     ap.add_argument("--tower-batch", type=int, default=32)
-    ap.add_argument("--llm-steps", type=int, default=6000)
+    ap.add_argument("--llm-steps", type=int, default=2000)
     ap.add_argument("--llm-batch", type=int, default=32)
-    ap.add_argument("--images", type=int, default=12000, help="training scenes cached for stage 2")
+    ap.add_argument("--images", type=int, default=6000, help="training scenes cached for stage 2")
     ap.add_argument("--turns", type=int, default=8, help="question turns per training sequence")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vision-hidden", type=int, default=128)
     ap.add_argument("--vision-layers", type=int, default=4)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-samples", type=int, default=300)
+    ap.add_argument("--stop-at", type=float, default=0.0,
+                    help="end stage 2 early once the periodic test accuracy (192 samples) reaches this")
     args = ap.parse_args(argv)
     if args.smoke:
         args.tower_steps, args.llm_steps, args.images, args.tower_batch, args.llm_batch = 3, 3, 16, 4, 4
@@ -283,16 +491,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    tok = build_tokenizer()
-    processor = build_processor(tok)
-    model = build_model(tok, args.hidden, args.layers, args.vision_hidden, args.vision_layers)
+    recipe = RECIPES[args.arch]()
+    tok = recipe.tokenizer()
+    processor = recipe.processor(tok)
+    model = recipe.model(tok, args)
     log = dict(args=vars(args), parameters=sum(p.numel() for p in model.parameters()))
-    train_tower(model, processor, args.tower_steps, args.tower_batch, 1e-3, log)
-    for p in model.model.vision_tower.parameters():
+    train_tower(recipe, model, processor, args.tower_steps, args.tower_batch, 1e-3, log)
+    for p in recipe.tower(model).parameters():
         p.requires_grad_(False)
-    feats = cache_features(model, processor, args.images)
-    train_llm(model, processor, feats, args.llm_steps, args.llm_batch, args.lr, args.turns, args.eval_every, log)
-    log["test_accuracy"] = quick_accuracy(model, processor, args.eval_samples)
+    for p in recipe.projector(model).parameters():
+        p.requires_grad_(True)
+    feats = cache_features(recipe, model, processor, args.images)
+    train_llm(recipe, model, processor, feats, args, log)
+    log["test_accuracy"] = quick_accuracy(recipe, model, processor, args.eval_samples)
+    log["noise_accuracy"] = quick_accuracy(recipe, model, processor, args.eval_samples, noise=True)
+    log["chance_accuracy"] = shapes.chance_accuracy(shapes.dataset("test", args.eval_samples))
     log["minutes"] = (time.time() - t0) / 60
     os.makedirs(args.out, exist_ok=True)
     for p in model.parameters():
@@ -301,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     processor.save_pretrained(args.out)
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(log, f, indent=1)
-    print(json.dumps({k: log[k] for k in ("parameters", "test_accuracy", "minutes")}))
+    print(json.dumps({k: log[k] for k in ("parameters", "test_accuracy", "noise_accuracy", "chance_accuracy",
+                                          "minutes")}))
     return 0
 
 

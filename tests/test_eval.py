@@ -78,6 +78,19 @@ def test_jsonl_records_and_prompts(tmp_path):
     assert len(load_task(str(f), limit=2).samples) == 2
 
 
+def test_noise_control_task_keeps_questions_and_replaces_images():
+    real, noise = load_task("toy-shapes", limit=5), load_task("toy-shapes-noise", limit=5)
+    assert noise.name == "toy-shapes-noise" and noise.info["noise_images"] and not real.info["noise_images"]
+    assert noise.info["chance_accuracy"] == real.info["chance_accuracy"]
+    for a, b in zip(real.samples, noise.samples):
+        assert (a.question, a.answer, a.qtype) == (b.question, b.answer, b.qtype)
+        x, y = np.asarray(a.load_image()), np.asarray(b.load_image())
+        assert x.shape == y.shape and not np.array_equal(x, y)
+        assert y.std() > 60  # uniform noise, not a scene
+    again = load_task("toy-shapes-noise", limit=5)
+    assert np.array_equal(np.asarray(again.samples[3].load_image()), np.asarray(noise.samples[3].load_image()))
+
+
 @pytest.mark.parametrize("record, message", [
     ('{"image": "a.png", "question": "q", "answer": "x"', "line 2 is not valid JSON"),
     ('["a.png", "q", "x"]', "expected an object"),

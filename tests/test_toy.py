@@ -49,9 +49,19 @@ def test_objects_are_drawn_where_the_mask_says():
     assert 0 < mask.sum() < 64
     for o in s.objects:
         x0, y0, x1, y1 = o.box()
-        centre = img[(y0 + y1) // 2, (x0 + x1) // 2]
-        assert np.abs(centre - np.array(shapes.COLOURS[o.colour])).max() <= 20  # the object's colour
+        box = img[y0:y1, x0:x1].reshape(-1, 3)
+        close = np.abs(box - np.array(shapes.COLOURS[o.colour])).max(-1) <= 20  # the object's colour (its lighter shade)
+        assert close.mean() > 0.1
         assert mask[(y0 + y1) // 2 // 14, (x0 + x1) // 2 // 14]
+
+
+def test_each_shape_has_its_own_fill_pattern():
+    """A single patch tells the shape: solid circles, checkered squares, striped triangles."""
+    pats = {s: shapes._texture(s, 12, 12) for s in shapes.SHAPES}
+    assert pats["circle"].all()
+    assert not pats["square"].all() and not pats["triangle"].all()
+    assert not np.array_equal(pats["square"], pats["triangle"])
+    assert pats["triangle"].all(axis=1).any()  # horizontal stripes
 
 
 def test_question_types_and_answers_are_balanced():
@@ -63,24 +73,96 @@ def test_question_types_and_answers_are_balanced():
     assert 0.25 < shapes.chance_accuracy(data) < 0.5
 
 
-def test_training_script_smoke(tmp_path):
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_training_script_smoke(tmp_path, arch):
     """`scripts/train_toy.py --smoke` runs every stage and writes a checkpoint that loads offline."""
     spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules["train_toy"] = mod
     spec.loader.exec_module(mod)
     out = tmp_path / "toy"
-    assert mod.main(["--smoke", "--out", str(out)]) == 0
+    assert mod.main(["--arch", arch, "--smoke", "--out", str(out)]) == 0
     log = json.loads((out / "train_log.json").read_text())
-    assert log["tower"]["steps"] == 3 and log["llm"]["steps"] == 3 and 0 <= log["test_accuracy"] <= 1
+    assert log["tower"]["steps"] == 3 and log["llm"]["steps"] == 3
+    for key in ("test_accuracy", "noise_accuracy"):
+        assert set(log[key]) == {"all", *shapes.QTYPES} and 0 <= log[key]["all"] <= 1
+    assert set(log["tower"]["heads"]) == set(mod.TOKEN_HEADS)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     proc = AutoProcessor.from_pretrained(out)
     s = shapes.make_sample("test", 0)
-    inputs = proc(images=[s.image], text=[mod.PROMPT + s.question + mod.SUFFIX], return_tensors="pt")
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 256
+    inputs = proc(images=[s.image], text=[mod.RECIPES[arch]().prompt(s.question)], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == (256 if arch == "llava" else 64)
     assert os.path.getsize(out / "model.safetensors") < 20e6
+    # the prompt the training script uses is the one `vtprune eval` builds for the same question
+    from vtprune.cli import default_prompt
+    from vtprune.eval.tasks import ONE_WORD
+
+    assert default_prompt(model, proc, f"{s.question} {ONE_WORD}") == mod.RECIPES[arch]().prompt(s.question)
+
+
+def _train_toy():
+    spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Small:
+    hidden, layers, vision_hidden, vision_layers = 64, 2, 32, 1
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_packed_turns_are_exactly_single_turn_prompts(arch):
+    """Training packs several independent turns after one image; each turn must see exactly what a
+    one-question prompt built by the processor gives the model: same tokens, same positions, same logits."""
+    import torch
+
+    mod = _train_toy()
+    recipe = mod.RECIPES[arch]()
+    tok = recipe.tokenizer()
+    proc = recipe.processor(tok)
+    torch.manual_seed(0)
+    model = recipe.model(tok, _Small()).eval()
+    s = shapes.make_sample("test", 2)
+    seqs = [mod.sequence(recipe, tok, model, s.objects, np.random.default_rng(k), 3 - k) for k in range(2)]
+    ids, labels, mask, pos = mod.pack(recipe, seqs, tok.pad_token_id)
+    feats = torch.randn(2, 256, 32)
+    with torch.no_grad():
+        packed = model.model.language_model(inputs_embeds=recipe.embed(model, feats, ids), attention_mask=mask,
+                                            position_ids=pos).last_hidden_state
+    seg = torch.tensor(seqs[1][2])
+    for turn in (1, 2):
+        keep = (seg == 0) | (seg == turn)
+        alone = torch.tensor(seqs[1][0])[keep][None]
+        keep = torch.cat([keep, torch.zeros(ids.shape[1] - len(keep), dtype=torch.bool)])  # to the padded width
+        with torch.no_grad():
+            ref = model.model.language_model(inputs_embeds=recipe.embed(model, feats[1:], alone)).last_hidden_state
+        if arch == "qwen2-vl":  # the model's own M-RoPE positions for the one-turn sequence
+            ref_pos, _ = model.model.get_rope_index(alone, mm_token_type_ids=(alone == model.config.image_token_id).int(),
+                                                    image_grid_thw=torch.tensor([[1, 16, 16]]))
+            with torch.no_grad():
+                ref = model.model.language_model(inputs_embeds=recipe.embed(model, feats[1:], alone),
+                                                 position_ids=ref_pos).last_hidden_state
+            assert torch.equal(pos[:, 1, keep], ref_pos[-3:, 0])
+        torch.testing.assert_close(packed[1, keep], ref[0], atol=1e-5, rtol=1e-5)
+    # the prompt part of a turn is token for token what the processor builds for that question
+    for i in range(10):
+        q = shapes.make_sample("test", i)
+        one = proc(images=[q.image], text=[recipe.prompt(q.question)], return_tensors="pt")["input_ids"][0].tolist()
+        assert recipe.start(tok, model) + recipe.turn(tok, q.question + mod.ONE_WORD) == one
+    assert (labels != -100).sum() > 0 and (labels[ids == tok.pad_token_id] == -100).all()
+
+
+def test_token_labels_mark_every_object_token():
+    mod = _train_toy()
+    s = shapes.make_sample("test", 3)
+    for grid in (16, 8):
+        labels = mod.token_labels(s.objects, grid)
+        assert labels.shape == (len(mod.TOKEN_HEADS), grid * grid)
+        assert np.array_equal(labels[0].reshape(grid, grid) > 0, s.object_mask(grid))
+        assert set(labels[4][labels[0] > 0]) == {len(s.objects)}  # the count, on every object token
 
 
 @pytest.mark.parametrize("bad", ["valid", "nope"])

@@ -1,4 +1,5 @@
-"""Evaluation tasks: the built-in ``toy-shapes`` test split and user ``.jsonl`` files.
+"""Evaluation tasks: the built-in ``toy-shapes`` test split (and its noise-image control ``toy-shapes-noise``)
+and user ``.jsonl`` files.
 
 A task is a list of `EvalSample`: one image, one question, a reference answer, and how to score it
 (`vtprune.eval.metrics`). Everything that can be checked before the model runs is checked in
@@ -27,6 +28,7 @@ from vtprune.eval.errors import EvalError
 from vtprune.eval.metrics import LETTERS, choice_correct, exact_match, format_choices, normalise
 
 TOY_SHAPES = "toy-shapes"
+TOY_SHAPES_NOISE = "toy-shapes-noise"  # the same questions, images replaced by noise (a control)
 TOY_SHAPES_DEFAULT_LIMIT = 300
 ONE_WORD = "Answer with one word."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
@@ -91,27 +93,39 @@ def load_task(spec: str, limit: int | None = None, seed: int = 0) -> Task:
     """
     if limit is not None and limit <= 0:
         raise EvalError(f"--limit must be positive, got {limit}")
-    if spec == TOY_SHAPES:
-        return toy_shapes_task(limit or TOY_SHAPES_DEFAULT_LIMIT, seed)
+    if spec in (TOY_SHAPES, TOY_SHAPES_NOISE):
+        return toy_shapes_task(limit or TOY_SHAPES_DEFAULT_LIMIT, seed, noise=spec == TOY_SHAPES_NOISE)
     path = Path(spec)
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise EvalError(f"task file {spec} not found; give an existing .jsonl file")
         return jsonl_task(path, limit)
-    raise EvalError(f"unknown task {spec!r}: use {TOY_SHAPES!r} or the path of a .jsonl file (see the README)")
+    raise EvalError(f"unknown task {spec!r}: use {TOY_SHAPES!r}, {TOY_SHAPES_NOISE!r} or the path of a .jsonl file "
+                    "(see the README)")
 
 
-def toy_shapes_task(n: int, seed: int = 0) -> Task:
-    """The first ``n`` samples of the toy-shapes test split (`vtprune.toy.shapes`), one-word answers."""
+def toy_shapes_task(n: int, seed: int = 0, noise: bool = False) -> Task:
+    """The first ``n`` samples of the toy-shapes test split (`vtprune.toy.shapes`), one-word answers.
+
+    ``noise=True`` is the control task ``toy-shapes-noise``: the same questions with every image replaced
+    by uniform noise (deterministic by seed), so a model that really looks falls to chance accuracy.
+    """
+    import numpy as np
+    from PIL import Image
+
     from vtprune.toy import shapes
 
     data = shapes.dataset("test", n, seed=seed)
-    samples = [
-        EvalSample(index=i, question=s.question, answer=s.answer, qtype=s.qtype, image=s.image, one_word=True)
-        for i, s in enumerate(data)
-    ]
-    info = {"split": "test", "seed": seed, "chance_accuracy": shapes.chance_accuracy(data)}
-    return Task(TOY_SHAPES, samples, info)
+    rng = np.random.default_rng([seed, 99])
+    samples = []
+    for i, s in enumerate(data):
+        image = s.image
+        if noise:
+            image = Image.fromarray(rng.integers(0, 256, (*s.image.size[::-1], 3), dtype=np.uint8))
+        samples.append(EvalSample(index=i, question=s.question, answer=s.answer, qtype=s.qtype, image=image,
+                                  one_word=True))
+    info = {"split": "test", "seed": seed, "chance_accuracy": shapes.chance_accuracy(data), "noise_images": noise}
+    return Task(TOY_SHAPES_NOISE if noise else TOY_SHAPES, samples, info)
 
 
 def jsonl_task(path: Path, limit: int | None = None) -> Task:

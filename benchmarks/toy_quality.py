@@ -1,0 +1,105 @@
+"""The toy models' quality bar, measured with `vtprune eval` and checked.
+
+    python benchmarks/toy_quality.py --model toy-llava [--limit 300] [--out benchmarks/results]
+
+Two evaluations of the model on the toy-shapes test split, each through the `vtprune eval` command:
+
+1. ``toy-shapes``: unpruned, then every ``--method`` at 1/9 of the visual tokens (28 of LLaVA's 256,
+   7 of Qwen2-VL's 64 at 224 px);
+2. ``toy-shapes-noise``: the same questions with the images replaced by noise (unpruned).
+
+and the four checks of the bar: unpruned accuracy >= 90 %; noise accuracy within 10 points of chance;
+random pruning to 1/9 loses at least 15 points (the task needs the image's objects); the best scorer at
+1/9 keeps >= 95 % of the unpruned accuracy. Prints a markdown report (also written to
+``OUT/toy_quality_<model>.md``) and exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_METHODS = ("random", "cls", "vtc-cls", "visionzip", "fastv", "debias+fastv", "flowcut")
+TOKENS = {"toy-llava": 256, "toy-qwen2vl": 64}
+
+
+def evaluate(argv: list[str]) -> dict:
+    """Run ``vtprune eval argv --json`` in this process and return its results."""
+    from vtprune.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["eval", *argv, "--json"])
+    if code:
+        raise SystemExit(f"vtprune eval {' '.join(argv)} exited with {code}")
+    return json.loads(buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy-llava", help="toy-llava, toy-qwen2vl or a checkpoint directory")
+    ap.add_argument("--method", action="append", default=None, help=f"default: {', '.join(DEFAULT_METHODS)}")
+    ap.add_argument("--tokens", type=int, default=None, help="visual tokens per image unpruned (default: by model)")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    methods = args.method or list(DEFAULT_METHODS)
+    tokens = args.tokens or TOKENS.get(args.model)
+    if tokens is None:
+        ap.error("--tokens is needed for a model other than toy-llava / toy-qwen2vl")
+    keep = tokens // 9
+    out = Path(args.out)
+    common = ["--model", args.model, "--limit", str(args.limit), "--batch-size", str(args.batch_size),
+              "--max-new-tokens", "2"]
+    pruned = evaluate([*common, "--task", "toy-shapes", "--keep", str(keep), *sum((["--method", m] for m in methods), []),
+                       "--out", str(out / f"toy_quality_{Path(args.model).name}")])
+    noise = evaluate([*common, "--task", "toy-shapes-noise", "--keep", str(keep), "--method", "random",
+                      "--out", str(out / f"toy_quality_{Path(args.model).name}_noise")])
+
+    base = pruned["baseline"]["accuracy"]
+    chance = pruned["task"]["chance_accuracy"]
+    cells = {c["method"]: c for c in pruned["cells"]}
+    rand = cells["random"]["accuracy"] if "random" in cells else None
+    scorers = {m: c for m, c in cells.items() if m != "random"}
+    best = max(scorers, key=lambda m: scorers[m]["accuracy"]) if scorers else None
+    checks = [
+        ("unpruned accuracy >= 90%", f"{base:.1%}", base >= 0.90),
+        ("noise-image accuracy within 10 points of chance", f"{noise['baseline']['accuracy']:.1%} (chance {chance:.1%})",
+         abs(noise["baseline"]["accuracy"] - chance) <= 0.10),
+    ]
+    if rand is not None:
+        checks.append((f"random at 1/9 ({keep} tokens) loses >= 15 points", f"{rand:.1%} ({(base - rand) * 100:+.1f} pts)",
+                       base - rand >= 0.15))
+    if best is not None:
+        ret = scorers[best]["accuracy"] / base if base else 0.0
+        checks.append(("best scorer at 1/9 keeps >= 95% of unpruned", f"{best}: {scorers[best]['accuracy']:.1%} "
+                       f"({ret:.1%} retained)", ret >= 0.95))
+    lines = [f"# Toy quality bar: {args.model}", "",
+             f"`python benchmarks/toy_quality.py --model {args.model} --limit {args.limit}"
+             + (f" --tokens {args.tokens}" if args.tokens else "") + "` "
+             f"({args.limit} test samples, keep {keep} of {tokens} visual tokens)", "",
+             "| check | measured | pass |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else 'NO'} |" for name, value, ok in checks]
+    lines += ["", "| method | accuracy | retention | visual tokens | " + " | ".join(sorted(pruned["baseline"]["accuracy_by_type"])) + " |",
+              "|---|---:|---:|---:|" + "---:|" * len(pruned["baseline"]["accuracy_by_type"])]
+    rows = [("unpruned", pruned["baseline"])] + [(m, cells[m]) for m in methods if m in cells]
+    rows.append(("unpruned, noise images", noise["baseline"]))
+    for name, c in rows:
+        by = c["accuracy_by_type"]
+        ret = c.get("retention")
+        lines.append(f"| {name} | {c['accuracy']:.1%} | {'-' if ret is None else f'{ret:.1%}'} | {c['visual_tokens']:.1f} | "
+                     + " | ".join(f"{by[k]:.0%}" for k in sorted(by)) + " |")
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"toy_quality_{Path(args.model).name}.md").write_text(text)
+    print(text)
+    return 0 if all(ok for _, _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
