@@ -480,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-samples", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core)")
+    ap.add_argument("--tower", default=None,
+                    help="skip stage 1: load the tower an earlier run saved as <its --out>.stage1.pt")
     ap.add_argument("--stop-at", type=float, default=0.0,
                     help="end stage 2 early once the periodic test accuracy (192 samples) reaches this")
     args = ap.parse_args(argv)
@@ -489,14 +492,22 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.time()
     recipe = RECIPES[args.arch]()
     tok = recipe.tokenizer()
     processor = recipe.processor(tok)
     model = recipe.model(tok, args)
     log = dict(args=vars(args), parameters=sum(p.numel() for p in model.parameters()))
-    train_tower(recipe, model, processor, args.tower_steps, args.tower_batch, 1e-3, log)
+    if args.tower:  # a stage-1 result saved by an earlier run (same --arch, --seed and sizes)
+        recipe.tower(model).load_state_dict(torch.load(args.tower))
+        log["tower"] = dict(json.load(open(args.tower + ".json")), loaded_from=args.tower)
+    else:
+        train_tower(recipe, model, processor, args.tower_steps, args.tower_batch, 1e-3, log)
+        stage1 = args.out.rstrip("/") + ".stage1.pt"  # beside the checkpoint, not in it
+        torch.save(recipe.tower(model).state_dict(), stage1)
+        with open(stage1 + ".json", "w") as f:
+            json.dump(log["tower"], f)
     for p in recipe.tower(model).parameters():
         p.requires_grad_(False)
     for p in recipe.projector(model).parameters():
@@ -512,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
+
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(log, f, indent=1)
     print(json.dumps({k: log[k] for k in ("parameters", "test_accuracy", "noise_accuracy", "chance_accuracy",

@@ -87,6 +87,16 @@ def test_training_script_smoke(tmp_path, arch):
     for key in ("test_accuracy", "noise_accuracy"):
         assert set(log[key]) == {"all", *shapes.QTYPES} and 0 <= log[key]["all"] <= 1
     assert set(log["tower"]["heads"]) == set(mod.TOKEN_HEADS)
+    if arch == "llava":  # stage 1 is saved beside the checkpoint and can be reused
+        again = tmp_path / "again"
+        assert mod.main(["--arch", arch, "--smoke", "--out", str(again), "--tower", f"{out}.stage1.pt"]) == 0
+        log2 = json.loads((again / "train_log.json").read_text())
+        assert log2["tower"]["loaded_from"] == f"{out}.stage1.pt" and log2["tower"]["heads"] == log["tower"]["heads"]
+        from safetensors.torch import load_file
+
+        a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+        towers = [k for k in a if "vision_tower" in k]
+        assert towers and all(torch_equal(a[k], b[k]) for k in towers)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -100,6 +110,12 @@ def test_training_script_smoke(tmp_path, arch):
     from vtprune.eval.tasks import ONE_WORD
 
     assert default_prompt(model, proc, f"{s.question} {ONE_WORD}") == mod.RECIPES[arch]().prompt(s.question)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
 
 
 def _train_toy():
