@@ -89,14 +89,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base + noise + stripes + tint, 0, 255).astype(np.uint8)
 
 
-def _texture(shape: str, h: int, w: int) -> np.ndarray:
-    """``[h, w]`` bool: where a shape's fill shows its full colour (elsewhere a darker shade).
+def _texture(shape: str, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """``[h, w]`` bool over the image window at ``(y0, x0)``: where a shape's fill shows its full colour
+    (elsewhere a darker shade). The pattern is anchored to the image, not to the object.
 
     Each shape has its own fill pattern (circles solid, squares a 4 px checkerboard, triangles 3 px
     horizontal stripes), so every 14 px patch of an object tells its shape, not only the patches on its
     outline: a tiny vision tower learns shape in minutes and any patch of an object answers for it.
     """
-    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w]
     if shape == "square":
         return ((yy // 4 + xx // 4) % 2) == 0
     if shape == "triangle":
@@ -105,11 +106,12 @@ def _texture(shape: str, h: int, w: int) -> np.ndarray:
 
 
 def _draw(img: Image.Image, obj: ShapeObject, rng: np.random.Generator) -> None:
-    x0, y0, x1, y1 = obj.box()
+    """Paint ``obj`` into ``img``, working only inside the object's cells."""
+    bx0, by0, bx1, by1 = obj.box()
     m = 3 if not obj.big else 5
-    x0, y0, x1, y1 = x0 + m, y0 + m, x1 - m - 1, y1 - m - 1
+    x0, y0, x1, y1 = m, m, bx1 - bx0 - m - 1, by1 - by0 - m - 1  # in the box's coordinates
     colour = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, 3), 0, 255)
-    shape_mask = Image.new("L", img.size, 0)
+    shape_mask = Image.new("L", (bx1 - bx0, by1 - by0), 0)
     draw = ImageDraw.Draw(shape_mask)
     if obj.shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=255)
@@ -117,12 +119,13 @@ def _draw(img: Image.Image, obj: ShapeObject, rng: np.random.Generator) -> None:
         draw.rectangle((x0, y0, x1, y1), fill=255)
     else:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
-    pixels = np.asarray(img).copy()
+    box = (bx0, by0, bx1, by1)
+    pixels = np.asarray(img.crop(box)).copy()
     inside = np.asarray(shape_mask) > 0
     h, w = inside.shape
-    fill = np.where(_texture(obj.shape, h, w)[..., None], colour, (0.55 * colour).astype(int))
+    fill = np.where(_texture(obj.shape, by0, bx0, h, w)[..., None], colour, (0.55 * colour).astype(int))
     pixels[inside] = fill[inside]
-    img.paste(Image.fromarray(pixels.astype(np.uint8)))
+    img.paste(Image.fromarray(pixels.astype(np.uint8)), box)
 
 
 def render(objects: list[ShapeObject], rng: np.random.Generator, size: int = 224) -> Image.Image:
