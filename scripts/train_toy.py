@@ -385,38 +385,32 @@ def pack(recipe, seqs, pad_id: int):
     mask = causal[None] & same & (seg[:, :, None] >= 0) & (seg[:, None, :] >= 0)
     mask |= torch.eye(width, dtype=torch.bool)[None]
     # single-turn index of every token: the prefix counts from 0, every turn restarts after the prefix
-    first = torch.zeros_like(seg)
-    for i in range(b):
-        for j in seg[i].unique().tolist():
-            if j > 0:
-                first[i, seg[i] == j] = int((seg[i] == j).nonzero()[0])
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(starts, idx[None], 0).cummax(-1).values  # where each token's segment begins
     flat = torch.where(seg > 0, prefix + idx[None] - first, torch.where(seg == 0, idx[None], 0))
     return ids, labels, mask[:, None], recipe.positions(flat, prefix)
 
 
 @torch.no_grad()
 def quick_accuracy(recipe, model, processor, n: int, seed: int = 0, noise: bool = False) -> dict:
-    """Greedy one-word accuracy on the first ``n`` test samples (the model's own generate()), overall and
-    per question type; ``noise=True`` replaces every image by uniform noise (the model must fall to chance)."""
-    from PIL import Image
+    """Greedy one-word accuracy on the first ``n`` samples of `vtprune eval`'s ``toy-shapes`` task (the
+    model's own generate(), the task's scoring), overall and per question type; ``noise=True`` uses the
+    ``toy-shapes-noise`` control (same questions, noise images: the model must fall to chance)."""
+    from vtprune.eval.tasks import TOY_SHAPES, TOY_SHAPES_NOISE, load_task
 
     tok = processor.tokenizer
     tok.padding_side = "left"
-    rng = np.random.default_rng(seed)
+    task = load_task(TOY_SHAPES_NOISE if noise else TOY_SHAPES, n, seed)
     hits: dict[str, list[bool]] = {}
-    samples = shapes.dataset("test", n, seed)
     for start in range(0, n, 16):
-        chunk = samples[start:start + 16]
-        images = [s.image for s in chunk]
-        if noise:
-            images = [Image.fromarray(rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in chunk]
-        inputs = processor(images=images, text=[recipe.prompt(s.question) for s in chunk], return_tensors="pt",
-                           padding=True)
+        chunk = task.samples[start:start + 16]
+        inputs = processor(images=[s.load_image() for s in chunk], text=[recipe.prompt(s.question) for s in chunk],
+                           return_tensors="pt", padding=True)
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for t, s in zip(texts, chunk):
-            words = t.strip().split()
-            hits.setdefault(s.qtype, []).append(bool(words) and words[0].strip(".").lower() == s.answer)
+            hits.setdefault(s.qtype, []).append(s.score(t))
     result = {"all": float(np.mean([h for v in hits.values() for h in v]))}
     result.update({q: float(np.mean(v)) for q, v in sorted(hits.items())})
     return result
@@ -501,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     log = dict(args=vars(args), parameters=sum(p.numel() for p in model.parameters()))
     if args.tower:  # a stage-1 result saved by an earlier run (same --arch, --seed and sizes)
         recipe.tower(model).load_state_dict(torch.load(args.tower))
-        log["tower"] = dict(json.load(open(args.tower + ".json")), loaded_from=args.tower)
+        with open(args.tower + ".json") as f:
+            log["tower"] = dict(json.load(f), loaded_from=args.tower)
     else:
         train_tower(recipe, model, processor, args.tower_steps, args.tower_batch, 1e-3, log)
         stage1 = args.out.rstrip("/") + ".stage1.pt"  # beside the checkpoint, not in it

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -57,7 +56,7 @@ def test_objects_are_drawn_where_the_mask_says():
 
 def test_each_shape_has_its_own_fill_pattern():
     """A single patch tells the shape: solid circles, checkered squares, striped triangles."""
-    pats = {s: shapes._texture(s, 12, 12) for s in shapes.SHAPES}
+    pats = {s: shapes._texture(s, 0, 0, 12, 12) for s in shapes.SHAPES}
     assert pats["circle"].all()
     assert not pats["square"].all() and not pats["triangle"].all()
     assert not np.array_equal(pats["square"], pats["triangle"])
@@ -73,13 +72,17 @@ def test_question_types_and_answers_are_balanced():
     assert 0.25 < shapes.chance_accuracy(data) < 0.5
 
 
+def _train_toy():
+    spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
 def test_training_script_smoke(tmp_path, arch):
     """`scripts/train_toy.py --smoke` runs every stage and writes a checkpoint that loads offline."""
-    spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_toy"] = mod
-    spec.loader.exec_module(mod)
+    mod = _train_toy()
     out = tmp_path / "toy"
     assert mod.main(["--arch", arch, "--smoke", "--out", str(out)]) == 0
     log = json.loads((out / "train_log.json").read_text())
@@ -92,11 +95,12 @@ def test_training_script_smoke(tmp_path, arch):
         assert mod.main(["--arch", arch, "--smoke", "--out", str(again), "--tower", f"{out}.stage1.pt"]) == 0
         log2 = json.loads((again / "train_log.json").read_text())
         assert log2["tower"]["loaded_from"] == f"{out}.stage1.pt" and log2["tower"]["heads"] == log["tower"]["heads"]
+        import torch
         from safetensors.torch import load_file
 
         a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
         towers = [k for k in a if "vision_tower" in k]
-        assert towers and all(torch_equal(a[k], b[k]) for k in towers)
+        assert towers and all(torch.equal(a[k], b[k]) for k in towers)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -110,19 +114,6 @@ def test_training_script_smoke(tmp_path, arch):
     from vtprune.eval.tasks import ONE_WORD
 
     assert default_prompt(model, proc, f"{s.question} {ONE_WORD}") == mod.RECIPES[arch]().prompt(s.question)
-
-
-def torch_equal(x, y) -> bool:
-    import torch
-
-    return bool(torch.equal(x, y))
-
-
-def _train_toy():
-    spec = importlib.util.spec_from_file_location("train_toy", os.path.join(ROOT, "scripts", "train_toy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class _Small:
