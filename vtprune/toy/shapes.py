@@ -13,7 +13,8 @@ Questions (``qtype``: answers):
 - ``shape``: "What shape is the <colour> object?" (the colour is unique): one of `SHAPES`.
 - ``count``: "How many shapes are there?": one, two, three, four.
 - ``exist``: "Is there a(n) <colour> <shape>?": yes / no (half present, half absent).
-- ``side``: "Is the <colour> <shape> on the left or the right?": left / right.
+- ``side``: "Which side is the <colour> <shape> on?": left / right (the question names neither answer, so a
+  model cannot settle for copying one of its words).
 - ``size``: "Is the <colour> <shape> big or small?": big (2 x 2 cells) / small (1 cell).
 """
 
@@ -195,7 +196,7 @@ def _question(rng: np.random.Generator, objects: list[ShapeObject], qtype: str, 
         return f"Is there {_a(c)} {c} {s}?", "no"
     o = objects[rng.integers(len(objects))]
     if qtype == "side":
-        return f"Is the {o.colour} {o.shape} on the left or the right?", "left" if o.col < grid // 2 else "right"
+        return f"Which side is the {o.colour} {o.shape} on?", "left" if o.col < grid // 2 else "right"
     if qtype == "size":
         return f"Is the {o.colour} {o.shape} big or small?", "big" if o.big else "small"
     raise ValueError(f"unknown question type {qtype!r}; known: {QTYPES}")
@@ -212,6 +213,12 @@ def make_scene(split: str, index: int, seed: int = 0, size: int = 224) -> tuple[
     rng = scene_rng(split, index, seed + 7919)
     objects = _place(rng, int(rng.integers(1, 5)), size // CELL)
     return render(objects, rng, size), objects
+
+
+def scene_objects(split: str, index: int, seed: int = 0, size: int = 224) -> list[ShapeObject]:
+    """The objects of ``make_scene(split, index, seed, size)`` without drawing its image."""
+    rng = scene_rng(split, index, seed + 7919)
+    return _place(rng, int(rng.integers(1, 5)), size // CELL)
 
 
 def ask(objects: list[ShapeObject], rng: np.random.Generator, size: int = 224,
