@@ -1,7 +1,7 @@
 """Train the built-in toy VLMs `toy-llava` and `toy-qwen2vl` on the synthetic shapes task, on the CPU.
 
+    python scripts/train_toy.py --arch qwen2-vl --out vtprune/toy/weights/toy-qwen2vl  # full run (~35 min)
     python scripts/train_toy.py --arch llava --out vtprune/toy/weights/toy-llava       # full run
-    python scripts/train_toy.py --arch qwen2-vl --out vtprune/toy/weights/toy-qwen2vl  # full run
     python scripts/train_toy.py --arch llava --smoke --out /tmp/toy-smoke             # a few steps (CI)
 
 Reproducible by seed. The real recipe, scaled down, in two stages:
@@ -17,7 +17,15 @@ Reproducible by seed. The real recipe, scaled down, in two stages:
    one-word question, or now and then a caption listing every object), packed so that each turn sees
    only the image prefix and itself at the positions it would have alone (a block attention mask): the
    model trains on exactly the one-question prompts it is tested on, and pays for the image's tokens
-   once per sequence. The loss is on the answers only.
+   once per sequence. The loss is on the answers only. With ``--scene-steps N`` this stage has three
+   parts, as a real VLM starts from a pretrained language model and aligns its projector first:
+   2a. the language model learns the task on *scene tokens*, clean stand-ins for the visual tokens
+       (the sum of learned embeddings of each token's labels), for N steps on fresh scenes;
+   2b. the projector alone learns to map the tower's features onto those scene tokens (squared error);
+   2c. projector and language model are fine-tuned together on the images' real features.
+   Measured: a language model trained from scratch on the tower's features alone learns colour, shape,
+   count and size but stays at chance on side and existence for 2000 steps; on scene tokens it learns
+   every question type (existence last, after ~1200 steps).
 
 The result is saved with ``save_pretrained`` (model + processor) plus ``train_log.json``: the settings,
 per-stage losses, the tower's held-out head accuracies, and test accuracy overall and per question type,
@@ -149,13 +157,13 @@ class LlavaRecipe:
         """``[B, L]`` position ids from single-turn token indices ``flat`` [B, L] (1-D RoPE: the same)."""
         return flat
 
+    def project(self, model, feats) -> torch.Tensor:
+        """``[B, 256, H]`` visual tokens: the MLP projector on cached patch features ``feats`` [B, 256, Cv]."""
+        return model.model.multi_modal_projector(feats.float())
+
     def embed(self, model, feats, ids) -> torch.Tensor:
         """``[B, L, H]`` input embeddings, the projected cached features ``feats`` [B, 256, Cv] in place."""
-        core = model.model
-        embeds = core.get_input_embeddings()(ids)
-        vis = core.multi_modal_projector(feats.float())
-        mask = ids == model.config.image_token_id
-        return embeds.masked_scatter(mask[..., None].expand_as(embeds), vis.reshape(-1, vis.shape[-1]))
+        return with_image(model, ids, self.project(model, feats))
 
 
 class QwenRecipe:
@@ -254,16 +262,24 @@ class QwenRecipe:
         w = torch.where(image, start + rel.clamp(0, 63) % 8, t)
         return torch.stack([t, h, w])
 
+    def project(self, model, feats) -> torch.Tensor:
+        """``[B, 64, H]`` visual tokens: the merger on cached patch states ``feats`` [B, 256, Cv]."""
+        b = feats.shape[0]
+        return model.model.visual.merger(feats.float().reshape(-1, feats.shape[-1])).reshape(b, 64, -1)
+
     def embed(self, model, feats, ids) -> torch.Tensor:
         """``[B, L, H]`` input embeddings, the merger applied to cached patch states ``feats`` [B, 256, Cv]."""
-        b = ids.shape[0]
-        merged = model.model.visual.merger(feats.float().reshape(-1, feats.shape[-1])).reshape(b, 64, -1)
-        embeds = model.model.get_input_embeddings()(ids)
-        mask = ids == model.config.image_token_id
-        return embeds.masked_scatter(mask[..., None].expand_as(embeds), merged.reshape(-1, merged.shape[-1]))
+        return with_image(model, ids, self.project(model, feats))
 
 
 RECIPES = {"llava": LlavaRecipe, "qwen2-vl": QwenRecipe}
+
+
+def with_image(model, ids: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """``[B, L, H]`` input embeddings of ``ids`` [B, L] with the image-token slots filled by ``vis`` [B, T, H]."""
+    embeds = model.model.get_input_embeddings()(ids)
+    mask = ids == model.config.image_token_id
+    return embeds.masked_scatter(mask[..., None].expand_as(embeds), vis.reshape(-1, vis.shape[-1]))
 
 
 def optimise(loss, opt, sched, params, losses: list[float], bar) -> None:
@@ -341,25 +357,29 @@ def cache_features(recipe, model, processor, n: int, chunk: int = 64) -> torch.T
     return torch.cat(out)
 
 
-def sequence(recipe, tok, model, objects, rng: np.random.Generator, turns: int):
+def sequence(recipe, tok, model, objects, rng: np.random.Generator, turns: int, captions: float = 0.15,
+             record: list | None = None):
     """One image and ``turns`` independent turns about it, packed: ``(ids, labels, segment)``.
 
     ``segment`` is 0 on the image prefix and ``j`` on turn ``j``; labels are -100 off the answers. Each
     turn is written as the first (and only) turn after the image, and `pack` makes it see only the prefix
     and itself, at the positions it would have alone: the model trains on exactly the one-question
     prompts it is tested on (with visible earlier turns it learns to copy answers from the text instead of
-    reading the image), and the image's tokens are paid once for ``turns`` answers.
+    reading the image), and the image's tokens are paid once for ``turns`` answers. ``record`` (a list)
+    receives ``(index of the answer's first token, question type)`` for every one-word turn.
     """
     ids = recipe.start(tok, model)
     labels = [-100] * len(ids)
     segment = [0] * len(ids)
     for t in range(turns):
-        if rng.random() < 0.15:
+        if rng.random() < captions:
             q, a = "Describe the image.", shapes.describe(objects)
         else:
-            q, a, _ = shapes.ask(objects, rng)
+            q, a, kind = shapes.ask(objects, rng)
             q += ONE_WORD
         p, ans = recipe.turn(tok, q), recipe.answer(tok, a)
+        if record is not None and q.endswith(ONE_WORD):
+            record.append((len(ids) + len(p), kind))
         ids += p + ans
         labels += [-100] * len(p) + ans
         segment += [t + 1] * (len(p) + len(ans))
@@ -392,6 +412,123 @@ def pack(recipe, seqs, pad_id: int):
     return ids, labels, mask[:, None], recipe.positions(flat, prefix)
 
 
+def lm_loss(recipe, model, tok, vis: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, logits [B, L-1, V], labels [B, L])`` of packed ``seqs`` with visual tokens ``vis`` [B, T, H]."""
+    ids, labels, mask, pos = pack(recipe, seqs, tok.pad_token_id)
+    h = model.model.language_model(inputs_embeds=with_image(model, ids, vis), attention_mask=mask,
+                                   position_ids=pos).last_hidden_state
+    logits = model.lm_head(h[:, :-1])
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return loss, logits, labels
+
+
+# ---- stage 2a: the language model on scene tokens ----------------------------------------------------
+class SceneTokens(nn.Module):
+    """Clean stand-ins for the visual tokens while the language model learns the task: a token is the sum
+    of learned embeddings of its labels (`token_labels`: colour, shape, size, side, count; 0 = background).
+
+    This plays the part of a real VLM's language pretraining: the language model arrives at the images
+    already able to find an object by its description and report its attributes (measured here: from
+    scratch on the tower's features it learned colour and shape but stayed at chance on side and
+    existence for 2000 steps), and the projector then only has to map the tower's features onto tokens
+    the language model can read (stage 2b) before the two are fine-tuned together on images (stage 2c).
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(n, hidden) for n in TOKEN_HEADS.values())
+        for t in self.tables:
+            nn.init.normal_(t.weight, std=1.0)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H]`` tokens of ``labels`` [B, len(TOKEN_HEADS), T]."""
+        return sum(t(labels[:, k].long()) for k, t in enumerate(self.tables))
+
+
+def scene_batch(recipe, tok, model, split: str, indices, rng, turns: int, captions: float, record=None):
+    """Packed turns about the scenes ``indices`` of ``split`` and their token labels [B, len(TOKEN_HEADS), T]."""
+    seqs, labels = [], []
+    for i in indices:
+        objs = shapes.scene_objects(split, int(i))
+        seqs.append(sequence(recipe, tok, model, objs, rng, turns, captions, None if record is None else record[-1]))
+        labels.append(torch.from_numpy(token_labels(objs, recipe.label_grid)))
+        if record is not None:
+            record.append([])
+    return seqs, torch.stack(labels)
+
+
+def scene_accuracy(recipe, model, tok, scene: SceneTokens, n: int = 64, turns: int = 12) -> dict:
+    """Teacher-forced accuracy of the first answer token per question type on ``n`` test scenes, read from
+    scene tokens (stage 2a's own measure; the images are not involved)."""
+    rng = np.random.default_rng(12345)
+    record: list[list] = [[]]
+    seqs, labels = scene_batch(recipe, tok, model, "test", range(n), rng, turns, 0.0, record)
+    with torch.no_grad():
+        _, logits, targets = lm_loss(recipe, model, tok, scene(labels), seqs)
+    hits: dict[str, list[bool]] = {}
+    for b, turns_b in enumerate(record[:n]):
+        for pos, kind in turns_b:
+            hits.setdefault(kind, []).append(int(logits[b, pos - 1].argmax()) == int(targets[b, pos]))
+    result = {"all": float(np.mean([h for v in hits.values() for h in v]))}
+    result.update({q: float(np.mean(v)) for q, v in sorted(hits.items())})
+    return result
+
+
+def train_scene_lm(recipe, model, processor, scene: SceneTokens, args, log: dict) -> None:
+    """Stage 2a: the language model (and the scene-token tables) on fresh scenes, no image involved."""
+    tok = processor.tokenizer
+    lm = list(model.model.language_model.parameters())
+    params = lm + [p for p in model.lm_head.parameters() if all(p is not q for q in lm)] + list(scene.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps, batch = args.scene_steps, args.llm_batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps, 100), pct_start=0.05)
+    rng = np.random.default_rng(args.seed + 2)
+    losses, evals = [], []
+    bar = tqdm(range(steps), desc="stage 2a: language model on scene tokens", file=sys.stderr)
+    for step in bar:
+        model.train()
+        # scenes far from the ones cached for stage 2c: this stage never sees those scenes' questions
+        seqs, labels = scene_batch(recipe, tok, model, "train", range(10_000_000 + step * batch,
+                                                                     10_000_000 + (step + 1) * batch),
+                                   rng, args.turns, args.captions)
+        loss, _, _ = lm_loss(recipe, model, tok, scene(labels), seqs)
+        optimise(loss, opt, sched, params, losses, bar)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            model.eval()
+            acc = scene_accuracy(recipe, model, tok, scene)
+            evals.append((step + 1, acc))
+            tqdm.write(f"stage 2a step {step + 1}: loss {np.mean(losses[-50:]):.3f}, scene-token accuracy: {fmt(acc)}",
+                       file=sys.stderr)
+    model.eval()
+    log["scene_lm"] = dict(steps=steps, batch=batch, lr=args.lr, final_loss=float(np.mean(losses[-20:])) if losses else None,
+                           evals=evals, accuracy=scene_accuracy(recipe, model, tok, scene))
+
+
+def align_projector(recipe, model, scene: SceneTokens, feats: torch.Tensor, labels: torch.Tensor, args, log: dict):
+    """Stage 2b: the projector alone learns to map the frozen tower's features ``feats`` [N, T', Cv] onto
+    the scene tokens of their labels ``labels`` [N, len(TOKEN_HEADS), T] (mean squared error), as LLaVA's
+    first stage aligns its projector to a frozen language model."""
+    params = list(recipe.projector(model).parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    steps = args.align_steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 100), pct_start=0.05)
+    rng = np.random.default_rng(args.seed + 3)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="stage 2b: projector onto scene tokens", file=sys.stderr)
+    for _ in bar:
+        idx = torch.as_tensor(rng.integers(0, feats.shape[0], 64))
+        with torch.no_grad():
+            target = scene(labels[idx])
+        loss = nn.functional.mse_loss(recipe.project(model, feats[idx]), target)
+        optimise(loss, opt, sched, params, losses, bar)
+    with torch.no_grad():  # how much of the target's variance the projected features explain, on held-out scenes
+        idx = torch.arange(max(0, feats.shape[0] - 256), feats.shape[0])
+        target = scene(labels[idx])
+        r2 = 1 - float(nn.functional.mse_loss(recipe.project(model, feats[idx]), target) / target.var())
+    tqdm.write(f"stage 2b: projected features explain {r2:.1%} of the scene tokens' variance", file=sys.stderr)
+    log["align"] = dict(steps=steps, final_loss=float(np.mean(losses[-20:])) if losses else None, r2=r2)
+
+
 @torch.no_grad()
 def quick_accuracy(recipe, model, processor, n: int, seed: int = 0, noise: bool = False) -> dict:
     """Greedy one-word accuracy on the first ``n`` samples of `vtprune eval`'s ``toy-shapes`` task (the
@@ -420,9 +557,10 @@ def train_llm(recipe, model, processor, feats: torch.Tensor, args, log: dict) ->
     tok = processor.tokenizer
     params = list(recipe.projector(model).parameters()) + list(model.model.language_model.parameters())
     params += [p for p in model.lm_head.parameters() if all(p is not q for q in params)]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    lr = args.llm_lr or args.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps, batch = args.llm_steps, args.llm_batch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps, 100), pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 100), pct_start=0.05)
     rng = np.random.default_rng(args.seed + 1)
     scenes = {}
     losses, evals = [], []
@@ -434,12 +572,8 @@ def train_llm(recipe, model, processor, feats: torch.Tensor, args, log: dict) ->
         for i in idx:
             if int(i) not in scenes:
                 scenes[int(i)] = shapes.make_scene("train", int(i))[1]
-            seqs.append(sequence(recipe, tok, model, scenes[int(i)], rng, args.turns))
-        ids, labels, mask, pos = pack(recipe, seqs, tok.pad_token_id)
-        embeds = recipe.embed(model, feats[torch.as_tensor(idx)], ids)
-        h = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
-        logits = model.lm_head(h[:, :-1])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            seqs.append(sequence(recipe, tok, model, scenes[int(i)], rng, args.turns, args.captions))
+        loss, _, _ = lm_loss(recipe, model, tok, recipe.project(model, feats[torch.as_tensor(idx)]), seqs)
         optimise(loss, opt, sched, params, losses, bar)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             model.eval()
@@ -451,7 +585,7 @@ def train_llm(recipe, model, processor, feats: torch.Tensor, args, log: dict) ->
                 tqdm.write(f"reached {args.stop_at:.0%}: stopping stage 2 at step {step + 1}", file=sys.stderr)
                 break
     model.eval()
-    log["llm"] = dict(steps=step + 1, batch=batch, lr=args.lr, turns=args.turns, final_loss=float(np.mean(losses[-20:])),
+    log["llm"] = dict(steps=step + 1, batch=batch, lr=lr, turns=args.turns, final_loss=float(np.mean(losses[-20:])),
                       evals=evals)
 
 
@@ -463,11 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few steps of each stage (for CI)")
     ap.add_argument("--tower-steps", type=int, default=400)
     ap.add_argument("--tower-batch", type=int, default=32)
-    ap.add_argument("--llm-steps", type=int, default=2000)
-    ap.add_argument("--llm-batch", type=int, default=32)
-    ap.add_argument("--images", type=int, default=6000, help="training scenes cached for stage 2")
-    ap.add_argument("--turns", type=int, default=8, help="question turns per training sequence")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--llm-steps", type=int, default=1000)
+    ap.add_argument("--llm-batch", type=int, default=8)
+    ap.add_argument("--images", type=int, default=16000, help="training scenes cached for stage 2")
+    ap.add_argument("--turns", type=int, default=14, help="question turns per training sequence")
+    ap.add_argument("--captions", type=float, default=0.15, help="share of stage-2 turns that are captions")
+    ap.add_argument("--features", default=None,
+                    help="file caching the frozen tower's features of the stage-2 scenes (reused when it holds enough)")
+    ap.add_argument("--scene-steps", type=int, default=2000,
+                    help="stage 2a: language-model steps on scene tokens before it sees images (0: skip 2a and 2b)")
+    ap.add_argument("--align-steps", type=int, default=600, help="stage 2b: projector steps onto the scene tokens")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of stage 2a (of stage 2 without it)")
+    ap.add_argument("--llm-lr", type=float, default=5e-4, help="stage 2c's peak learning rate")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vision-hidden", type=int, default=128)
@@ -483,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.tower_steps, args.llm_steps, args.images, args.tower_batch, args.llm_batch = 3, 3, 16, 4, 4
         args.eval_every, args.eval_samples, args.turns = 0, 8, 2
+        args.scene_steps, args.align_steps = (3, 3) if args.scene_steps else (0, 0)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -507,7 +649,18 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(False)
     for p in recipe.projector(model).parameters():
         p.requires_grad_(True)
-    feats = cache_features(recipe, model, processor, args.images)
+    if args.features and os.path.exists(args.features) and torch.load(args.features, mmap=True).shape[0] >= args.images:
+        feats = torch.load(args.features)[:args.images]  # same --arch, --seed and tower as the run that saved it
+    else:
+        feats = cache_features(recipe, model, processor, args.images)
+        if args.features:
+            torch.save(feats, args.features)
+    if args.scene_steps:
+        scene = SceneTokens(args.hidden)
+        train_scene_lm(recipe, model, processor, scene, args, log)
+        labels = torch.stack([torch.from_numpy(token_labels(shapes.scene_objects("train", i), recipe.label_grid))
+                              for i in range(args.images)]).to(torch.int8)
+        align_projector(recipe, model, scene, feats, labels, args, log)
     train_llm(recipe, model, processor, feats, args, log)
     log["test_accuracy"] = quick_accuracy(recipe, model, processor, args.eval_samples)
     log["noise_accuracy"] = quick_accuracy(recipe, model, processor, args.eval_samples, noise=True)

@@ -84,9 +84,15 @@ def test_training_script_smoke(tmp_path, arch):
     """`scripts/train_toy.py --smoke` runs every stage and writes a checkpoint that loads offline."""
     mod = _train_toy()
     out = tmp_path / "toy"
-    assert mod.main(["--arch", arch, "--smoke", "--out", str(out)]) == 0
+    scene = [] if arch == "qwen2-vl" else ["--scene-steps", "0"]  # stages 2a and 2b on one arch (time)
+    assert mod.main(["--arch", arch, "--smoke", "--out", str(out), *scene]) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["tower"]["steps"] == 3 and log["llm"]["steps"] == 3
+    if not scene:
+        assert log["scene_lm"]["steps"] == 3 and set(log["scene_lm"]["accuracy"]) <= {"all", *shapes.QTYPES}
+        assert log["align"]["steps"] == 3 and log["align"]["r2"] <= 1
+    else:
+        assert "scene_lm" not in log and "align" not in log
     for key in ("test_accuracy", "noise_accuracy"):
         assert set(log[key]) == {"all", *shapes.QTYPES} and 0 <= log[key]["all"] <= 1
     assert set(log["tower"]["heads"]) == set(mod.TOKEN_HEADS)
@@ -160,6 +166,42 @@ def test_packed_turns_are_exactly_single_turn_prompts(arch):
         one = proc(images=[q.image], text=[recipe.prompt(q.question)], return_tensors="pt")["input_ids"][0].tolist()
         assert recipe.start(tok, model) + recipe.turn(tok, q.question + mod.ONE_WORD) == one
     assert (labels != -100).sum() > 0 and (labels[ids == tok.pad_token_id] == -100).all()
+
+
+def test_scene_objects_are_the_scenes_objects():
+    for i in range(20):
+        assert shapes.scene_objects("train", i) == shapes.make_scene("train", i)[1]
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_recorded_turns_point_at_their_answers(arch):
+    """`sequence(record=...)` marks the first answer token of every one-word turn, with its question type."""
+    mod = _train_toy()
+    recipe = mod.RECIPES[arch]()
+    tok = recipe.tokenizer()
+    model = recipe.model(tok, _Small)
+    objs = shapes.scene_objects("test", 5)
+    record: list = []
+    ids, labels, _ = mod.sequence(recipe, tok, model, objs, np.random.default_rng(0), 20, 0.3, record)
+    answers = [i for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100]
+    assert 0 < len(record) < len(answers) == 20  # some turns were captions, which are not recorded
+    assert {pos for pos, _ in record} < set(answers) and {k for _, k in record} <= set(shapes.QTYPES)
+    words = set(shapes.ANSWERS)
+    for pos, _ in record:
+        assert tok.decode([ids[pos]]).strip() in words
+
+
+def test_scene_tokens_are_the_sum_of_label_embeddings():
+    import torch
+
+    mod = _train_toy()
+    scene = mod.SceneTokens(16)
+    labels = torch.from_numpy(np.stack([mod.token_labels(shapes.scene_objects("test", i), 8) for i in range(3)]))
+    out = scene(labels)
+    assert out.shape == (3, 64, 16)
+    bg = labels[:, 0] == 0
+    assert torch.allclose(out[bg], sum(t.weight[0] for t in scene.tables).expand(int(bg.sum()), 16))
+    assert not torch.allclose(out[~bg], out[bg][:1].expand(int((~bg).sum()), 16))
 
 
 def test_token_labels_mark_every_object_token():
