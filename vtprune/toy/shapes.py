@@ -208,17 +208,21 @@ def scene_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
+def _scene(split: str, index: int, seed: int, size: int) -> tuple[np.random.Generator, list[ShapeObject]]:
+    """The objects of scene ``index`` and the generator, left where drawing the scene's image continues."""
+    rng = scene_rng(split, index, seed + 7919)
+    return rng, _place(rng, int(rng.integers(1, 5)), size // CELL)
+
+
 def make_scene(split: str, index: int, seed: int = 0, size: int = 224) -> tuple[Image.Image, list[ShapeObject]]:
     """An image and its objects, without a question (training draws several questions per image)."""
-    rng = scene_rng(split, index, seed + 7919)
-    objects = _place(rng, int(rng.integers(1, 5)), size // CELL)
+    rng, objects = _scene(split, index, seed, size)
     return render(objects, rng, size), objects
 
 
 def scene_objects(split: str, index: int, seed: int = 0, size: int = 224) -> list[ShapeObject]:
     """The objects of ``make_scene(split, index, seed, size)`` without drawing its image."""
-    rng = scene_rng(split, index, seed + 7919)
-    return _place(rng, int(rng.integers(1, 5)), size // CELL)
+    return _scene(split, index, seed, size)[1]
 
 
 def ask(objects: list[ShapeObject], rng: np.random.Generator, size: int = 224,
