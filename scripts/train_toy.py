@@ -83,7 +83,7 @@ def corpus(turn_text) -> list[str]:
     rng = np.random.default_rng(0)
     out = []
     for i in range(400):
-        _, objs = shapes.make_scene("train", i)
+        objs = shapes.scene_objects("train", i)
         out.append(turn_text("Describe the image.", shapes.describe(objs)))
         for _ in range(3):
             q, a, _ = shapes.ask(objs, rng)
@@ -373,12 +373,12 @@ def sequence(recipe, tok, model, objects, rng: np.random.Generator, turns: int, 
     segment = [0] * len(ids)
     for t in range(turns):
         if rng.random() < captions:
-            q, a = "Describe the image.", shapes.describe(objects)
+            q, a, kind = "Describe the image.", shapes.describe(objects), None
         else:
             q, a, kind = shapes.ask(objects, rng)
             q += ONE_WORD
         p, ans = recipe.turn(tok, q), recipe.answer(tok, a)
-        if record is not None and q.endswith(ONE_WORD):
+        if record is not None and kind is not None:
             record.append((len(ids) + len(p), kind))
         ids += p + ans
         labels += [-100] * len(p) + ans
@@ -410,6 +410,13 @@ def pack(recipe, seqs, pad_id: int):
     first = torch.where(starts, idx[None], 0).cummax(-1).values  # where each token's segment begins
     flat = torch.where(seg > 0, prefix + idx[None] - first, torch.where(seg == 0, idx[None], 0))
     return ids, labels, mask[:, None], recipe.positions(flat, prefix)
+
+
+def per_type(hits: dict[str, list[bool]]) -> dict:
+    """``{"all": accuracy, <question type>: accuracy, ...}`` of per-type hit lists."""
+    result = {"all": float(np.mean([h for v in hits.values() for h in v]))}
+    result.update({q: float(np.mean(v)) for q, v in sorted(hits.items())})
+    return result
 
 
 def lm_loss(recipe, model, tok, vis: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -446,14 +453,16 @@ class SceneTokens(nn.Module):
 
 
 def scene_batch(recipe, tok, model, split: str, indices, rng, turns: int, captions: float, record=None):
-    """Packed turns about the scenes ``indices`` of ``split`` and their token labels [B, len(TOKEN_HEADS), T]."""
+    """Packed turns about the scenes ``indices`` of ``split`` and their token labels [B, len(TOKEN_HEADS), T].
+    ``record`` (a list) receives one `sequence` record per scene."""
     seqs, labels = [], []
     for i in indices:
         objs = shapes.scene_objects(split, int(i))
-        seqs.append(sequence(recipe, tok, model, objs, rng, turns, captions, None if record is None else record[-1]))
+        turns_i = None if record is None else []
+        seqs.append(sequence(recipe, tok, model, objs, rng, turns, captions, turns_i))
         labels.append(torch.from_numpy(token_labels(objs, recipe.label_grid)))
         if record is not None:
-            record.append([])
+            record.append(turns_i)
     return seqs, torch.stack(labels)
 
 
@@ -461,17 +470,15 @@ def scene_accuracy(recipe, model, tok, scene: SceneTokens, n: int = 64, turns: i
     """Teacher-forced accuracy of the first answer token per question type on ``n`` test scenes, read from
     scene tokens (stage 2a's own measure; the images are not involved)."""
     rng = np.random.default_rng(12345)
-    record: list[list] = [[]]
+    record: list[list] = []
     seqs, labels = scene_batch(recipe, tok, model, "test", range(n), rng, turns, 0.0, record)
     with torch.no_grad():
         _, logits, targets = lm_loss(recipe, model, tok, scene(labels), seqs)
     hits: dict[str, list[bool]] = {}
-    for b, turns_b in enumerate(record[:n]):
+    for b, turns_b in enumerate(record):
         for pos, kind in turns_b:
             hits.setdefault(kind, []).append(int(logits[b, pos - 1].argmax()) == int(targets[b, pos]))
-    result = {"all": float(np.mean([h for v in hits.values() for h in v]))}
-    result.update({q: float(np.mean(v)) for q, v in sorted(hits.items())})
-    return result
+    return per_type(hits)
 
 
 def train_scene_lm(recipe, model, processor, scene: SceneTokens, args, log: dict) -> None:
@@ -513,16 +520,17 @@ def align_projector(recipe, model, scene: SceneTokens, feats: torch.Tensor, labe
     steps = args.align_steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 100), pct_start=0.05)
     rng = np.random.default_rng(args.seed + 3)
+    held = max(1, min(256, feats.shape[0] // 8))  # the last scenes: never trained on, they measure the fit
     losses: list[float] = []
     bar = tqdm(range(steps), desc="stage 2b: projector onto scene tokens", file=sys.stderr)
     for _ in bar:
-        idx = torch.as_tensor(rng.integers(0, feats.shape[0], 64))
+        idx = torch.as_tensor(rng.integers(0, feats.shape[0] - held, 64))
         with torch.no_grad():
             target = scene(labels[idx])
         loss = nn.functional.mse_loss(recipe.project(model, feats[idx]), target)
         optimise(loss, opt, sched, params, losses, bar)
     with torch.no_grad():  # how much of the target's variance the projected features explain, on held-out scenes
-        idx = torch.arange(max(0, feats.shape[0] - 256), feats.shape[0])
+        idx = torch.arange(feats.shape[0] - held, feats.shape[0])
         target = scene(labels[idx])
         r2 = 1 - float(nn.functional.mse_loss(recipe.project(model, feats[idx]), target) / target.var())
     tqdm.write(f"stage 2b: projected features explain {r2:.1%} of the scene tokens' variance", file=sys.stderr)
@@ -548,16 +556,14 @@ def quick_accuracy(recipe, model, processor, n: int, seed: int = 0, noise: bool 
         texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for t, s in zip(texts, chunk):
             hits.setdefault(s.qtype, []).append(s.score(t))
-    result = {"all": float(np.mean([h for v in hits.values() for h in v]))}
-    result.update({q: float(np.mean(v)) for q, v in sorted(hits.items())})
-    return result
+    return per_type(hits)
 
 
 def train_llm(recipe, model, processor, feats: torch.Tensor, args, log: dict) -> None:
     tok = processor.tokenizer
     params = list(recipe.projector(model).parameters()) + list(model.model.language_model.parameters())
     params += [p for p in model.lm_head.parameters() if all(p is not q for q in params)]
-    lr = args.llm_lr or args.lr
+    lr = args.llm_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps, batch = args.llm_steps, args.llm_batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 100), pct_start=0.05)
@@ -571,7 +577,7 @@ def train_llm(recipe, model, processor, feats: torch.Tensor, args, log: dict) ->
         seqs = []
         for i in idx:
             if int(i) not in scenes:
-                scenes[int(i)] = shapes.make_scene("train", int(i))[1]
+                scenes[int(i)] = shapes.scene_objects("train", int(i))
             seqs.append(sequence(recipe, tok, model, scenes[int(i)], rng, args.turns, args.captions))
         loss, _, _ = lm_loss(recipe, model, tok, recipe.project(model, feats[torch.as_tensor(idx)]), seqs)
         optimise(loss, opt, sched, params, losses, bar)
@@ -607,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scene-steps", type=int, default=2000,
                     help="stage 2a: language-model steps on scene tokens before it sees images (0: skip 2a and 2b)")
     ap.add_argument("--align-steps", type=int, default=600, help="stage 2b: projector steps onto the scene tokens")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of stage 2a (of stage 2 without it)")
-    ap.add_argument("--llm-lr", type=float, default=5e-4, help="stage 2c's peak learning rate")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of stage 2a")
+    ap.add_argument("--llm-lr", type=float, default=5e-4, help="peak learning rate of stage 2c (of all of stage 2 with --scene-steps 0)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vision-hidden", type=int, default=128)
@@ -649,8 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(False)
     for p in recipe.projector(model).parameters():
         p.requires_grad_(True)
-    if args.features and os.path.exists(args.features) and torch.load(args.features, mmap=True).shape[0] >= args.images:
-        feats = torch.load(args.features)[:args.images]  # same --arch, --seed and tower as the run that saved it
+    saved = torch.load(args.features, mmap=True) if args.features and os.path.exists(args.features) else None
+    if saved is not None and saved.shape[0] >= args.images:
+        feats = saved[:args.images].clone()  # same --arch, --seed and tower as the run that saved it
     else:
         feats = cache_features(recipe, model, processor, args.images)
         if args.features:
