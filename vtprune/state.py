@@ -13,6 +13,15 @@ if TYPE_CHECKING:
     from vtprune.scorers.base import Scorer
 
 STATE_ATTR = "_vtprune_state"
+CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 passes `cache`, earlier 5.x `past_key_values`
+
+
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a model or layer call was given, under either of transformers' names (or None)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 @dataclass
@@ -28,6 +37,9 @@ class PruneStats:
     - ``layer``: for ``"llm"``, the decoder layer after which tokens were dropped; None for pre-LLM.
     - ``contextual``: per sample, how many of the kept visual tokens carry merged features (VisionZip's
       contextual tokens; counted in ``visual_after``); None for methods that do not merge.
+    - ``scores``: per sample the scorer's ``[n_b]`` scores of that sample's visual tokens (higher =
+      keep; ``-inf`` = excluded), as the selection saw them, on the model's device; None where the
+      method selects without a score vector (VisionZip's dominant + contextual merge).
     """
 
     method: str
@@ -39,6 +51,7 @@ class PruneStats:
     seq_len_before: list[int]
     seq_len_after: list[int]
     contextual: list[int] | None = None
+    scores: list[torch.Tensor] | None = None
 
     @property
     def keep_ratio(self) -> float:

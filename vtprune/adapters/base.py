@@ -25,7 +25,7 @@ from vtprune.config import ConfigError
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import IN_LLM, PRE_LLM, VISION_CLS_ATTENTION
-from vtprune.state import PruneState, Session, VisionRecord
+from vtprune.state import PruneState, Session, VisionRecord, cache_of
 
 
 class UnsupportedModelError(TypeError):
@@ -381,9 +381,10 @@ class Adapter:
     def _make_cache_hook(state: PruneState):
         def hook(module, args, kwargs):
             sess = state.session
-            if sess.phase == "prefill" and kwargs.get("past_key_values") is not None:
-                check_cache(kwargs["past_key_values"])
-                sess.cache = kwargs["past_key_values"]
+            cache = cache_of(kwargs)
+            if sess.phase == "prefill" and cache is not None:
+                check_cache(cache)
+                sess.cache = cache
             return None
 
         return hook
@@ -403,7 +404,7 @@ class Adapter:
         return hook
 
     def _on_forward(self, state: PruneState, kwargs: dict[str, Any]):
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         check_cache(cache)
         sess = state.session
         past = cache.get_seq_length() if cache is not None else 0
@@ -520,7 +521,7 @@ def check_cache(cache: Any) -> None:
             f"vtprune supports only DynamicCache with full-attention layers, got {type(cache).__name__} "
             f"(layers: {kinds or 'n/a'}). Pruned layers cache fewer entries than unpruned ones, which "
             "static, quantized, offloaded and sliding-window caches cannot hold. Use the default cache "
-            "(do not pass cache_implementation=...) or pass past_key_values=DynamicCache()."
+            "(do not pass cache_implementation=...) or pass a DynamicCache()."
         )
 
 

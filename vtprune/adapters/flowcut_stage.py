@@ -70,6 +70,7 @@ from vtprune.scorers.flowcut import (
     mean_query_scores,
 )
 from vtprune.scorers.select import image_budget
+from vtprune.state import cache_of
 
 if TYPE_CHECKING:
     from vtprune.adapters.base import Adapter
@@ -473,7 +474,7 @@ class LLMStage:
         elif mask is not None:
             kv_len = mask.shape[-1]
         else:
-            kv_len = kwargs["past_key_values"].layers[index].get_seq_length() + q_len
+            kv_len = cache_of(kwargs).layers[index].get_seq_length() + q_len
         key = (sess.phase, id(mask), q_len, kv_len)
         cache = sess.extras.setdefault("flowcut_masks", {})
         if key not in cache:

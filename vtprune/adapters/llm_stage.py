@@ -170,7 +170,8 @@ class LLMStageHooks:
             signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
             signals.pixel_values = self.state.vision_record.pixel_values
-        kept = select_topk(self.state.scorer.score(signals), lay, self.state.config.keep)
+        scores = self.state.scorer.score(signals)
+        kept = select_topk(scores, lay, self.state.config.keep)
         sess.keep_seq, sess.filler = build_keep_index(sess, kept)
         sess.full_hidden = hidden
         sess.mask_cache = {}
@@ -185,6 +186,7 @@ class LLMStageHooks:
             visual_after=[int(k.numel()) for k in kept],
             seq_len_before=[int(x) for x in before],
             seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
+            scores=scores,
         )
         out = compact(hidden, sess.keep_seq)
         return (out, *output[1:]) if isinstance(output, tuple) else out

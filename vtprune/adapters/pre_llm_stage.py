@@ -55,11 +55,12 @@ def shorten_prefill_inputs(
         signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
     if state.scorer.needs_signal(PIXEL_VALUES):
         signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
-    contextual = None
+    contextual, scores = None, None
     if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
         kept, embeds, contextual = contextual_merge(adapter, state, images, signals, embeds)
     else:
-        kept = select_topk(state.scorer.score(signals), lay, state.config.keep)
+        scores = state.scorer.score(signals)
+        kept = select_topk(scores, lay, state.config.keep)
 
     bsz, n = visual.shape
     dropped = visual.clone()
@@ -99,6 +100,7 @@ def shorten_prefill_inputs(
         seq_len_before=[int(x) for x in before],
         seq_len_after=[int(x) for x in valid.sum(1)],
         contextual=contextual,
+        scores=scores,
     )
 
 

@@ -253,7 +253,7 @@ class _QwenFamily(Adapter):
                 "pre-LLM pruning on Qwen-VL needs input_ids and the processor's mm_token_type_ids (or explicit "
                 "3-D position_ids) to compute the M-RoPE positions of the full prompt; pass the processor outputs"
             )
-        args = dict(original, past_key_values=None)
+        args = dict(original, past_key_values=None, cache=None)
         params = inspect.signature(core.compute_3d_position_ids).parameters
         pos = core.compute_3d_position_ids(**{k: v for k, v in args.items() if k in params})
         return pos[-3:]
