@@ -209,6 +209,41 @@ def test_eval_json_on_tiny_qwen(tmp_path, capsys):
     assert "predictions" not in cell and (tmp_path / "accuracy_vs_tokens.png").is_file()
 
 
+def test_eval_saves_overlays_of_the_kept_tokens(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    code, out, _ = _eval(capsys, "--model", "tiny-qwen2-vl", "--method", "fastv", "--method", "cls", "--keep", "16",
+                         "--limit", "3", "--batch-size", "3", "--out", str(tmp_path), "--json", "--max-new-tokens", "1",
+                         "--save-overlays", "--log-samples")
+    assert code == 0
+    res = json.loads(out)
+    assert res["overlays"] == {"dir": str(tmp_path / "overlays"), "written": 6}
+    from vtprune import viz
+    from vtprune.cli import load_model
+    from vtprune.eval.tasks import load_task
+
+    model, processor = load_model("tiny-qwen2-vl")
+    samples = {s.index: s for s in load_task("toy-shapes", 3).samples}
+    for cell in res["cells"]:
+        folder = tmp_path / "overlays" / f"{cell['method']}-keep16"
+        for entry in cell["predictions"]:
+            got = np.asarray(Image.open(folder / f"{entry['index']}.png")).astype(float)
+            view = np.asarray(viz.token_grid(model, processor, samples[entry["index"]].load_image()).view).astype(float)
+            assert got.shape == view.shape == (224, 224, 3) and len(entry["kept_indices"]) == 16
+            kept = np.zeros((8, 1, 8, 1, 1), dtype=bool)
+            kept.reshape(-1)[entry["kept_indices"]] = True
+            expect = np.where(kept, view.reshape(8, 28, 8, 28, 3), np.round(view.reshape(8, 28, 8, 28, 3) * 0.25))
+            assert np.abs(got - expect.reshape(got.shape)).max() <= 1  # kept cells as seen, pruned ones darkened
+
+
+def test_eval_overlays_on_llava_next_are_skipped_with_a_note(tmp_path, capsys):
+    code, out, err = _eval(capsys, "--model", "tiny-llava-next", "--method", "cls", "--keep", "16", "--limit", "1",
+                           "--out", str(tmp_path), "--json", "--max-new-tokens", "1", "--save-overlays")
+    assert code == 0 and "no overlays written" in err
+    assert json.loads(out)["overlays"]["dir"] is None
+
+
 def test_eval_jsonl_task_with_failing_samples(tmp_path, capsys):
     """Exact-match and multiple-choice records; an undecodable image and one the processor refuses fail
     alone (in every cell) and the other samples are still scored."""

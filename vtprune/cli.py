@@ -1,4 +1,4 @@
-"""The ``vtprune`` command line: ``vtprune methods``, ``run``, ``eval``, ``calibrate``, ``vtprune --version``."""
+"""The ``vtprune`` command line: ``vtprune methods``, ``run``, ``eval``, ``demo``, ``calibrate``, ``--version``."""
 
 from __future__ import annotations
 
@@ -214,6 +214,19 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit("vtprune: error: the demo needs gradio: pip install 'vtprune[demo]'") from None
+    from vtprune.demo import DemoEngine, build_demo
+
+    model, processor = load_model(args.model)
+    app = build_demo(DemoEngine(model, processor, name=args.model))
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
 def cmd_methods(args) -> int:
     import vtprune
 
@@ -266,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output directory for results.json and the plot (default: ./vtprune-eval)")
     ev.add_argument("--json", action="store_true", help="print the results JSON on stdout instead of the table")
     ev.add_argument("--log-samples", action="store_true", help="record every prediction in results.json")
+    ev.add_argument("--save-overlays", action="store_true",
+                    help="write OUT/overlays/<method>-keep<K>/<sample>.png: each image with its pruned tokens darkened")
     ev.add_argument("--layer", type=int, default=None,
                     help="in-LLM pruning layer for the methods that prune inside the LLM (default: the method's)")
     ev.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
@@ -276,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto",
                     help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16")
     ev.set_defaults(func=cmd_eval)
+    demo = sub.add_parser("demo", help="a Gradio app: ask about an image, see the pruned and unpruned answers "
+                                       "and which visual tokens were kept")
+    demo.add_argument("--model", default="toy-llava",
+                      help=f"trained toy model ({', '.join(TOY_MODELS)}), tiny random model or a local checkpoint "
+                           "dir (default: toy-llava)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    demo.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    demo.set_defaults(func=cmd_demo)
     cal = sub.add_parser(
         "calibrate",
         help="fit debias's positional trend and find sink dims on calibration images; write a calibration file",

@@ -64,6 +64,42 @@ def config_dict(args) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
+def save_overlays(runs, task, model, processor, where: Path) -> dict[str, Any]:
+    """Write ``where/<method>-keep<keep>/<sample index>.png`` for every pruned cell and scored sample: the
+    model's view of the sample's image with the pruned visual tokens darkened (`vtprune.viz`).
+
+    Returns ``{"dir": ..., "written": n}``, or ``{"dir": None, "note": why}`` when the model's token
+    layout is not drawn (LLaVA-NeXT); a sample whose image cannot be drawn is skipped.
+    """
+    from vtprune import viz
+
+    grids: dict[int, Any] = {}
+    written = 0
+    for run in runs:
+        if run.cell.method is None:
+            continue
+        folder = where / f"{run.cell.method.replace('+', '_')}-keep{run.cell.keep}"
+        for sample in task.samples:
+            rec = run.records.get(sample.index)
+            if rec is None or rec.kept_indices is None:
+                continue
+            if sample.index not in grids:
+                try:
+                    grids[sample.index] = viz.token_grid(model, processor, sample.load_image())
+                except ValueError as err:  # a layout viz does not draw: the same for every sample
+                    print(f"vtprune: note: no overlays written: {err}", file=sys.stderr)
+                    return {"dir": None, "note": str(err)}
+                except Exception:
+                    grids[sample.index] = None
+            grid = grids[sample.index]
+            if grid is None or max(rec.kept_indices, default=-1) >= grid.tokens:
+                continue  # an unreadable image, or several images in one sample: not drawn
+            folder.mkdir(parents=True, exist_ok=True)
+            viz.overlay(grid, rec.kept_indices).save(folder / f"{sample.index}.png")
+            written += 1
+    return {"dir": str(where), "written": written}
+
+
 def run_eval(args) -> int:
     """Run ``vtprune eval`` for parsed ``args`` (see `vtprune.cli.build_parser`)."""
     import torch
@@ -110,6 +146,8 @@ def run_eval(args) -> int:
     except ImportError:
         results["plot"] = None
         print("vtprune: note: no plot written; install matplotlib (pip install 'vtprune[eval]')", file=sys.stderr)
+    if args.save_overlays:
+        results["overlays"] = save_overlays(runs, task, model, processor, out / "overlays")
     path = report.write_results(results, out)
     if args.json:
         print(json.dumps(results, indent=2, default=str))

@@ -40,6 +40,8 @@ def sample_log(run: CellRun, task: Task) -> list[dict[str, Any]]:
         if s.choices:
             entry.update(choices=s.choices, answer_index=s.answer_index)
         entry.update(prediction=r.prediction, correct=r.correct, kept=r.kept, visual_tokens=r.visual_before)
+        if r.kept_indices is not None:
+            entry["kept_indices"] = r.kept_indices
         if r.error is not None:
             entry["error"] = r.error
         out.append(entry)

@@ -122,6 +122,7 @@ class SampleRecord:
     flops: float | None = None  # prefill FLOPs estimate (LLM + vision tower)
     vision_flops: float | None = None
     error: str | None = None
+    kept_indices: list[int] | None = None  # indices into the sample's visual tokens (pruned cells)
 
 
 @dataclass
@@ -246,6 +247,7 @@ class Runner:
                 llm = llm_flops(self.model.config, int(lengths[b]))
             else:
                 rec.kept = int(st.visual_after[b])
+                rec.kept_indices = st.kept[b].tolist()
                 llm = llm_flops(self.model.config, st.seq_len_before[b], st.seq_len_after[b], st.stage, st.layer)
             vis = vision_flops(self.model.config, geometry[b]) if geometry is not None else None
             rec.vision_flops, rec.flops = vis, llm + (vis or 0.0)
