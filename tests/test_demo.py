@@ -208,3 +208,16 @@ def test_browser_uploads_asks_and_sees_answers_and_overlay(app_url, tmp_path):
             page.get_by_text("the question is empty").first.wait_for(timeout=30_000)
         finally:
             browser.close()
+
+
+def test_cli_demo_loads_the_model_and_launches_where_asked(monkeypatch):
+    gr = pytest.importorskip("gradio")
+    from vtprune.cli import main
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.update(kw, title=self.title))
+    assert main(["demo", "--model", "tiny-qwen2-vl", "--host", "0.0.0.0", "--port", "7999"]) == 0
+    assert seen == {"server_name": "0.0.0.0", "server_port": 7999, "share": False,
+                    "title": "vtprune: what visual-token pruning keeps"}
+    with pytest.raises(SystemExit, match="neither a built-in model"):
+        main(["demo", "--model", "no-such-model"])
