@@ -4,8 +4,8 @@
 
 Two evaluations of the model on the toy-shapes test split, each through the `vtprune eval` command:
 
-1. ``toy-shapes``: unpruned, then every ``--method`` at 1/9 of the visual tokens (28 of LLaVA's 256,
-   7 of Qwen2-VL's 64 at 224 px);
+1. ``toy-shapes``: unpruned, then every ``--method`` at 1/9 of the visual tokens (7 of the 64 that
+   both toys have at 224 px: LLaVA's 28 px patches, Qwen2-VL's merged 2 x 2 groups of 14 px patches);
 2. ``toy-shapes-noise``: the same questions with the images replaced by noise (unpruned).
 
 and the four checks of the bar: unpruned accuracy >= 90 %; noise accuracy within 10 points of chance;
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_METHODS = ("random", "cls", "vtc-cls", "visionzip", "fastv", "debias+fastv", "flowcut")
-TOKENS = {"toy-llava": 256, "toy-qwen2vl": 64}
+TOKENS = {"toy-llava": 64, "toy-qwen2vl": 64}
 
 
 def evaluate(argv: list[str]) -> dict:

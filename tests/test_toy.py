@@ -113,7 +113,7 @@ def test_training_script_smoke(tmp_path, arch):
     proc = AutoProcessor.from_pretrained(out)
     s = shapes.make_sample("test", 0)
     inputs = proc(images=[s.image], text=[mod.RECIPES[arch]().prompt(s.question)], return_tensors="pt")
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == (256 if arch == "llava" else 64)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64  # one token per 28 px cell
     assert os.path.getsize(out / "model.safetensors") < 20e6
     # the prompt the training script uses is the one `vtprune eval` builds for the same question
     from vtprune.cli import default_prompt
@@ -141,7 +141,7 @@ def test_packed_turns_are_exactly_single_turn_prompts(arch):
     s = shapes.make_sample("test", 2)
     seqs = [mod.sequence(recipe, tok, model, s.objects, np.random.default_rng(k), 3 - k) for k in range(2)]
     ids, labels, mask, pos = mod.pack(recipe, seqs, tok.pad_token_id)
-    feats = torch.randn(2, 256, 32)
+    feats = torch.randn(2, 64 if arch == "llava" else 256, 32)  # LLaVA's patch features; Qwen's pre-merger patches
     with torch.no_grad():
         packed = model.model.language_model(inputs_embeds=recipe.embed(model, feats, ids), attention_mask=mask,
                                             position_ids=pos).last_hidden_state
@@ -222,3 +222,20 @@ def test_bad_split_is_refused(bad):
     else:
         with pytest.raises(ValueError, match="unknown split"):
             shapes.dataset(bad, 1)
+
+
+def test_llava_tower_starts_from_a_2d_sincos_position_table():
+    import torch
+
+    mod = _train_toy()
+    table = mod.sincos_positions(8, 32)
+    assert table.shape == (65, 32) and torch.equal(table[0], torch.zeros(32))  # CLS: no position
+    grid = table[1:].reshape(8, 8, 32)
+    assert torch.equal(grid[:, 0, :16], grid[:, 5, :16])  # the first half codes the row only
+    assert torch.equal(grid[0, :, 16:], grid[6, :, 16:])  # the second half the column only
+    assert len({tuple(r.tolist()) for r in table[1:]}) == 64  # every patch position is distinct
+    recipe = mod.RECIPES["llava"]()
+    tok = recipe.tokenizer()
+    model = recipe.model(tok, _Small())
+    assert torch.equal(model.model.vision_tower.embeddings.position_embedding.weight.detach(),
+                       mod.sincos_positions(8, _Small.vision_hidden))
