@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +114,39 @@ class VisionRecord:
     # (VisionZip's keys, see adapters/visionzip_stage.py)
 
 
+class PartTimer:
+    """Wall-clock seconds vtprune spends in its own pruning work, by part, while ``enabled``.
+
+    - ``"score"``: computing the signals a scorer needs (the recomputed attention rows, CLS rows),
+      scoring and selecting the kept tokens.
+    - ``"compact"``: gathering the kept tokens, their positions, RoPE tables and masks, and scattering
+      the final hidden states back.
+
+    Off by default (one attribute check per part). With ``cuda=True`` each part is bracketed by
+    device synchronisations, so `vtprune bench` enables it only for a separate profiling pass.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.cuda = False
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
 @dataclass
 class PruneState:
     """Everything vtprune keeps on a patched model (``model._vtprune_state``)."""
@@ -129,3 +165,4 @@ class PruneState:
     cls_accumulator: torch.Tensor | None = None
     vision_extras: dict | None = None  # filled by method hooks during an encoder call -> VisionRecord.extras
     encoding: bool = False  # inside a wrapped encoder call (Qwen3-VL's video encoder calls the image one)
+    timer: PartTimer = field(default_factory=PartTimer)  # vtprune's own time by part (vtprune bench)

@@ -336,9 +336,10 @@ class Adapter:
     def _make_cls_hook(self, state: PruneState):
         def hook(module, args, kwargs):
             if state.enabled:
-                row = self.vision_score_row(module, args, kwargs)
-                acc = state.cls_accumulator
-                state.cls_accumulator = row if acc is None else acc + row
+                with state.timer.part("score"):
+                    row = self.vision_score_row(module, args, kwargs)
+                    acc = state.cls_accumulator
+                    state.cls_accumulator = row if acc is None else acc + row
             return None
 
         return hook

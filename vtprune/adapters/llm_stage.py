@@ -151,9 +151,10 @@ class LLMStageHooks:
         sess.llm_attention = None
         if self.state.scorer.needs_signal(LLM_ATTENTION):
             hidden = args[0] if args else kwargs["hidden_states"]
-            sess.llm_attention = llm_query_attention(
-                module, hidden, kwargs["position_embeddings"], sess.query_pos, sess.attention_2d
-            )
+            with self.state.timer.part("score"):
+                sess.llm_attention = llm_query_attention(
+                    module, hidden, kwargs["position_embeddings"], sess.query_pos, sess.attention_2d
+                )
         return None
 
     def _post_k(self, module, args, kwargs, output):
@@ -161,6 +162,31 @@ class LLMStageHooks:
         if sess.phase != "prefill" or sess.layout is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
+        with self.state.timer.part("score"):
+            kept, scores = self._select(hidden)
+        with self.state.timer.part("compact"):
+            sess.keep_seq, sess.filler = build_keep_index(sess, kept)
+            out = compact(hidden, sess.keep_seq)
+        sess.full_hidden = hidden
+        sess.mask_cache = {}
+        before = sess.attention_2d.sum(1).tolist()
+        dropped = [int(p.numel() - k.numel()) for p, k in zip(sess.layout.positions, kept)]
+        self.state.stats = PruneStats(
+            method=self.state.config.method,
+            stage=IN_LLM,
+            layer=self.k,
+            kept=[k.cpu() for k in kept],
+            visual_before=sess.layout.counts(),
+            visual_after=[int(k.numel()) for k in kept],
+            seq_len_before=[int(x) for x in before],
+            seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
+            scores=scores,
+        )
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def _select(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The scorer's signals from layer K's output ``hidden`` [B, N, D]; per sample kept indices and scores."""
+        sess = self.state.session
         lay = sess.layout
         signals = Signals(layout=lay, stage=IN_LLM, layer=self.k, keep=self.state.config.keep,
                           extras=sess.extras)
@@ -171,28 +197,14 @@ class LLMStageHooks:
         if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
             signals.pixel_values = self.state.vision_record.pixel_values
         scores = self.state.scorer.score(signals)
-        kept = select_topk(scores, lay, self.state.config.keep)
-        sess.keep_seq, sess.filler = build_keep_index(sess, kept)
-        sess.full_hidden = hidden
-        sess.mask_cache = {}
-        before = sess.attention_2d.sum(1).tolist()
-        dropped = [int(p.numel() - k.numel()) for p, k in zip(lay.positions, kept)]
-        self.state.stats = PruneStats(
-            method=self.state.config.method,
-            stage=IN_LLM,
-            layer=self.k,
-            kept=[k.cpu() for k in kept],
-            visual_before=lay.counts(),
-            visual_after=[int(k.numel()) for k in kept],
-            seq_len_before=[int(x) for x in before],
-            seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
-            scores=scores,
-        )
-        out = compact(hidden, sess.keep_seq)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
+        return select_topk(scores, lay, self.state.config.keep), scores
 
     # ---- layers after K -----------------------------------------------------------------------
     def _pre_after(self, module, args, kwargs):
+        with self.state.timer.part("compact"):
+            return self._gather_after(args, kwargs)
+
+    def _gather_after(self, args, kwargs):
         # Per-call results are cached for the layers after K, keyed by the identity of the inputs they
         # derive from; each entry keeps those inputs alive, so a key can never be reused by a new tensor.
         sess = self.state.session
@@ -228,9 +240,10 @@ class LLMStageHooks:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         full = sess.full_hidden
-        src = torch.where(sess.filler[..., None], compact(full, sess.keep_seq), hidden)
-        out = full.clone()
-        out.scatter_(1, sess.keep_seq[..., None].expand(-1, -1, full.shape[-1]), src.to(full.dtype))
+        with self.state.timer.part("compact"):
+            src = torch.where(sess.filler[..., None], compact(full, sess.keep_seq), hidden)
+            out = full.clone()
+            out.scatter_(1, sess.keep_seq[..., None].expand(-1, -1, full.shape[-1]), src.to(full.dtype))
         sess.full_hidden = None
         sess.mask_cache = {}
         return (out, *output[1:]) if isinstance(output, tuple) else out

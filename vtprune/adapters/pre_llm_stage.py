@@ -48,46 +48,48 @@ def shorten_prefill_inputs(
         embeds = adapter.embed(input_ids)
     embeds = adapter.merge_visual_features(images, embeds, sess.kinds)
 
-    signals = Signals(layout=lay, stage=PRE_LLM, keep=state.config.keep, extras=sess.extras)
-    if state.scorer.needs_signal(VISION_CLS_ATTENTION):
-        signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
-    if state.scorer.needs_signal(HIDDEN_STATES):
-        signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
-    if state.scorer.needs_signal(PIXEL_VALUES):
-        signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
-    contextual, scores = None, None
-    if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
-        kept, embeds, contextual = contextual_merge(adapter, state, images, signals, embeds)
-    else:
-        scores = state.scorer.score(signals)
-        kept = select_topk(scores, lay, state.config.keep)
+    with state.timer.part("score"):  # signals, scores and selection
+        signals = Signals(layout=lay, stage=PRE_LLM, keep=state.config.keep, extras=sess.extras)
+        if state.scorer.needs_signal(VISION_CLS_ATTENTION):
+            signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
+        if state.scorer.needs_signal(HIDDEN_STATES):
+            signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
+        if state.scorer.needs_signal(PIXEL_VALUES):
+            signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
+        contextual, scores = None, None
+        if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
+            kept, embeds, contextual = contextual_merge(adapter, state, images, signals, embeds)
+        else:
+            scores = state.scorer.score(signals)
+            kept = select_topk(scores, lay, state.config.keep)
 
-    bsz, n = visual.shape
-    dropped = visual.clone()
-    for b in range(bsz):
-        dropped[b, lay.positions[b][kept[b].to(visual.device)]] = False
-    rows = [torch.nonzero(~dropped[b]).flatten() for b in range(bsz)]
-    width = max(int(r.numel()) for r in rows)
-    mask2d = kwargs.get("attention_mask")
-    side = _padding_side(mask2d)
-    index = torch.zeros(bsz, width, dtype=torch.long, device=visual.device)
-    valid = torch.zeros(bsz, width, dtype=torch.bool, device=visual.device)
-    for b, row in enumerate(rows):
-        sl = slice(width - row.numel(), width) if side == "left" else slice(0, row.numel())
-        index[b, sl] = row
-        valid[b, sl] = sess.attention_2d[b, row]
-    ragged = any(int(r.numel()) != width for r in rows)
+    with state.timer.part("compact"):  # the shortened sequence, its mask and positions
+        bsz, n = visual.shape
+        dropped = visual.clone()
+        for b in range(bsz):
+            dropped[b, lay.positions[b][kept[b].to(visual.device)]] = False
+        rows = [torch.nonzero(~dropped[b]).flatten() for b in range(bsz)]
+        width = max(int(r.numel()) for r in rows)
+        mask2d = kwargs.get("attention_mask")
+        side = _padding_side(mask2d)
+        index = torch.zeros(bsz, width, dtype=torch.long, device=visual.device)
+        valid = torch.zeros(bsz, width, dtype=torch.bool, device=visual.device)
+        for b, row in enumerate(rows):
+            sl = slice(width - row.numel(), width) if side == "left" else slice(0, row.numel())
+            index[b, sl] = row
+            valid[b, sl] = sess.attention_2d[b, row]
+        ragged = any(int(r.numel()) != width for r in rows)
 
-    sess.pre_index, sess.pre_valid = index, valid
-    sess.pre_removed = dropped.sum(1)
-    kwargs["inputs_embeds"] = compact(embeds, index)
-    kwargs["input_ids"] = None
-    if mask2d is not None or ragged:
-        dtype = mask2d.dtype if mask2d is not None else torch.long
-        kwargs["attention_mask"] = valid.to(dtype)
-    adapter.shortened_positions(sess, original, kwargs, dropped)
-    adapter.strip_image_inputs(kwargs)
-    adapter.after_shortening(state, images, visual, dropped)
+        sess.pre_index, sess.pre_valid = index, valid
+        sess.pre_removed = dropped.sum(1)
+        kwargs["inputs_embeds"] = compact(embeds, index)
+        kwargs["input_ids"] = None
+        if mask2d is not None or ragged:
+            dtype = mask2d.dtype if mask2d is not None else torch.long
+            kwargs["attention_mask"] = valid.to(dtype)
+        adapter.shortened_positions(sess, original, kwargs, dropped)
+        adapter.strip_image_inputs(kwargs)
+        adapter.after_shortening(state, images, visual, dropped)
 
     before = sess.attention_2d.sum(1)
     state.stats = PruneStats(

@@ -62,13 +62,13 @@ def tiny_llava_tokenizer(vocab_size: int = 400):
     return llava_tokenizer(_CORPUS * 4, vocab_size)
 
 
-def _text_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int):
+def _text_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int | None = None):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,  # 4096 in LLaVA-1.5-7B
-        intermediate_size=hidden * 2,  # 11008
+        intermediate_size=intermediate or hidden * 2,  # 11008
         num_hidden_layers=layers,  # 32
         num_attention_heads=heads,  # 32
         num_key_value_heads=kv_heads,  # 32
@@ -79,14 +79,15 @@ def _text_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads
     )
 
 
-def _vision_config(hidden: int, layers: int, heads: int, image_size: int = 336, patch_size: int = 14):
+def _vision_config(hidden: int, layers: int, heads: int, image_size: int = 336, patch_size: int = 14,
+                   intermediate: int | None = None):
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
         image_size=image_size,  # 336 in LLaVA-1.5
         patch_size=patch_size,  # 14
         hidden_size=hidden,  # 1024
-        intermediate_size=hidden * 2,  # 4096
+        intermediate_size=intermediate or hidden * 2,  # 4096
         num_hidden_layers=layers,  # 24
         num_attention_heads=heads,  # 16
         projection_dim=hidden,
@@ -105,11 +106,16 @@ def tiny_llava(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     next_: bool = False,
+    intermediate: int | None = None,
+    vision_intermediate: int | None = None,
+    vocab_size: int | None = None,
 ):
     """Build a tiny random ``LlavaForConditionalGeneration`` (or ``LlavaNextForConditionalGeneration``).
 
     The vision tower keeps LLaVA-1.5's geometry (336 px, patch 14: 576 patch tokens per image) so that
-    token counts match the real model; only the widths and depths are small.
+    token counts match the real model; only the widths and depths are small. ``intermediate`` /
+    ``vision_intermediate`` (MLP widths, default twice the hidden size) and ``vocab_size`` (default the
+    tiny tokenizer's) give real models' shapes (`vtprune bench --size 7b`).
     """
     from transformers import (
         LlavaConfig,
@@ -120,8 +126,8 @@ def tiny_llava(
 
     tok = tiny_llava_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    text = _text_config(len(tok), hidden, layers, heads, kv_heads or heads)
-    vision = _vision_config(vision_hidden, vision_layers, vision_heads)
+    text = _text_config(vocab_size or len(tok), hidden, layers, heads, kv_heads or heads, intermediate)
+    vision = _vision_config(vision_hidden, vision_layers, vision_heads, intermediate=vision_intermediate)
     common = dict(
         image_token_id=image_token_id,
         vision_feature_layer=-2,

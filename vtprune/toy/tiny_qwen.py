@@ -61,10 +61,17 @@ def tiny_qwen(
     vision_heads: int = 4,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    intermediate: int | None = None,
+    vision_intermediate: int | None = None,
+    vocab_size: int | None = None,
+    fullatt_blocks: list[int] | None = None,
 ):
     """Build a tiny random ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VL...`` / ``Qwen3VL...``.
 
-    ``kind`` is the ``model_type``: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``.
+    ``kind`` is the ``model_type``: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``. ``intermediate``
+    / ``vision_intermediate`` (MLP widths, default twice the hidden size), ``vocab_size`` (default the
+    tiny tokenizer's) and ``fullatt_blocks`` (Qwen2.5-VL's full-attention vision blocks, default the
+    second and the last) give real models' shapes (`vtprune bench --size 7b`).
     """
     if kind not in QWEN_KINDS:
         raise ValueError(f"kind must be one of {QWEN_KINDS}, got {kind!r}")
@@ -74,9 +81,9 @@ def tiny_qwen(
     head_dim = hidden // heads  # 128 in the 7B models
     section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # [16, 24, 24] at 128
     text = dict(
-        vocab_size=len(tok),
+        vocab_size=vocab_size or len(tok),
         hidden_size=hidden,  # 3584 (Qwen2-VL-7B), 4096 (Qwen3-VL-8B)
-        intermediate_size=hidden * 2,  # 18944
+        intermediate_size=intermediate or hidden * 2,  # 18944
         num_hidden_layers=layers,  # 28, 36
         num_attention_heads=heads,  # 28, 32
         num_key_value_heads=kv_heads,  # 4, 8
@@ -88,20 +95,21 @@ def tiny_qwen(
     )
     vision = dict(depth=vision_layers, num_heads=vision_heads, spatial_merge_size=2, temporal_patch_size=2)
     if kind == "qwen2_vl":
-        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2, patch_size=14)  # 1280, 32 deep
+        mlp_ratio = vision_intermediate // vision_hidden if vision_intermediate else 2  # 4 in Qwen2-VL-7B
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=mlp_ratio, patch_size=14)  # 1280, 32 deep
         cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **_ids())
         cls = tf.Qwen2VLForConditionalGeneration
     elif kind == "qwen2_5_vl":
-        vision.update(hidden_size=vision_hidden, out_hidden_size=hidden, intermediate_size=vision_hidden * 2,
-                      patch_size=14, window_size=112,
-                      fullatt_block_indexes=[1, vision_layers - 1])  # [7, 15, 23, 31] of 32
+        vision.update(hidden_size=vision_hidden, out_hidden_size=hidden,
+                      intermediate_size=vision_intermediate or vision_hidden * 2, patch_size=14, window_size=112,
+                      fullatt_block_indexes=fullatt_blocks or [1, vision_layers - 1])  # [7, 15, 23, 31] of 32
         cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_ids())
         cls = tf.Qwen2_5_VLForConditionalGeneration
     else:
         text["head_dim"] = head_dim
         text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
-        vision.update(hidden_size=vision_hidden, out_hidden_size=hidden, intermediate_size=vision_hidden * 2,
-                      patch_size=16, num_position_embeddings=256,  # 2304 (48 x 48)
+        vision.update(hidden_size=vision_hidden, out_hidden_size=hidden,
+                      intermediate_size=vision_intermediate or vision_hidden * 2, patch_size=16, num_position_embeddings=256,  # 2304 (48 x 48)
                       deepstack_visual_indexes=[0, 1])  # [8, 16, 24] of 27
         cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, **_ids())
         cls = tf.Qwen3VLForConditionalGeneration
