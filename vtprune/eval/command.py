@@ -106,8 +106,9 @@ def run_eval(args) -> int:
 
     from vtprune.cli import _parse_options, default_prompt, resolve_model
     from vtprune.eval import report
+    from vtprune.eval.distributed import finish, gather_to_main, init_process_group, launched_shard
     from vtprune.eval.memory import memory_measure
-    from vtprune.eval.runner import Runner, build_cells, validate_cells
+    from vtprune.eval.runner import Runner, build_cells, merge_runs, validate_cells
     from vtprune.eval.tasks import load_task
 
     if args.batch_size < 1:
@@ -122,23 +123,34 @@ def run_eval(args) -> int:
     resolve_model(args.model)
     options = _parse_options(args.option)
     cells = build_cells(args.method, args.keep, args.layer, options)
+    shard = launched_shard()
     device = resolve_device(args.device)
+    if shard.world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", shard.local_rank)  # one GPU per process
     dtype = resolve_dtype(args.dtype, device)
     model, processor = load_eval_model(args.model, device, dtype)
     validate_cells(model, cells)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise EvalError(f"cannot create the output directory {out} ({err}); give another --out") from None
+    if shard.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise EvalError(f"cannot create the output directory {out} ({err}); give another --out") from None
 
     runner = Runner(model, processor, lambda s: default_prompt(model, processor, s.prompt_text()),
                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=device,
                     dtype=dtype if dtype != torch.float32 else None)
-    runs = runner.run(task, cells)
+    init_process_group(shard, device)
+    try:
+        parts = gather_to_main(shard, runner.run(task, cells, shard))
+    finally:
+        finish(shard)
+    if not shard.main:
+        return 0
+    runs = merge_runs(parts)
 
     model_info = {"name": args.model, "class": type(model).__name__, "model_type": model.config.model_type,
-                  "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+                  "device": str(device), "dtype": str(dtype).removeprefix("torch."), "processes": shard.world}
     results = report.build_results(runs, task, config=config_dict(args), model_info=model_info,
                                    memory_measure=memory_measure(device), log_samples=args.log_samples)
     try:

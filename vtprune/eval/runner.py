@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import vtprune
+from vtprune.eval.distributed import Shard
 from vtprune.eval.flops import image_geometry, llm_flops, vision_flops
 from vtprune.eval.memory import PeakMemory
 from vtprune.eval.tasks import EvalSample, Task
@@ -185,6 +186,19 @@ class CellRun:
         }
 
 
+def merge_runs(parts: list[list[CellRun]]) -> list[CellRun]:
+    """One list of runs from every rank's (same cells, disjoint samples): records joined, timings and
+    memory readings pooled (medians and maxima are then taken over all ranks' batches)."""
+    merged = parts[0]
+    for part in parts[1:]:
+        for into, run in zip(merged, part):
+            into.records.update(run.records)
+            into.prefill_s += run.prefill_s
+            into.e2e_s += run.e2e_s
+            into.memory_mib += run.memory_mib
+    return merged
+
+
 def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -288,14 +302,18 @@ class Runner:
                 pass
 
     # ---- the grid -------------------------------------------------------------------------------
-    def run(self, task: Task, cells: list[Cell]) -> list[CellRun]:
-        """Run the baseline and ``cells`` on every batch of ``task``; returns the baseline's run first."""
+    def run(self, task: Task, cells: list[Cell], shard: Shard | None = None) -> list[CellRun]:
+        """Run the baseline and ``cells`` on every batch of ``task`` (with ``shard``: on this rank's share
+        of the batches, see `vtprune.eval.distributed`); returns the baseline's run first."""
         from tqdm.auto import tqdm
 
+        shard = shard or Shard()
         runs = [CellRun(Cell())] + [CellRun(c) for c in cells]
         batches = [task.samples[i:i + self.batch_size] for i in range(0, len(task.samples), self.batch_size)]
-        bar = tqdm(total=len(task.samples), desc="vtprune eval", unit="sample", file=sys.stderr,
-                   disable=None if self.progress is None else not self.progress)
+        batches = shard.batches(batches)
+        desc = "vtprune eval" if shard.world == 1 else f"vtprune eval (rank 0 of {shard.world})"
+        bar = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="sample", file=sys.stderr,
+                   disable=not shard.main or (None if self.progress is None else not self.progress))
         warm = False
         try:
             for batch in batches:
