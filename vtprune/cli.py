@@ -214,6 +214,20 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from vtprune.eval.bench import run, table
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run(arch=args.arch, size=args.size, method=args.method, keep=args.keep, layer=args.layer,
+                 device=args.device, dtype=args.dtype, batch=args.batch, repeats=args.repeats,
+                 new_tokens=args.new_tokens, options=_parse_options(args.option))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
 def cmd_demo(args) -> int:
     try:
         import gradio  # noqa: F401
@@ -291,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto",
                     help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16")
     ev.set_defaults(func=cmd_eval)
+    from vtprune.eval.bench import ARCHS, SIZES
+
+    bench = sub.add_parser("bench", help="prefill, generate, decode, memory, KV cache and FLOPs pruned vs "
+                                         "unpruned, side by side on a random-weight model of a real shape")
+    bench.add_argument("--arch", default="llava", choices=ARCHS)
+    bench.add_argument("--size", default="medium", choices=SIZES,
+                       help="tiny; medium (for a CPU); 7b (the 7B models' real shapes, for a GPU)")
+    bench.add_argument("--method", default="fastv", help="pruning method (see `vtprune methods`)")
+    bench.add_argument("--keep", type=_parse_keep, default=64, help="tokens per image (int) or fraction (float)")
+    bench.add_argument("--layer", type=int, default=None, help="in-LLM pruning layer (default: the method's)")
+    bench.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=5, help="timed prefills each way (interleaved)")
+    bench.add_argument("--new-tokens", type=int, default=32, help="forced new tokens per generate")
+    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--json", action="store_true", help="print every measurement as JSON")
+    bench.set_defaults(func=cmd_bench)
     demo = sub.add_parser("demo", help="a Gradio app: ask about an image, see the pruned and unpruned answers "
                                        "and which visual tokens were kept")
     demo.add_argument("--model", default="toy-llava",
@@ -324,11 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vtprune.adapters import UnsupportedModelError
     from vtprune.config import ConfigError
+    from vtprune.eval.bench import BenchError
     from vtprune.eval.errors import EvalError
 
     try:
         return args.func(args)
-    except (ConfigError, UnsupportedModelError, EvalError, ModelNotFoundError) as err:
+    except (ConfigError, UnsupportedModelError, EvalError, ModelNotFoundError, BenchError) as err:
         print(f"vtprune: error: {err}", file=sys.stderr)
         return 2
 
