@@ -1,4 +1,4 @@
-"""The ``vtprune`` command line: ``vtprune methods``, ``run``, ``eval``, ``demo``, ``calibrate``, ``--version``."""
+"""The ``vtprune`` command line: ``methods``, ``run``, ``eval``, ``bench``, ``demo``, ``calibrate``, ``--version``."""
 
 from __future__ import annotations
 
