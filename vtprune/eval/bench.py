@@ -3,7 +3,7 @@
     vtprune bench --arch llava --size medium --method fastv --keep 64
     vtprune bench --arch qwen2-vl --size 7b --method cls --keep 64 --device cuda --dtype bfloat16 --json
 
-Random weights of a real architecture at a given shape (`SHAPES`: ``tiny``; ``medium``, sized for a
+Random weights of a real architecture at a given shape (``tiny``; ``medium``, sized for a
 CPU; ``7b``, the real widths, depths and vocabularies of LLaVA-1.5-7B / Qwen2-VL-7B / Qwen2.5-VL-7B,
 for a GPU) and a prompt with the real visual-token counts (576 per image for LLaVA-1.5 and the
 672 x 672 Qwen image; 2438 for a 500 x 400 LLaVA-NeXT image). Pruned and unpruned repetitions are
@@ -33,6 +33,7 @@ import torch
 import vtprune
 from vtprune.eval.flops import image_geometry, llm_flops, vision_flops
 from vtprune.eval.memory import PeakMemory
+from vtprune.state import cache_of
 
 ARCHS = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
 SIZES = ("tiny", "medium", "7b")
@@ -98,7 +99,7 @@ def kv_cache_bytes(model, inputs) -> int:
     """Bytes of keys and values the prefill leaves in the cache (every layer, every sample)."""
     with torch.inference_mode():
         out = model(**inputs, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = cache_of(out)  # the output names it as the call did (`cache` from transformers 5.24)
     total = 0
     for layer in cache.layers:
         for t in (layer.keys, layer.values):
