@@ -169,8 +169,18 @@ def test_unsupported_model_names_type_and_supported():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="'llama'.*supported model types: llava, llava_next"):
+    with pytest.raises(UnsupportedModelError, match="'llama'.*supported model types: llava, llava_llama, llava_next"):
         vtprune.apply(model, method="fastv", keep=8)
+
+
+def test_transformers5_adapters_say_so_on_transformers4(llava, monkeypatch):
+    """On transformers 4.x (the LLaVA repository's environment) the v5 adapters refuse with the fix."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.37.2")
+    with pytest.raises(UnsupportedModelError, match=r"needs transformers>=5\.0, but 4\.37\.2 is installed: pip install"):
+        vtprune.apply(llava, method="fastv", keep=8, layer=1)
+    assert not hasattr(llava, "_vtprune_state")
 
 
 def test_non_dynamic_cache_is_refused(llava, processor):

@@ -30,6 +30,8 @@ from vtprune.kernels import (
     triton_available,
 )
 
+pytestmark = pytest.mark.transformers4  # pure torch: runs in the transformers 4.37 environment too
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Small odd shapes: N and K not powers of two, D = 80 (kernels mask the tail of a 128-wide block).

@@ -142,7 +142,7 @@ def test_options_are_validated():
 # ---- vtc-cls: default layer ranges and the planted layer ensemble -------------------------------
 def _stub(feature: int, depth: int, full: list[int] | None = None):
     model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(num_hidden_layers=depth)))
-    adapter = SimpleNamespace(default_vision_layer=lambda: feature)
+    adapter = SimpleNamespace(default_vision_layer=lambda: feature, vision_depth=lambda: depth)
     if full is not None:
         adapter.full_attention_blocks = lambda: full
     return model, adapter

@@ -59,6 +59,7 @@ def apply(
 
     adapter = adapter_for(model)
     scorer = given_scorer if given_scorer is not None else build_scorer(cfg.method, cfg.options)
+    adapter.check_scorer(scorer)
     scorer.bind(model, adapter)  # first: a scorer's default layer may depend on the model (flowcut)
     resolved_layer = cfg.layer if cfg.layer is not None else scorer.default_layer
     if cfg.layer is None and resolved_layer is not None:

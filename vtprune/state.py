@@ -16,15 +16,30 @@ if TYPE_CHECKING:
     from vtprune.scorers.base import Scorer
 
 STATE_ATTR = "_vtprune_state"
-CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 passes `cache`, earlier 5.x `past_key_values`
+# transformers >= 5.24 passes `cache`, earlier 5.x and 4.x models `past_key_values`, 4.x decoder layers
+# `past_key_value`
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:
-    """The KV cache a model or layer call was given, under either of transformers' names (or None)."""
+    """The KV cache a model or layer call was given, under any of transformers' names (or None)."""
     for name in CACHE_KWARGS:
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+def cache_length(cache: Any, layer: int = 0) -> int:
+    """Tokens held by ``layer`` of a KV cache: a ``Cache`` object (4.x or 5.x) or a 4.x legacy tuple.
+
+    transformers 4.x models given a legacy ``((key, value), ...)`` tuple return one, with each layer's
+    tensors ``[B, H, T, d]``; layers may hold different lengths after in-LLM pruning.
+    """
+    if cache is None:
+        return 0
+    if isinstance(cache, (tuple, list)):
+        return int(cache[layer][0].shape[-2]) if len(cache) > layer else 0
+    return int(cache.get_seq_length(layer))
 
 
 @dataclass
@@ -73,7 +88,9 @@ class Session:
     """State of one prefill and the decode steps that follow it (reset at every new prefill)."""
 
     phase: str = "off"  # "off" | "prefill" | "decode"
-    cache: Any = None  # the DynamicCache this prefill filled (identity check at decode)
+    cache: Any = None  # the cache the next decode step must pass (identity check): the DynamicCache this
+    # prefill filled, or on transformers 4.x with legacy tuples the tuple the model returned last
+    step_cache: Any = None  # the cache object the decoder layers of the current call update
     layout: Any = None  # VisualLayout of the prefill
     attention_2d: torch.Tensor | None = None  # [B, N] bool, True on real (non-padding) tokens
     query_pos: torch.Tensor | None = None  # [B] position of the last prompt token of each sample

@@ -1,6 +1,6 @@
 """Model adapters, picked by ``config.model_type`` (`adapter_for`)."""
 
-from vtprune.adapters import llava, qwen  # noqa: F401  (registration)
+from vtprune.adapters import llava, llava_repo, qwen  # noqa: F401  (registration)
 from vtprune.adapters.base import (
     Adapter,
     ImageTokens,

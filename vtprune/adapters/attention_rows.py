@@ -6,6 +6,9 @@ eager attention probabilities of the same layer.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,6 +21,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     norm = getattr(attn, name, None)  # Qwen3-style per-head q_norm / k_norm
     return norm(x) if norm is not None else x
+
+
+def takes_seq_len(rotary: nn.Module) -> bool:
+    """True for transformers 4.37-style rotary modules: ``forward(x, seq_len)`` returns the table rows
+    ``[:seq_len]``, which the attention then indexes by position."""
+    return "seq_len" in inspect.signature(rotary.forward).parameters
+
+
+@torch.no_grad()
+def layer_rope(layer: nn.Module, hidden_in: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE ``(cos, sin)`` of a decoder layer call, each ``[B or 1, N, head_dim]``.
+
+    transformers v5 (and 4.48+) pass them to the layer as ``position_embeddings``; older 4.x layers
+    compute them inside attention from ``position_ids`` with their own ``self_attn.rotary_emb``.
+    """
+    rope = kwargs.get("position_embeddings")
+    if rope is not None:
+        return rope
+    rotary = getattr(layer.self_attn, "rotary_emb", None)
+    if rotary is None:
+        raise RuntimeError(
+            f"{type(layer).__name__} got no position_embeddings and its attention has no rotary_emb: "
+            "vtprune cannot recompute the attention row of this transformers version"
+        )
+    n = hidden_in.shape[1]
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = torch.arange(n, device=hidden_in.device)[None]
+    if takes_seq_len(rotary):
+        cos, sin = rotary(hidden_in, seq_len=int(pos.max()) + 1)
+        return cos[pos], sin[pos]
+    return rotary(hidden_in, pos)
 
 
 @torch.no_grad()
@@ -60,7 +95,8 @@ def llm_query_attention(
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, N]
+    scaling = getattr(attn, "scaling", head_dim**-0.5)  # transformers 4.x attention has no .scaling
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, H, N]
     allowed = key_valid.bool() & (torch.arange(n, device=x.device)[None, :] <= query_pos[:, None])
     logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=1)

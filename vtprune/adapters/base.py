@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from vtprune.config import ConfigError
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import IN_LLM, PRE_LLM, VISION_CLS_ATTENTION
-from vtprune.state import PruneState, Session, VisionRecord, cache_of
+from vtprune.state import PruneState, Session, VisionRecord, cache_length, cache_of
 
 
 class UnsupportedModelError(TypeError):
@@ -158,6 +159,8 @@ class Adapter:
     encoders: ClassVar[dict[str, str]] = {"image": "get_image_features"}
     # "clip": a CLS token and one LLM token per patch; "qwen": no CLS, one LLM token per 2x2 patch group
     vision_family: ClassVar[str] = "clip"
+    # the oldest transformers release the adapter works with (the transformers-v5 model classes need 5.0)
+    min_transformers: ClassVar[str] = "5.0"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -179,6 +182,18 @@ class Adapter:
         """The module whose forward receives ``input_ids``, ``pixel_values`` and the cache."""
         return self.model.model
 
+    def encoder_owner(self) -> nn.Module:
+        """The module whose `encoders` methods run the vision encoder (the core in transformers v5)."""
+        return self.core()
+
+    def encoder_features(self, modality: str, out: Any, bound: dict[str, Any]) -> list[torch.Tensor]:
+        """Per image ``[n_i, D]`` projected features of one encoder call's output ``out``."""
+        return list(out.pooler_output if hasattr(out, "pooler_output") else out[1])
+
+    def encoder_pixels(self, modality: str, bound: dict[str, Any]) -> Any:
+        """The pixel input of one encoder call (its bound arguments ``bound``), as given."""
+        return bound.get("pixel_values_videos" if modality == "video" else "pixel_values")
+
     def decoder_layers(self) -> nn.ModuleList:
         return self.core().language_model.layers
 
@@ -198,6 +213,18 @@ class Adapter:
 
     def default_vision_layer(self) -> int:
         raise NotImplementedError
+
+    def vision_depth(self) -> int:
+        """Number of layers of the vision tower."""
+        vc = self.model.config.vision_config
+        return int(getattr(vc, "num_hidden_layers", None) or vc.depth)
+
+    def pad_grid(self) -> int | None:
+        """Patch grid side of a square single-crop image (LLaVA-1.5: 24) where padding detection applies."""
+        return None
+
+    def check_scorer(self, scorer: Any) -> None:
+        """Raise `ConfigError` for a method this model family cannot run (before the scorer binds)."""
 
     def min_layer(self) -> int:
         """The smallest decoder layer after which in-LLM pruning may drop tokens."""
@@ -312,8 +339,9 @@ class Adapter:
             # the cache the LLM fills may be created inside its forward: record it at the first layer
             handles.append(self.decoder_layers()[0].register_forward_pre_hook(
                 self._make_cache_hook(state), with_kwargs=True))
+            handles.append(core.register_forward_hook(self._make_post_hook(state), with_kwargs=True))
             for modality, name in self.encoders.items():
-                handles.append(_InstanceWrap(core, name, self._make_vision_wrapper(state, modality)))
+                handles.append(_InstanceWrap(self.encoder_owner(), name, self._make_vision_wrapper(state, modality)))
             if state.stage == IN_LLM:
                 handles += LLMStageHooks(state, self.decoder_layers()).install()
             for module in cls_modules:
@@ -357,7 +385,7 @@ class Adapter:
                 state.encoding = False
             bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
             bound.update(bound.pop("kwargs", {}) or {})
-            pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
+            pooled = self.encoder_features(modality, out, bound)
             scores = state.cls_accumulator
             if scores is not None:
                 scores = self.finish_vision_scores(modality, scores, bound)
@@ -368,7 +396,7 @@ class Adapter:
                 n_images=len(pooled),
                 cls_attention=scores,
                 features=list(pooled),
-                pixel_values=bound.get("pixel_values_videos" if modality == "video" else "pixel_values"),
+                pixel_values=self.encoder_pixels(modality, bound),
                 extras=state.vision_extras or {},
             )
             setattr(state, "video_record" if modality == "video" else "vision_record", record)
@@ -383,9 +411,22 @@ class Adapter:
         def hook(module, args, kwargs):
             sess = state.session
             cache = cache_of(kwargs)
+            sess.step_cache = cache
             if sess.phase == "prefill" and cache is not None:
                 check_cache(cache)
                 sess.cache = cache
+            return None
+
+        return hook
+
+    @staticmethod
+    def _make_post_hook(state: PruneState):
+        """Remember the cache the core returned: transformers 4.x returns a new legacy tuple every call."""
+        def hook(module, args, kwargs, output):
+            sess = state.session
+            returned = cache_of(output) if isinstance(output, dict) else None
+            if sess.phase in ("prefill", "decode") and isinstance(returned, (tuple, list)):
+                sess.cache = returned
             return None
 
         return hook
@@ -408,7 +449,7 @@ class Adapter:
         cache = cache_of(kwargs)
         check_cache(cache)
         sess = state.session
-        past = cache.get_seq_length() if cache is not None else 0
+        past = cache_length(cache)
         if past > 0:
             if sess.cache is not cache or sess.phase == "off":
                 state.session = Session()  # a cache vtprune did not prune: pass through
@@ -513,9 +554,16 @@ def check_cache(cache: Any) -> None:
     """Only a plain DynamicCache (full-attention layers) can hold layers of different lengths."""
     if cache is None:
         return
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.cache_utils import DynamicCache
 
-    ok = isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    if isinstance(cache, (tuple, list)):  # transformers 4.x legacy cache: one (key, value) pair per layer
+        ok = all(isinstance(entry, (tuple, list)) and len(entry) == 2 for entry in cache)
+    elif not hasattr(cache, "layers"):  # transformers 4.x DynamicCache: per-layer key/value lists
+        ok = type(cache) is DynamicCache
+    else:
+        from transformers.cache_utils import DynamicLayer
+
+        ok = isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
     if not ok:
         kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
         raise UnsupportedModelError(
@@ -548,7 +596,28 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"vtprune has no adapter for model type {model_type!r} ({type(model).__name__}); "
             f"supported model types: {', '.join(supported_model_types())}"
         )
-    return _ADAPTERS[model_type](model)
+    cls = _ADAPTERS[model_type]
+    check_transformers(cls)
+    return cls(model)
+
+
+def transformers_version() -> tuple[int, ...]:
+    import transformers
+
+    return tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:3])
+
+
+def check_transformers(cls: type[Adapter]) -> None:
+    """A clear error when the installed transformers is older than the adapter needs."""
+    import transformers
+
+    need = tuple(int(p) for p in cls.min_transformers.split("."))
+    if transformers_version()[: len(need)] < need:
+        raise UnsupportedModelError(
+            f"the {cls.description} adapter needs transformers>={cls.min_transformers}, but "
+            f"{transformers.__version__} is installed: pip install 'transformers>={cls.min_transformers}' "
+            "(only the original LLaVA codebase's adapter, model type llava_llama, runs on transformers 4.37)"
+        )
 
 
 def check_layer(layer: int, n_layers: int) -> None:

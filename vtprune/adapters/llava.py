@@ -73,6 +73,9 @@ class LlavaAdapter(_LlavaFamily):
     model_types = ("llava",)
     description = "LLaVA-1.5 (LlavaForConditionalGeneration)"
 
+    def pad_grid(self) -> int | None:
+        return self._grid()
+
     def encode_images(self, images: ImageInputs) -> None:
         self.core().get_image_features(
             pixel_values=images.pixel_values, image_sizes=images.image_sizes, return_dict=True,

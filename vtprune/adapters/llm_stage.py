@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.adapters.attention_rows import llm_query_attention
+from vtprune.adapters.attention_rows import layer_rope, llm_query_attention, takes_seq_len
 from vtprune.kernels import compact
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.select import select_topk
-from vtprune.state import PruneState, PruneStats, Session
+from vtprune.state import PruneState, PruneStats, Session, cache_length
 
 
 def _masked_value(mask: torch.Tensor):
@@ -139,6 +139,9 @@ class LLMStageHooks:
                 handles.append(layer.register_forward_hook(self._post_k, with_kwargs=True))
             elif i > self.k:
                 handles.append(layer.register_forward_pre_hook(self._pre_after, with_kwargs=True))
+                rotary = getattr(layer.self_attn, "rotary_emb", None)
+                if rotary is not None and takes_seq_len(rotary):  # transformers 4.37
+                    handles.append(rotary.register_forward_pre_hook(self._rope_table_length, with_kwargs=True))
             if i == self.last:
                 handles.append(layer.register_forward_hook(self._post_last, with_kwargs=True))
         return handles
@@ -153,7 +156,7 @@ class LLMStageHooks:
             hidden = args[0] if args else kwargs["hidden_states"]
             with self.state.timer.part("score"):
                 sess.llm_attention = llm_query_attention(
-                    module, hidden, kwargs["position_embeddings"], sess.query_pos, sess.attention_2d
+                    module, hidden, layer_rope(module, hidden, kwargs), sess.query_pos, sess.attention_2d
                 )
         return None
 
@@ -210,14 +213,17 @@ class LLMStageHooks:
         sess = self.state.session
         if sess.phase == "prefill" and sess.keep_seq is not None:
             mask, rope = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
-            key = ("prefill", id(mask), id(rope))
+            pos = kwargs.get("position_ids")
+            key = ("prefill", id(mask), id(rope), id(pos))
             if key not in sess.mask_cache:
-                cos, sin = rope
-                sess.mask_cache[key] = ((mask, rope), {
+                gathered = {
                     "attention_mask": prefill_mask(mask, sess),
-                    "position_embeddings": (compact(cos, sess.keep_seq), compact(sin, sess.keep_seq)),
-                    "position_ids": _gather_positions(kwargs.get("position_ids"), sess.keep_seq),
-                })
+                    "position_ids": _gather_positions(pos, sess.keep_seq),
+                }
+                if rope is not None:  # transformers 4.x layers without it rotate from position_ids
+                    cos, sin = rope
+                    gathered["position_embeddings"] = (compact(cos, sess.keep_seq), compact(sin, sess.keep_seq))
+                sess.mask_cache[key] = ((mask, rope, pos), gathered)
             kwargs.update(sess.mask_cache[key][1])
             return args, kwargs
         if sess.phase == "decode" and sess.keep_seq is not None:
@@ -225,11 +231,25 @@ class LLMStageHooks:
             hidden = args[0] if args else kwargs["hidden_states"]
             q_len = hidden.shape[1]
             # layer 0 has already cached this step's tokens, so its length is the full key length
-            kv_len = mask.shape[-1] if mask is not None else sess.cache.layers[0].get_seq_length()
+            kv_len = mask.shape[-1] if mask is not None else cache_length(sess.step_cache, 0)
             key = ("decode", id(mask), q_len, kv_len)
             if key not in sess.mask_cache:
                 sess.mask_cache = {key: (mask, decode_mask(mask, sess, q_len, kv_len))}  # one step at a time
             kwargs["attention_mask"] = sess.mask_cache[key][1]
+            return args, kwargs
+        return None
+
+    def _rope_table_length(self, module, args, kwargs):
+        """transformers 4.37: a layer after K asks its rotary table for ``seq_len`` = its own (shorter)
+        key length, then indexes the table by the kept tokens' original positions; ask for the full
+        length instead (the unpruned model's value: also what dynamic-NTK scaling must see)."""
+        sess = self.state.session
+        asked = kwargs.get("seq_len")
+        if sess.keep_seq is None or asked is None:
+            return None
+        full = max(cache_length(sess.step_cache, 0), sess.seq_len)
+        if asked < full:
+            kwargs["seq_len"] = full
             return args, kwargs
         return None
 

@@ -17,7 +17,7 @@ from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host
 from vtprune.kernels import compact
 from vtprune.scorers.base import HIDDEN_STATES, PIXEL_VALUES, PRE_LLM, VISION_CLS_ATTENTION, Signals
 from vtprune.scorers.select import select_topk
-from vtprune.state import PruneState, PruneStats, Session
+from vtprune.state import PruneState, PruneStats, Session, cache_length
 
 if TYPE_CHECKING:
     from vtprune.adapters.base import Adapter, ImageInputs
@@ -30,13 +30,17 @@ def _padding_side(mask2d: torch.Tensor | None) -> str:
 
 
 def shorten_prefill_inputs(
-    adapter: Adapter, state: PruneState, kwargs: dict[str, Any], images: ImageInputs, visual: torch.Tensor
+    adapter: Adapter, state: PruneState, kwargs: dict[str, Any], images: ImageInputs, visual: torch.Tensor,
+    trim_padding: bool = False,
 ) -> None:
     """Score and drop visual tokens before the LLM; rewrites ``kwargs`` of the core forward in place.
 
     Args:
         images: the call's images; encoded here unless ``generate()`` already did.
         visual: ``[B, N]`` bool, True on image placeholder tokens.
+        trim_padding: drop the padding too and re-pad to the longest shortened row (the LLaVA
+            repository pads to its longest *spliced* row, hundreds of image tokens wide); otherwise the
+            padding slots stay, so positions computed from the sequence do not move.
     """
     sess = state.session
     lay = sess.layout
@@ -68,7 +72,8 @@ def shorten_prefill_inputs(
         dropped = visual.clone()
         for b in range(bsz):
             dropped[b, lay.positions[b][kept[b].to(visual.device)]] = False
-        rows = [torch.nonzero(~dropped[b]).flatten() for b in range(bsz)]
+        keep_rows = ~dropped & sess.attention_2d if trim_padding else ~dropped
+        rows = [torch.nonzero(keep_rows[b]).flatten() for b in range(bsz)]
         width = max(int(r.numel()) for r in rows)
         mask2d = kwargs.get("attention_mask")
         side = _padding_side(mask2d)
@@ -78,6 +83,11 @@ def shorten_prefill_inputs(
             sl = slice(width - row.numel(), width) if side == "left" else slice(0, row.numel())
             index[b, sl] = row
             valid[b, sl] = sess.attention_2d[b, row]
+            pad = width - row.numel()
+            if trim_padding and pad:  # padding slots take the row's own padding first (keep-all stays exact)
+                fill = torch.cat([torch.nonzero(~sess.attention_2d[b]).flatten(),
+                                  torch.nonzero(dropped[b]).flatten()])[:pad]
+                index[b, slice(0, pad) if side == "left" else slice(row.numel(), width)] = fill
         ragged = any(int(r.numel()) != width for r in rows)
 
         sess.pre_index, sess.pre_valid = index, valid
@@ -132,7 +142,7 @@ def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
         kwargs["attention_mask"] = torch.cat([head, mask[:, n:]], dim=1)
     elif not bool(sess.pre_valid.all()):
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-        past = sess.cache.get_seq_length()
+        past = cache_length(sess.cache)
         extra = past + ref.shape[1] - sess.pre_valid.shape[1]
         tail = torch.ones(ref.shape[0], extra, dtype=torch.long, device=ref.device)
         kwargs["attention_mask"] = torch.cat([sess.pre_valid.long(), tail], dim=1)

@@ -54,9 +54,7 @@ def ensemble_layers(model: Any, adapter: Any, n_layers: int) -> list[int]:
     """
     feature = int(adapter.default_vision_layer())
     if feature < 0:
-        vc = model.config.vision_config
-        depth = getattr(vc, "num_hidden_layers", None) or vc.depth
-        feature += depth + 1
+        feature += adapter.vision_depth() + 1
     if hasattr(adapter, "full_attention_blocks"):
         candidates = [b + 1 for b in adapter.full_attention_blocks() if b + 1 <= feature]
     else:

@@ -249,10 +249,10 @@ class Debias(Wrapper):
                     f"(it has {sorted(data.get('trend') or {})}); run `vtprune calibrate --host {hosts[-1]} ...`"
                 )
             self._trend = found
-        self._pad = self.pad_theta is not None and model.config.model_type == "llava"
+        grid = adapter.pad_grid() if adapter is not None else None
+        self._pad = self.pad_theta is not None and grid is not None
         if self._pad:
-            vc = model.config.vision_config
-            self._grid = int(vc.image_size) // int(vc.patch_size)
+            self._grid = int(grid)
 
     def needs_signal(self, name: str) -> bool:
         return (name == PIXEL_VALUES and self._pad) or super().needs_signal(name)

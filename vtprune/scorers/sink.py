@@ -38,7 +38,10 @@ def known_sink_dims(model: Any) -> tuple[int, ...] | None:
     """Published D_sink for the model's language model, or None."""
     cfg = model.config
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    key = (getattr(text, "model_type", None), getattr(text, "hidden_size", None),
+    model_type = getattr(text, "model_type", None)
+    if model_type == "llava_llama":  # the original LLaVA codebase's config is a LlamaConfig
+        model_type = "llama"
+    key = (model_type, getattr(text, "hidden_size", None),
            getattr(text, "intermediate_size", None))
     return KNOWN_SINK_DIMS.get(key)
 

@@ -1,0 +1,309 @@
+"""Adapter for the original LLaVA codebase (haotian-liu/LLaVA, ``llava.model.LlavaLlamaForCausalLM``).
+
+The repository builds the LLM input itself: ``prepare_inputs_labels_for_multimodal`` encodes the
+images (``encode_images``: its ``CLIPVisionTower`` wrapper, then ``mm_projector``), splices each image's
+features in place of its one ``IMAGE_TOKEN_INDEX`` (-200) placeholder, drops the padding and re-pads
+the batch (right by default, ``config.tokenizer_padding_side``). The language model
+(``model.model``, a ``LlamaModel``) then receives only ``inputs_embeds``.
+
+vtprune wraps that method on the instance (no fork, no source change) and calls it with probe labels:
+text tokens get label 0, and the method itself marks every spliced feature row ``IGNORE_INDEX``, so
+the rows it returns as ``IGNORE_INDEX`` on real (unpadded) positions are exactly the visual tokens,
+whatever the padding side, the truncation to ``tokenizer_model_max_length`` or the number of images.
+The caller's own labels, if any, are moved to their new positions. Everything after that (pre-LLM
+shortening, in-LLM dropping after layer K, the decode steps) is the shared machinery of
+`vtprune.adapters.base`, running on the repository's ``LlamaModel`` under transformers 4.37 (its pin)
+or 5.x.
+
+Supported: LLaVA-1.5-style checkpoints (``mm_patch_merge_type="flat"``, ``mm_vision_select_feature``
+``"patch"`` or ``"cls_patch"``, any number of images per prompt). Not supported: LLaVA-1.6 checkpoints of
+the repository (``spatial_unpad`` anyres packing; use transformers' LLaVA-NeXT), and the MPT and Mistral
+variants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtprune.adapters.base import (
+    Adapter,
+    ImageInputs,
+    ImageTokens,
+    UnsupportedModelError,
+    _InstanceWrap,
+    check_cache,
+    last_true,
+    register_adapter,
+    transformers_version,
+)
+from vtprune.adapters.pre_llm_stage import shorten_prefill_inputs
+from vtprune.config import ConfigError
+from vtprune.kernels import compact
+from vtprune.scorers.base import PRE_LLM
+from vtprune.state import PruneState, Session, VisionRecord, cache_of
+
+IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
+IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX
+
+
+@dataclass
+class RepoPrefill:
+    """What one ``prepare_inputs_labels_for_multimodal`` call produced, for the LLM forward that follows.
+
+    - ``embeds``: ``[B, N, D]`` the returned ``inputs_embeds`` (matched by storage at the LLM forward).
+    - ``visual``: ``[B, N]`` bool, True on spliced image-feature rows.
+    - ``tiles``: per image of the call, how many vision-tower crops it was encoded as (1 for LLaVA-1.5).
+    - ``record``: the `VisionRecord` of the call's ``encode_images`` run.
+    """
+
+    embeds: torch.Tensor
+    visual: torch.Tensor
+    tiles: list[int]
+    record: VisionRecord | None
+
+
+def tiles_per_image(images: Any) -> list[int]:
+    """The crops each image is encoded as, following ``prepare_inputs_labels_for_multimodal``'s own split."""
+    if isinstance(images, (list, tuple)):
+        return [1 if x.ndim == 3 else int(x.shape[0]) for x in images]
+    if images.ndim == 5:
+        return [int(images.shape[1])] * int(images.shape[0])
+    return [1] * int(images.shape[0])
+
+
+def moved_labels(labels: torch.Tensor, input_ids: torch.Tensor, mask_in: torch.Tensor,
+                 probe_out: torch.Tensor, mask_out: torch.Tensor) -> torch.Tensor:
+    """The caller's ``labels`` ``[B, N]`` at the positions their text tokens have after splicing ``[B, N2]``."""
+    out = torch.full_like(probe_out, IGNORE_INDEX)
+    for b in range(labels.shape[0]):
+        text_in = mask_in[b] & (input_ids[b] != IMAGE_TOKEN_INDEX)
+        slots = torch.nonzero((probe_out[b] != IGNORE_INDEX) & mask_out[b]).flatten()
+        out[b, slots] = labels[b][text_in][: slots.numel()].to(out.dtype)
+    return out
+
+
+@register_adapter
+class LlavaRepoAdapter(Adapter):
+    """LLaVA-1.5 of the original LLaVA repository (``LlavaLlamaForCausalLM``, model type ``llava_llama``)."""
+
+    model_types = ("llava_llama",)
+    description = "LLaVA-1.5 of the original LLaVA codebase (llava.model.LlavaLlamaForCausalLM)"
+    encoders = {"image": "encode_images"}
+    min_transformers = "4.37"  # the repository's pin; also runs on 5.x
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        version = transformers_version()
+        if (4, 38) <= version[:2] < (5, 0):
+            import transformers
+
+            raise UnsupportedModelError(
+                f"the LLaVA-repository adapter is tested on transformers 4.37 (the repository's pin) and 5.x, "
+                f"not on {transformers.__version__}, whose per-layer cache_position and mask slicing it does not "
+                "follow: pip install 'transformers==4.37.2' (scripts/setup_llava_repo.sh is the tested recipe)"
+            )
+        for name in ("get_model", "get_vision_tower", "prepare_inputs_labels_for_multimodal", "encode_images"):
+            if not hasattr(model, name):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} has model type 'llava_llama' but no {name}(): pass the "
+                    "LlavaLlamaForCausalLM that llava.model.builder.load_pretrained_model returns"
+                )
+        tower = model.get_vision_tower()
+        if tower is None:
+            raise UnsupportedModelError("this llava_llama model has no vision tower (mm_vision_tower is not set)")
+        if not getattr(tower, "is_loaded", True):
+            raise UnsupportedModelError(
+                "the LLaVA vision tower is not loaded yet: load the model with "
+                "llava.model.builder.load_pretrained_model, or call model.get_vision_tower().load_model() "
+                "before vtprune.apply"
+            )
+        cfg = model.config
+        merge = getattr(cfg, "mm_patch_merge_type", "flat")
+        if merge != "flat":
+            raise UnsupportedModelError(
+                f"mm_patch_merge_type={merge!r} (LLaVA-1.6 anyres packing of the LLaVA repository) is not "
+                "supported; vtprune supports the repository's LLaVA-1.5 checkpoints (flat), and LLaVA-1.6 "
+                "through transformers (LlavaNextForConditionalGeneration)"
+            )
+        feature = getattr(tower, "select_feature", "patch")
+        if feature not in ("patch", "cls_patch"):
+            raise UnsupportedModelError(f"mm_vision_select_feature={feature!r} is not supported (patch, cls_patch)")
+        self._pending: RepoPrefill | None = None
+        self._current: RepoPrefill | None = None
+
+    # ---- structure ----------------------------------------------------------------------------
+    def core(self) -> nn.Module:
+        return self.model.get_model()  # LlavaLlamaModel: a LlamaModel fed inputs_embeds
+
+    def encoder_owner(self) -> nn.Module:
+        return self.model  # encode_images lives on LlavaMetaForCausalLM
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.core().layers
+
+    def image_token_id(self) -> int:
+        return IMAGE_TOKEN_INDEX
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.core().embed_tokens(input_ids)
+
+    def _tower(self) -> nn.Module:
+        return self.model.get_vision_tower()
+
+    def _clip(self) -> nn.Module:
+        clip = self._tower().vision_tower  # transformers' CLIPVisionModel
+        return getattr(clip, "vision_model", clip)
+
+    def vision_depth(self) -> int:
+        return len(self._clip().encoder.layers)
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        layers = self._clip().encoder.layers
+        n = len(layers)
+        h = layer + n + 1 if layer < 0 else layer
+        if not 1 <= h <= n:
+            raise ValueError(
+                f"vision_layer={layer} is out of range for a vision tower with {n} layers: use a "
+                f"hidden_states index in [1, {n}] or [-{n}, -1] (-2 is LLaVA's feature layer)"
+            )
+        return layers[h - 1].self_attn
+
+    def default_vision_layer(self) -> int:
+        return int(self._tower().select_layer)
+
+    def pad_grid(self) -> int | None:
+        return int(self._tower().num_patches_per_side)
+
+    def _grid(self) -> int:
+        return int(self._tower().num_patches_per_side)
+
+    def check_scorer(self, scorer: Any) -> None:
+        from vtprune.adapters.flowcut_stage import flowcut_host
+        from vtprune.adapters.visionzip_stage import recycling_host
+
+        for host, name in ((recycling_host(scorer), "visionzip"), (flowcut_host(scorer), "flowcut")):
+            if host is not None:
+                raise ConfigError(
+                    f"{name} is not supported on the original LLaVA codebase yet (its recycling reads "
+                    "transformers' LLaVA vision internals); use it with LlavaForConditionalGeneration, or pick "
+                    "cls, vtc-cls, fastv, random, uniform, debias, sink or ensemble here"
+                )
+
+    # ---- the encoder's output ---------------------------------------------------------------
+    def encoder_features(self, modality: str, out: Any, bound: dict[str, Any]) -> list[torch.Tensor]:
+        return list(out)  # [crops, P, D] projected features, one entry per crop
+
+    def encoder_pixels(self, modality: str, bound: dict[str, Any]) -> Any:
+        return bound.get("images")
+
+    # ---- the prefill inputs -----------------------------------------------------------------
+    def extra_hooks(self, state: PruneState) -> list:
+        return [_InstanceWrap(self.model, "prepare_inputs_labels_for_multimodal", self._make_prepare(state))]
+
+    def _make_prepare(self, state: PruneState):
+        adapter = self
+
+        def wrapper(original, input_ids, position_ids, attention_mask, past_key_values, labels, images,
+                    image_sizes=None):
+            args = (input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+            if (not state.enabled or images is None or input_ids is None or input_ids.shape[1] == 1
+                    or adapter._tower() is None):
+                return original(*args)
+            mask_in = (attention_mask.bool() if attention_mask is not None
+                       else torch.ones_like(input_ids, dtype=torch.bool))
+            probe = torch.zeros_like(input_ids)  # text: 0; the method marks spliced features IGNORE_INDEX
+            state.vision_record = None
+            _, pos, mask_out, cache, embeds, probe_out = original(
+                input_ids, position_ids, mask_in, past_key_values, probe, images, image_sizes)
+            valid = mask_out.bool()
+            visual = (probe_out == IGNORE_INDEX) & valid
+            prefill = RepoPrefill(embeds, visual, tiles_per_image(images), state.vision_record)
+            new_labels = None if labels is None else moved_labels(labels, input_ids, mask_in, probe_out, valid)
+            mask_ret = None if attention_mask is None else mask_out.to(attention_mask.dtype)
+            if state.stage == PRE_LLM and bool(visual.any()):
+                return adapter._shorten(state, prefill, valid, pos, mask_ret, cache, new_labels)
+            adapter._pending = prefill  # in-LLM pruning: the LLM forward that follows picks it up
+            return None, pos, mask_ret, cache, embeds, new_labels
+
+        return wrapper
+
+    def _shorten(self, state: PruneState, prefill: RepoPrefill, valid: torch.Tensor, pos: Any, mask: Any,
+                 cache: Any, labels: torch.Tensor | None) -> tuple:
+        """Pre-LLM pruning, done where the repository builds the LLM input.
+
+        The shortened ``inputs_embeds``, mask, positions and labels go back to the caller (``forward`` or
+        ``generate``), so everything downstream (transformers 4.37's generate, which sizes decode inputs
+        from the cache length, included) sees one consistent, shorter prompt and needs no remapping.
+        """
+        sess = state.session = Session()
+        sess.attention_2d = valid
+        sess.query_pos = last_true(valid)
+        sess.seq_len = valid.shape[1]
+        sess.phase = "prefill"
+        sess.kinds = prefill.visual.long()
+        images = ImageInputs(None, prefill.tiles, None, None, prefill.record)
+        sess.layout = self.build_layout(images, sess.kinds)
+        kwargs = {"inputs_embeds": prefill.embeds, "attention_mask": mask, "position_ids": pos}
+        shorten_prefill_inputs(self, state, kwargs, images, prefill.visual, trim_padding=True)
+        if labels is not None:
+            labels = compact(labels, sess.pre_index).masked_fill(~sess.pre_valid, IGNORE_INDEX)
+        state.session = Session()  # nothing to remap later: the LLM runs a plain, shorter prompt
+        return None, kwargs.get("position_ids"), kwargs.get("attention_mask"), cache, kwargs["inputs_embeds"], labels
+
+    def _on_forward(self, state: PruneState, kwargs: dict[str, Any]):
+        if state.stage == PRE_LLM:  # pruned in prepare_inputs_labels_for_multimodal already
+            check_cache(cache_of(kwargs))
+            return None
+        return super()._on_forward(state, kwargs)
+
+    def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
+        ref = input_ids if input_ids is not None else embeds
+        pending, self._pending = self._pending, None
+        self._current = None
+        if (embeds is not None and pending is not None and pending.embeds.shape[:2] == embeds.shape[:2]
+                and pending.embeds.data_ptr() == embeds.data_ptr()):
+            self._current = pending
+            return pending.visual.long().to(ref.device)
+        # text only, or embeddings that did not come from prepare_inputs_labels_for_multimodal
+        return torch.zeros(ref.shape[:2], dtype=torch.long, device=ref.device)
+
+    def image_inputs(self, state: PruneState, kwargs: dict[str, Any]) -> ImageInputs:
+        cur = self._current
+        return ImageInputs(None, cur.tiles, None, None, cur.record)
+
+    def ensure_encoded(self, state: PruneState, images: Any) -> None:
+        if images.record is None:
+            raise RuntimeError("the images of this prefill were not encoded by the patched encode_images")
+
+    def merge_visual_features(self, images: Any, embeds: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        return embeds  # the repository spliced them in already
+
+    def strip_image_inputs(self, kwargs: dict[str, Any]) -> None:
+        return None  # the LlamaModel takes no image inputs
+
+    def tiles_per_image(self, geometry: Any, n_images: int) -> list[int]:
+        return list(geometry) if geometry is not None else [1] * n_images
+
+    def image_tokens(self, images: ImageInputs, n_visual: int) -> list[ImageTokens]:
+        g = self._grid()
+        full = getattr(self._tower(), "select_feature", "patch") == "cls_patch"
+        stride = g * g + 1
+        p = torch.arange(g * g)
+        out, tile = [], 0
+        for crops in images.image_sizes:
+            src, coords = [], []
+            for c in range(crops):
+                t = tile + c
+                if full:
+                    src.append(torch.tensor([t * stride]))
+                    coords.append(torch.tensor([[2, 0, 0]]))
+                src.append(t * stride + 1 + p)
+                coords.append(torch.stack([torch.full_like(p, c), p // g, p % g], dim=1))
+            tile += crops
+            src_t = torch.cat(src)
+            out.append(ImageTokens(src_t, torch.cat(coords), torch.ones(src_t.numel(), dtype=torch.bool)))
+        return out
