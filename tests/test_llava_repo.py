@@ -259,7 +259,7 @@ def test_generate_keep_all_and_pruned_decode_matches_masking(workdir):
         torch.testing.assert_close(step, logits[:, n - 1 + i], atol=3e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method,kw", [("cls", {}), ("fastv", {"layer": 1})])
+@pytest.mark.parametrize("method,kw", [("cls", {}), ("fastv", {"layer": 1}), ("visionzip", {})])
 def test_generate_after_pruning(workdir, method, kw):
     model, tok, ip = get(workdir, "left")
     ids, mask, images = make_batch(tok, ip, model, [2, 1], "left")
@@ -273,13 +273,13 @@ def test_generate_after_pruning(workdir, method, kw):
     vtprune.remove(model)
     assert out.shape[0] == 2 and torch.equal(out, again)
     assert st.visual_after == [32, 16]
+    if method == "visionzip":  # 16 = 14 dominant + 2 contextual per image (54:10 of 64, rounded)
+        assert st.contextual is not None and all(c > 0 for c in st.contextual)
 
 
 def test_refuses_what_it_cannot_do(workdir):
     model, tok, ip = get(workdir)
-    with pytest.raises(ConfigError, match="visionzip is not supported on the original LLaVA codebase"):
-        vtprune.apply(model, "visionzip", keep=32)
-    with pytest.raises(ConfigError, match="flowcut is not supported"):
+    with pytest.raises(ConfigError, match="flowcut is not supported on the original LLaVA codebase"):
         vtprune.apply(model, "flowcut", keep=32)
     model.config.mm_patch_merge_type = "spatial_unpad"
     try:
@@ -348,3 +348,74 @@ def test_load_pretrained_model_from_disk(workdir, tmp_path):
     vtprune.remove(loaded)
     assert torch.equal(same, ref)
     assert short.shape[1] == ref.shape[1] - (P - 64)
+
+
+def transformers_twin(model):
+    """transformers' ``LlavaForConditionalGeneration`` with the repository model's weights.
+
+    The same CLIP tower, projector (``mlp2x_gelu`` = linear_1, GELU, linear_2) and Llama; its vocabulary
+    has one extra id, the ``<image>`` placeholder the processor repeats 576 times.
+    """
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    rc = model.config
+    vocab = rc.vocab_size + 1
+    text = LlamaConfig(vocab_size=vocab, hidden_size=rc.hidden_size, intermediate_size=rc.intermediate_size,
+                       num_hidden_layers=rc.num_hidden_layers, num_attention_heads=rc.num_attention_heads,
+                       num_key_value_heads=rc.num_key_value_heads, max_position_embeddings=rc.max_position_embeddings,
+                       pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    tower = model.get_vision_tower()
+    cfg = LlavaConfig(vision_config=tower.config, text_config=text, image_token_id=vocab - 1, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=P)
+    twin = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        twin.model.vision_tower.load_state_dict(tower.vision_tower.state_dict())
+        proj = model.get_model().mm_projector
+        twin.model.multi_modal_projector.linear_1.load_state_dict(proj[0].state_dict())
+        twin.model.multi_modal_projector.linear_2.load_state_dict(proj[2].state_dict())
+        lm = {k: v for k, v in model.get_model().state_dict().items()
+              if not k.startswith(("vision_tower.", "mm_projector.", "embed_tokens."))}
+        missing = twin.model.language_model.load_state_dict(lm, strict=False).missing_keys
+        assert missing == ["embed_tokens.weight"]
+        twin.model.language_model.embed_tokens.weight[: rc.vocab_size] = model.get_model().embed_tokens.weight
+        twin.lm_head.weight.zero_()
+        twin.lm_head.weight[: rc.vocab_size] = model.lm_head.weight
+    return twin
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="transformers' LLaVA adapter needs 5.x")
+@pytest.mark.parametrize("method,kw", [
+    (None, {}), ("fastv", {"keep": 64, "layer": 1}), ("cls", {"keep": 64}), ("vtc-cls", {"keep": 48}),
+    ("visionzip", {"keep": 64}), ("debias+fastv", {"keep": 32, "layer": 2}), ("uniform", {"keep": 36}),
+])
+def test_same_result_as_the_transformers_llava_with_the_same_weights(workdir, method, kw):
+    """The repository's model and transformers' LLaVA carrying its weights prune alike: same kept tokens,
+    same logits on the real tokens (one sample and a right-padded batch of two)."""
+    model, tok, ip = get(workdir)
+    twin = _MODELS.setdefault(("twin",), transformers_twin(model))
+    vtprune.remove(twin)
+    ids, mask, images = make_batch(tok, ip, model, [1, 1], "right")
+    rows = []
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b].bool()]
+        cut = int(torch.nonzero(row == IMAGE_TOKEN_INDEX)[0])
+        rows.append(torch.cat([row[:cut], torch.full((P,), twin.config.image_token_id), row[cut + 1:]]))
+    width = max(len(r) for r in rows)
+    hf_ids = torch.full((len(rows), width), tok.pad_token_id)
+    hf_mask = torch.zeros_like(hf_ids)
+    for b, r in enumerate(rows):
+        hf_ids[b, : len(r)], hf_mask[b, : len(r)] = r, 1
+    if method is not None:
+        vtprune.apply(model, method, **kw)
+        vtprune.apply(twin, method, **kw)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, images=images).logits
+        theirs = twin(input_ids=hf_ids, attention_mask=hf_mask, pixel_values=images).logits[..., : model.config.vocab_size]
+    st, st_twin = vtprune.stats(model), vtprune.stats(twin)
+    vtprune.remove(model)
+    vtprune.remove(twin)
+    if method is not None:
+        assert all(torch.equal(a, b) for a, b in zip(st.kept, st_twin.kept))
+        assert st.seq_len_after == st_twin.seq_len_after
+    for b, n in enumerate(st.seq_len_after if method else hf_mask.sum(1).tolist()):
+        torch.testing.assert_close(ours[b, :n], theirs[b, :n], atol=2e-5, rtol=1e-4)

@@ -288,6 +288,15 @@ class Adapter:
             raise RuntimeError("no CLS attention was recorded while the images were encoded")
         return rows
 
+    def merge_features(self, images: Any) -> torch.Tensor:
+        """``[tiles, patches + 1, C]`` the vision features entering the projector, CLS row kept (VisionZip
+        merges contextual tokens in this space; CLIP-family adapters)."""
+        raise NotImplementedError
+
+    def merge_projector(self) -> nn.Module:
+        """The projector from `merge_features` space to LLM embeddings (CLIP-family adapters)."""
+        raise NotImplementedError
+
     def shortened_positions(self, sess: Session, original: dict[str, Any], kwargs: dict[str, Any],
                             dropped: torch.Tensor) -> None:
         """Set the position ids of the shortened prefill in ``kwargs`` (LLaVA: contiguous 1-D positions)."""

@@ -63,6 +63,18 @@ class _LlavaFamily(Adapter):
             coords = torch.cat([torch.tensor([[2, 0, 0]]), coords])
         return src, coords
 
+    def merge_features(self, images: ImageInputs) -> torch.Tensor:
+        rec = images.record
+        hidden = rec.output.hidden_states
+        layer = images.layer if images.layer is not None else self.model.config.vision_feature_layer
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        if hidden is None or any(hidden[i] is None for i in layers):
+            raise RuntimeError("visionzip: the encoder output holds no hidden states of the feature layer")
+        return torch.cat([hidden[i] for i in layers], dim=-1)
+
+    def merge_projector(self) -> nn.Module:
+        return self.core().multi_modal_projector
+
     def _feature_kwargs(self, images: ImageInputs) -> dict[str, Any]:
         return {"vision_feature_layer": images.layer, "vision_feature_select_strategy": images.strategy}
 

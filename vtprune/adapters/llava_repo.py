@@ -16,9 +16,10 @@ shortening, in-LLM dropping after layer K, the decode steps) is the shared machi
 or 5.x.
 
 Supported: LLaVA-1.5-style checkpoints (``mm_patch_merge_type="flat"``, ``mm_vision_select_feature``
-``"patch"`` or ``"cls_patch"``, any number of images per prompt). Not supported: LLaVA-1.6 checkpoints of
-the repository (``spatial_unpad`` anyres packing; use transformers' LLaVA-NeXT), and the MPT and Mistral
-variants.
+``"patch"`` or ``"cls_patch"``, any number of images per prompt), every method but FlowCut (VisionZip
+merges in the tower's feature-layer space, recorded by a forward hook on its ``CLIPVisionModel``, and
+projects through ``mm_projector``). Not supported: LLaVA-1.6 checkpoints of the repository
+(``spatial_unpad`` anyres packing; use transformers' LLaVA-NeXT), and the MPT and Mistral variants.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from vtprune.state import PruneState, Session, VisionRecord, cache_of
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX
+FEATURE_HIDDEN = "feature_hidden"  # VisionRecord.extras key: the tower's feature-layer hidden states (VisionZip)
 
 
 @dataclass
@@ -183,15 +185,36 @@ class LlavaRepoAdapter(Adapter):
 
     def check_scorer(self, scorer: Any) -> None:
         from vtprune.adapters.flowcut_stage import flowcut_host
-        from vtprune.adapters.visionzip_stage import recycling_host
 
-        for host, name in ((recycling_host(scorer), "visionzip"), (flowcut_host(scorer), "flowcut")):
-            if host is not None:
-                raise ConfigError(
-                    f"{name} is not supported on the original LLaVA codebase yet (its recycling reads "
-                    "transformers' LLaVA vision internals); use it with LlavaForConditionalGeneration, or pick "
-                    "cls, vtc-cls, fastv, random, uniform, debias, sink or ensemble here"
-                )
+        if flowcut_host(scorer) is not None:
+            raise ConfigError(
+                "flowcut is not supported on the original LLaVA codebase yet (its vision stage masks keys "
+                "inside transformers' LLaVA vision tower); use it with LlavaForConditionalGeneration, or pick "
+                "cls, vtc-cls, visionzip, fastv, random, uniform, debias, sink or ensemble here"
+            )
+
+    # ---- VisionZip's merge space: the tower's feature layer, before mm_projector -------------------
+    def merge_features(self, images: Any) -> torch.Tensor:
+        hidden = images.record.extras.get(FEATURE_HIDDEN) if images.record is not None else None
+        if hidden is None:
+            raise RuntimeError("visionzip: the feature layer of the vision tower was not recorded for these images")
+        return hidden
+
+    def merge_projector(self) -> nn.Module:
+        return self.core().mm_projector
+
+    def _feature_hook(self, state: PruneState):
+        layer = self.default_vision_layer()
+
+        def hook(module, args, kwargs, output):
+            extras = state.vision_extras
+            if state.enabled and extras is not None and output.hidden_states is not None:
+                hidden = output.hidden_states[layer]  # [crops, P + 1, C]
+                prev = extras.get(FEATURE_HIDDEN)
+                extras[FEATURE_HIDDEN] = hidden if prev is None else torch.cat([prev, hidden])
+            return None
+
+        return hook
 
     # ---- the encoder's output ---------------------------------------------------------------
     def encoder_features(self, modality: str, out: Any, bound: dict[str, Any]) -> list[torch.Tensor]:
@@ -202,7 +225,12 @@ class LlavaRepoAdapter(Adapter):
 
     # ---- the prefill inputs -----------------------------------------------------------------
     def extra_hooks(self, state: PruneState) -> list:
-        return [_InstanceWrap(self.model, "prepare_inputs_labels_for_multimodal", self._make_prepare(state))]
+        from vtprune.adapters.visionzip_stage import recycling_host
+
+        handles = [_InstanceWrap(self.model, "prepare_inputs_labels_for_multimodal", self._make_prepare(state))]
+        if recycling_host(state.scorer) is not None:
+            handles.append(self._tower().vision_tower.register_forward_hook(self._feature_hook(state), with_kwargs=True))
+        return handles
 
     def _make_prepare(self, state: PruneState):
         adapter = self

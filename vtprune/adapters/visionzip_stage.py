@@ -126,13 +126,7 @@ def token_keys(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> lis
 
 def _llava_features(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per sample ``[n_b, C]`` vision features of the visual tokens as they enter the projector."""
-    rec = images.record
-    hidden = rec.output.hidden_states
-    layer = images.layer if images.layer is not None else adapter.model.config.vision_feature_layer
-    layers = [layer] if isinstance(layer, int) else list(layer)
-    if hidden is None or any(hidden[i] is None for i in layers):
-        raise RuntimeError("visionzip: the encoder output holds no hidden states of the feature layer")
-    feats = torch.cat([hidden[i] for i in layers], dim=-1)  # [T, P + 1, C]: CLS kept, rows like the keys
+    feats = adapter.merge_features(images)  # [T, P + 1, C]: CLS kept, rows like the keys
     return _gather(feats.flatten(0, 1), source)
 
 
@@ -160,7 +154,7 @@ def contextual_merge(
         project: Callable[[torch.Tensor], torch.Tensor] = nn.Identity()  # merger outputs: already LLM features
     else:
         feats = _llava_features(adapter, images, lay.source)
-        project = adapter.core().multi_modal_projector
+        project = adapter.merge_projector()
     out = embeds
     for b, plan in enumerate(plans):
         if plan.members.numel() == 0:
