@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from vtprune.adapters import adapter_for
-from vtprune.config import ConfigError, PruneConfig
+from vtprune.config import ConfigError, PruneConfig, auto_keep
 from vtprune.scorers import IN_LLM, PRE_LLM, Scorer, build_scorer, method_string, registry
 from vtprune.scorers.compose import scorer_config_options
 from vtprune.state import STATE_ATTR, PruneState, PruneStats
@@ -20,7 +20,7 @@ def apply(
     config: PruneConfig | str | Scorer | None = None,
     *,
     method: str | None = None,
-    keep: int | float | None = None,
+    keep: int | float | str | None = None,
     layer: int | None = None,
     **method_options: Any,
 ) -> nn.Module:
@@ -60,6 +60,12 @@ def apply(
     adapter = adapter_for(model)
     scorer = given_scorer if given_scorer is not None else build_scorer(cfg.method, cfg.options)
     adapter.check_scorer(scorer)
+    if auto_keep(cfg.keep) is not None and not scorer.accepts_auto_keep:
+        raise ConfigError(
+            f"keep={cfg.keep!r}: method {cfg.method!r} places a fixed number of tokens per image itself, so an "
+            "adaptive budget cannot be chosen from its scores; give an int or a fraction, or pick a "
+            "score-based method (fastv, cls, vtc-cls, random, debias+..., ensemble)"
+        )
     scorer.bind(model, adapter)  # first: a scorer's default layer may depend on the model (flowcut)
     resolved_layer = cfg.layer if cfg.layer is not None else scorer.default_layer
     if cfg.layer is None and resolved_layer is not None:

@@ -29,7 +29,14 @@ class ModelNotFoundError(ValueError):
     """``--model`` names no built-in model, no built toy model and no local checkpoint directory."""
 
 
-def _parse_keep(text: str) -> int | float:
+def _parse_keep(text: str) -> int | float | str:
+    if text.strip().lower().startswith("auto"):
+        from vtprune.config import ConfigError, parse_auto_keep
+
+        try:
+            return str(parse_auto_keep(text))
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     try:
         return int(text)
     except ValueError:
@@ -37,7 +44,8 @@ def _parse_keep(text: str) -> int | float:
             return float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"--keep must be an int (tokens per image) or a float in (0, 1], got {text!r}"
+                f"--keep must be an int (tokens per image), a float in (0, 1] or auto:<mass> (e.g. auto:0.95), "
+                f"got {text!r}"
             ) from None
 
 

@@ -13,6 +13,73 @@ class ConfigError(ValueError):
     """A pruning configuration (or its pairing with a model) is invalid; the message says how to fix it."""
 
 
+AUTO_KEEP_FORMAT = "'auto:<mass>' with mass in (0, 1], optionally ',min=<int>' and ',max=<int>' (e.g. 'auto:0.95,min=16')"
+
+
+@dataclass(frozen=True)
+class AutoKeep:
+    """An adaptive per-image budget: the fewest tokens whose normalised score mass reaches ``mass``.
+
+    As ZipVL allocates its ratio from the score distribution: an image whose scores concentrate on few
+    tokens keeps few, a flat one keeps many. ``min`` / ``max`` bound the count per image (``max`` None:
+    no bound). Written ``"auto:0.95"``, ``"auto:0.95,min=16,max=256"`` (see `parse_auto_keep`).
+    """
+
+    mass: float
+    min: int = 1
+    max: int | None = None
+
+    def __str__(self) -> str:
+        text = f"auto:{self.mass:g}"
+        if self.min != 1:
+            text += f",min={self.min}"
+        if self.max is not None:
+            text += f",max={self.max}"
+        return text
+
+
+def parse_auto_keep(text: str) -> AutoKeep:
+    """Parse ``"auto:0.95[,min=16][,max=256]"``; `ConfigError` naming the format otherwise."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"keep={text!r}: {why}; an adaptive budget is written {AUTO_KEEP_FORMAT}")
+
+    head, _, rest = text.strip().partition(":")
+    if head.strip().lower() != "auto" or not rest:
+        raise bad("a string keep must be an adaptive budget")
+    parts = [p.strip() for p in rest.split(",")]
+    try:
+        mass = float(parts[0])
+    except ValueError:
+        raise bad(f"the mass {parts[0]!r} is not a number") from None
+    if not math.isfinite(mass) or not 0.0 < mass <= 1.0:
+        raise bad(f"the mass {mass} is outside (0, 1]")
+    bounds: dict[str, int] = {}
+    for part in parts[1:]:
+        name, eq, value = part.partition("=")
+        name = name.strip().lower()
+        if not eq or name not in ("min", "max") or name in bounds:
+            raise bad(f"unknown or repeated bound {part!r}")
+        try:
+            bounds[name] = int(value)
+        except ValueError:
+            raise bad(f"the bound {part!r} is not an integer") from None
+        if bounds[name] < 1:
+            raise bad(f"the bound {part!r} must be at least 1")
+    lo, hi = bounds.get("min", 1), bounds.get("max")
+    if hi is not None and hi < lo:
+        raise bad(f"max={hi} is below min={lo}")
+    return AutoKeep(mass, lo, hi)
+
+
+def auto_keep(keep: Any) -> AutoKeep | None:
+    """The `AutoKeep` of a config's ``keep`` (a string or an AutoKeep), or None for a count / fraction."""
+    if isinstance(keep, AutoKeep):
+        return keep
+    if isinstance(keep, str):
+        return parse_auto_keep(keep)
+    return None
+
+
 @dataclass
 class PruneConfig:
     """How to prune the visual tokens of a multimodal LLM.
@@ -25,12 +92,13 @@ class PruneConfig:
         default="fastv",
         metadata={"help": "Scoring method (preset) name; `vtprune.methods()` lists them."},
     )
-    keep: int | float = field(
+    keep: int | float | str = field(
         default=0.25,
         metadata={
             "help": "Visual tokens kept per image: an int is a count (clamped, with a warning, to the "
             "image's prunable tokens), a float in (0, 1] a fraction. keep=1.0 keeps everything "
-            "and gives outputs identical to the unpatched model."
+            "and gives outputs identical to the unpatched model. 'auto:0.95' keeps per image the "
+            "fewest tokens whose normalised score mass reaches 0.95 (',min=16,max=256' bound it)."
         },
     )
     layer: int | None = field(
@@ -52,9 +120,13 @@ class PruneConfig:
             raise ConfigError(f"method must be a non-empty string, got {self.method!r}; see vtprune.methods()")
         self.method = self.method.lower()
         k = self.keep
-        if isinstance(k, bool) or not isinstance(k, (int, float)):
+        if isinstance(k, (str, AutoKeep)):
+            self.keep = str(auto_keep(k))  # validated and normalised ("auto:0.95,min=16"); JSON-safe
+            k = None
+        elif isinstance(k, bool) or not isinstance(k, (int, float)):
             raise ConfigError(
-                f"keep must be an int (tokens per image) or a float in (0, 1] (fraction), got {k!r}"
+                f"keep must be an int (tokens per image), a float in (0, 1] (fraction) or {AUTO_KEEP_FORMAT}, "
+                f"got {k!r}"
             )
         if isinstance(k, float):
             if not math.isfinite(k) or not 0.0 < k <= 1.0:
@@ -62,7 +134,7 @@ class PruneConfig:
                     f"keep={k} is out of range: a float keep is a fraction in (0, 1]; "
                     "use an int for a token count (e.g. keep=64)"
                 )
-        elif k <= 0:
+        elif k is not None and k <= 0:
             raise ConfigError(f"keep={k} must be positive: at least one visual token per image is kept")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ConfigError(f"layer must be an int (0-based decoder layer) or None, got {self.layer!r}")

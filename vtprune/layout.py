@@ -38,6 +38,13 @@ class VisualLayout:
     def counts(self) -> list[int]:
         return [int(p.numel()) for p in self.positions]
 
+    def kept_per_image(self, b: int, kept: torch.Tensor) -> list[int]:
+        """Per image of sample ``b``: how many of its tokens ``kept`` (indices into the visual tokens) holds."""
+        n = len(self.image_slices(b))
+        if n == 0:
+            return []
+        return torch.bincount(self.image[b][kept.to(self.image[b].device)], minlength=n).tolist()
+
     def image_slices(self, b: int) -> list[torch.Tensor]:
         """Per image of sample ``b``: the indices (into the sample's visual tokens) of its tokens."""
         img = self.image[b]

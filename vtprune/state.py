@@ -55,6 +55,8 @@ class PruneStats:
     - ``layer``: for ``"llm"``, the decoder layer after which tokens were dropped; None for pre-LLM.
     - ``contextual``: per sample, how many of the kept visual tokens carry merged features (VisionZip's
       contextual tokens; counted in ``visual_after``); None for methods that do not merge.
+    - ``per_image``: per sample, the kept count of each of its images (the count an adaptive budget
+      ``keep="auto:0.95"`` chose per image; also filled for fixed budgets).
     - ``scores``: per sample the scorer's ``[n_b]`` scores of that sample's visual tokens (higher =
       keep; ``-inf`` = excluded), as the selection saw them, on the model's device; None where the
       method selects without a score vector (VisionZip's dominant + contextual merge).
@@ -70,6 +72,7 @@ class PruneStats:
     seq_len_after: list[int]
     contextual: list[int] | None = None
     scores: list[torch.Tensor] | None = None
+    per_image: list[list[int]] | None = None
 
     @property
     def keep_ratio(self) -> float:

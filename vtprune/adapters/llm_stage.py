@@ -184,6 +184,7 @@ class LLMStageHooks:
             seq_len_before=[int(x) for x in before],
             seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
             scores=scores,
+            per_image=[sess.layout.kept_per_image(b, k) for b, k in enumerate(kept)],
         )
         return (out, *output[1:]) if isinstance(output, tuple) else out
 

@@ -113,6 +113,7 @@ def shorten_prefill_inputs(
         seq_len_after=[int(x) for x in valid.sum(1)],
         contextual=contextual,
         scores=scores,
+        per_image=[lay.kept_per_image(b, k) for b, k in enumerate(kept)],
     )
 
 

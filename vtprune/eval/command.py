@@ -78,7 +78,8 @@ def save_overlays(runs, task, model, processor, where: Path) -> dict[str, Any]:
     for run in runs:
         if run.cell.method is None:
             continue
-        folder = where / f"{run.cell.method.replace('+', '_')}-keep{run.cell.keep}"
+        keep = str(run.cell.keep).replace(":", "").replace(",", "_").replace("=", "")  # auto:0.95,min=8 -> auto0.95_min8
+        folder = where / f"{run.cell.method.replace('+', '_')}-keep{keep}"
         for sample in task.samples:
             rec = run.records.get(sample.index)
             if rec is None or rec.kept_indices is None:

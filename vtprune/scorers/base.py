@@ -72,6 +72,8 @@ class Scorer:
     - ``stages``: where the scorer can run (``"pre-llm"``, ``"llm"``).
     - ``default_layer``: the in-LLM layer used when the config leaves ``layer`` as None
       (None: run pre-LLM by default).
+    - ``accepts_auto_keep``: whether an adaptive budget (``keep="auto:0.95"``) can be chosen from the
+      scores: False for methods that place a fixed number of tokens themselves (a lattice, a merge plan).
 
     Options are the keyword arguments of ``__init__``; unknown options are rejected by name.
     """
@@ -81,6 +83,7 @@ class Scorer:
     needs: ClassVar[frozenset[str]] = frozenset()
     stages: ClassVar[tuple[str, ...]] = (PRE_LLM, IN_LLM)
     default_layer: ClassVar[int | None] = None
+    accepts_auto_keep: ClassVar[bool] = True
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         """Return per sample a ``[n_b]`` float tensor: higher means keep."""

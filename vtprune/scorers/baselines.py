@@ -55,6 +55,7 @@ class UniformScorer(Scorer):
     in proportion to their sizes.
     """
 
+    accepts_auto_keep = False  # places a fixed number of tokens itself
     name = "uniform"
     description = "Spatially even subsample of the patch grid (baseline); pre-LLM by default"
 

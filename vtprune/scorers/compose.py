@@ -47,6 +47,10 @@ class Wrapper(Scorer):
     def vision_layer(self):
         return getattr(self.inner, "vision_layer", None)
 
+    @property
+    def accepts_auto_keep(self) -> bool:  # type: ignore[override]
+        return self.inner.accepts_auto_keep
+
     def needs_signal(self, name: str) -> bool:
         return name in self.needs or self.inner.needs_signal(name)
 
@@ -243,6 +247,10 @@ class Ensemble(Scorer):
 
     def needs_signal(self, name: str) -> bool:
         return any(m.needs_signal(name) for m in self.members)
+
+    @property
+    def accepts_auto_keep(self) -> bool:  # type: ignore[override]
+        return all(m.accepts_auto_keep for m in self.members)
 
     @property
     def vision_layer(self):

@@ -226,6 +226,7 @@ class FlowCutScorer(Scorer):
     runs at full length: the saving is on the LLM side. See `vtprune.adapters.flowcut_stage`.
     """
 
+    accepts_auto_keep = False  # places a fixed number of tokens itself
     name = "flowcut"
     description = (
         "FlowCut: cumulative CLS-flow scores pruned in stages inside the vision tower "

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
+from vtprune.config import AutoKeep, auto_keep
 from vtprune.layout import VisualLayout
+
+
+def mass_budget(scores: torch.Tensor, spec: AutoKeep) -> int:
+    """The fewest top tokens whose normalised score mass reaches ``spec.mass``, bounded by min / max.
+
+    ``scores`` ``[n]`` finite. Mass weights are the scores themselves when none is negative (attention
+    probabilities, CLS rows), else the scores shifted by their minimum; all-equal weights count as
+    uniform (so the mass share is the token share).
+    """
+    n = int(scores.numel())
+    if n == 0:
+        return 0
+    w = scores.double()
+    if bool((w < 0).any()):
+        w = w - w.min()
+    total = float(w.sum())
+    if total <= 0:
+        k = math.ceil(spec.mass * n - 1e-6)
+    else:
+        cum = torch.cumsum(torch.sort(w, descending=True).values, 0) / total
+        k = int(torch.searchsorted(cum, torch.tensor(spec.mass - 1e-6, dtype=cum.dtype))) + 1  # float32 slack
+    k = max(k, spec.min)
+    if spec.max is not None:
+        k = min(k, spec.max)
+    return max(1, min(n, k))
 
 
 def image_budget(keep: int | float, n_prunable: int) -> tuple[int, bool]:
@@ -22,7 +49,7 @@ def image_budget(keep: int | float, n_prunable: int) -> tuple[int, bool]:
     return min(keep, n_prunable), keep > n_prunable
 
 
-def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float) -> list[torch.Tensor]:
+def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float | str) -> list[torch.Tensor]:
     """Per sample, keep the ``keep`` best prunable tokens of every image plus every non-prunable token.
 
     A score of ``-inf`` excludes a token: the image then keeps at most its finite-scored tokens (at least
@@ -31,7 +58,8 @@ def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | fl
     Args:
         scores: per sample ``[n_b]`` scores (higher = keep).
         layout: the batch's `VisualLayout`.
-        keep: per-image budget (see `image_budget`).
+        keep: per-image budget (see `image_budget`), or an adaptive one (``"auto:0.95"``, `mass_budget`:
+            chosen per image from that image's finite scores).
 
     Returns:
         Per sample a sorted ``[k_b]`` LongTensor of indices into that sample's visual tokens.
@@ -39,6 +67,7 @@ def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | fl
     """
     kept: list[torch.Tensor] = []
     clamped = []
+    adaptive = auto_keep(keep)
     for b in range(layout.batch_size):
         s = scores[b].float()
         if s.shape != layout.positions[b].shape:
@@ -49,13 +78,17 @@ def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | fl
         for idx in layout.image_slices(b):
             prunable = layout.prunable[b][idx]
             cand = idx[prunable]
-            k, was_clamped = image_budget(keep, int(cand.numel()))
-            if was_clamped:
-                clamped.append(int(cand.numel()))
+            if adaptive is None:
+                k, was_clamped = image_budget(keep, int(cand.numel()))
+                if was_clamped:
+                    clamped.append(int(cand.numel()))
             allowed = s[cand] > float("-inf")  # -inf: excluded by the scorer; the budget shrinks
             if not bool(allowed.all()):
                 cand = cand[allowed] if bool(allowed.any()) else cand[:1]
-                k = min(k, int(cand.numel()))
+                if adaptive is None:
+                    k = min(k, int(cand.numel()))
+            if adaptive is not None:
+                k = mass_budget(s[cand], adaptive)
             if k < cand.numel():
                 # stable descending sort: equal scores keep sequence order
                 order = torch.sort(s[cand], descending=True, stable=True).indices[:k]

@@ -212,6 +212,7 @@ class VisionZipScorer(Scorer):
     `vtprune.stats` reports ``contextual`` (contextual tokens per sample, included in ``visual_after``).
     """
 
+    accepts_auto_keep = False  # places a fixed number of tokens itself
     name = "visionzip"
     description = "VisionZip: dominant CLS-attention tokens + contextual tokens merged by key similarity (54:10), pre-LLM"
     needs = frozenset({VISION_CLS_ATTENTION})
