@@ -180,7 +180,7 @@ def test_in_llm_drop_equals_masking(workdir, case, attn):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("method", ["cls", "vtc-cls", "uniform"])
+@pytest.mark.parametrize("method", ["cls", "vtc-cls", "uniform", "divprune", "zoo"])
 def test_pre_llm_equals_shortened_sequence(workdir, case, method):
     n_images, side = CASES[case]
     model, tok, ip = get(workdir, side)
@@ -387,6 +387,7 @@ def transformers_twin(model):
 @pytest.mark.parametrize("method,kw", [
     (None, {}), ("fastv", {"keep": 64, "layer": 1}), ("cls", {"keep": 64}), ("vtc-cls", {"keep": 48}),
     ("visionzip", {"keep": 64}), ("debias+fastv", {"keep": 32, "layer": 2}), ("uniform", {"keep": 36}),
+    ("divprune", {"keep": 24}), ("zoo", {"keep": 24, "directions": 16}),
 ])
 def test_same_result_as_the_transformers_llava_with_the_same_weights(workdir, method, kw):
     """The repository's model and transformers' LLaVA carrying its weights prune alike: same kept tokens,

@@ -23,6 +23,7 @@ OPTIONS = {"ensemble": {"members": ["random", "uniform"]},
 RECYCLING = {"visionzip"}  # presets that write merged features into kept slots
 OWN_REFERENCE = {"flowcut"}  # presets that hide tokens inside the vision tower: their own test file checks
 # them against references that drop those tokens (tests/test_flowcut.py)
+LLAVA_FAMILY_ONLY = {"zoo"}  # perturbs the CLIP-side projector input: refused on Qwen-VL with a ConfigError
 KEEP = 12
 LLM_LAYER = 2
 
@@ -61,6 +62,10 @@ def _apply(model, method, keep, layer):
 @pytest.mark.parametrize("method", method_strings())
 def test_preset_keep_all_and_exactness(kind, method, processor, next_processor):
     model = get_model(kind)
+    if method in LLAVA_FAMILY_ONLY and kind.startswith("qwen"):
+        with pytest.raises(vtprune.ConfigError, match="LLaVA-family models only"):
+            _apply(model, method, KEEP, None)
+        return
     stage, layer = setup_of(method, model)
     inputs = inputs_for(kind, processor, next_processor)
     with torch.no_grad():

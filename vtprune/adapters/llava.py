@@ -69,7 +69,7 @@ class _LlavaFamily(Adapter):
         layer = images.layer if images.layer is not None else self.model.config.vision_feature_layer
         layers = [layer] if isinstance(layer, int) else list(layer)
         if hidden is None or any(hidden[i] is None for i in layers):
-            raise RuntimeError("visionzip: the encoder output holds no hidden states of the feature layer")
+            raise RuntimeError("the image encoder output holds no hidden states of the feature layer")
         return torch.cat([hidden[i] for i in layers], dim=-1)
 
     def merge_projector(self) -> nn.Module:

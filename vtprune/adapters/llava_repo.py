@@ -44,7 +44,7 @@ from vtprune.adapters.base import (
 from vtprune.adapters.pre_llm_stage import shorten_prefill_inputs
 from vtprune.config import ConfigError
 from vtprune.kernels import compact
-from vtprune.scorers.base import PRE_LLM
+from vtprune.scorers.base import PRE_LLM, VISION_FEATURES
 from vtprune.state import PruneState, Session, VisionRecord, cache_of
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
@@ -197,7 +197,7 @@ class LlavaRepoAdapter(Adapter):
     def merge_features(self, images: Any) -> torch.Tensor:
         hidden = images.record.extras.get(FEATURE_HIDDEN) if images.record is not None else None
         if hidden is None:
-            raise RuntimeError("visionzip: the feature layer of the vision tower was not recorded for these images")
+            raise RuntimeError("the feature layer of the vision tower was not recorded for these images")
         return hidden
 
     def merge_projector(self) -> nn.Module:
@@ -228,7 +228,7 @@ class LlavaRepoAdapter(Adapter):
         from vtprune.adapters.visionzip_stage import recycling_host
 
         handles = [_InstanceWrap(self.model, "prepare_inputs_labels_for_multimodal", self._make_prepare(state))]
-        if recycling_host(state.scorer) is not None:
+        if recycling_host(state.scorer) is not None or state.scorer.needs_signal(VISION_FEATURES):
             handles.append(self._tower().vision_tower.register_forward_hook(self._feature_hook(state), with_kwargs=True))
         return handles
 

@@ -13,9 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host
+from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host, vision_features
 from vtprune.kernels import compact
-from vtprune.scorers.base import HIDDEN_STATES, PIXEL_VALUES, PRE_LLM, VISION_CLS_ATTENTION, Signals
+from vtprune.scorers.base import (
+    HIDDEN_STATES,
+    PIXEL_VALUES,
+    PRE_LLM,
+    VISION_CLS_ATTENTION,
+    VISION_FEATURES,
+    Signals,
+)
 from vtprune.scorers.select import select_topk
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
@@ -58,6 +65,8 @@ def shorten_prefill_inputs(
             signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
         if state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
+        if state.scorer.needs_signal(VISION_FEATURES):
+            signals.vision_features = vision_features(adapter, images, lay.source)
         if state.scorer.needs_signal(PIXEL_VALUES):
             signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
         contextual, scores = None, None

@@ -124,7 +124,7 @@ def token_keys(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> lis
     return _gather(torch.cat(parts), source)
 
 
-def _llava_features(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> list[torch.Tensor]:
+def vision_features(adapter: Adapter, images: Any, source: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per sample ``[n_b, C]`` vision features of the visual tokens as they enter the projector."""
     feats = adapter.merge_features(images)  # [T, P + 1, C]: CLS kept, rows like the keys
     return _gather(feats.flatten(0, 1), source)
@@ -153,7 +153,7 @@ def contextual_merge(
         feats = [embeds[b, p] for b, p in enumerate(lay.positions)]
         project: Callable[[torch.Tensor], torch.Tensor] = nn.Identity()  # merger outputs: already LLM features
     else:
-        feats = _llava_features(adapter, images, lay.source)
+        feats = vision_features(adapter, images, lay.source)
         project = adapter.merge_projector()
     out = embeds
     for b, plan in enumerate(plans):

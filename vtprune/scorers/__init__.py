@@ -5,10 +5,12 @@ from vtprune.scorers import (  # noqa: F401  (registration)
     cls,
     compose,
     debias,
+    diversity,
     fastv,
     flowcut,
     sink,
     visionzip,
+    zoo,
 )
 from vtprune.scorers.base import (
     HIDDEN_STATES,
@@ -18,6 +20,7 @@ from vtprune.scorers.base import (
     PRE_LLM,
     SIGNALS,
     VISION_CLS_ATTENTION,
+    VISION_FEATURES,
     Scorer,
     Signals,
     register,
@@ -36,17 +39,21 @@ Random = baselines.RandomScorer
 Uniform = baselines.UniformScorer
 Debias = debias.Debias
 Sink = sink.Sink
+DivPrune = diversity.DivPruneScorer
+ZOO = zoo.ZOOScorer
 
 __all__ = [
     "CLS",
     "VTCCLS",
     "Debias",
+    "DivPrune",
     "FastV",
     "FlowCut",
     "Random",
     "Sink",
     "Uniform",
     "VisionZip",
+    "ZOO",
     "HIDDEN_STATES",
     "IN_LLM",
     "LLM_ATTENTION",
@@ -54,6 +61,7 @@ __all__ = [
     "PRE_LLM",
     "SIGNALS",
     "VISION_CLS_ATTENTION",
+    "VISION_FEATURES",
     "Wrapper",
     "Ensemble",
     "Scorer",

@@ -20,7 +20,8 @@ VISION_CLS_ATTENTION = "vision_cls_attention"
 LLM_ATTENTION = "llm_attention"
 HIDDEN_STATES = "hidden_states"
 PIXEL_VALUES = "pixel_values"
-SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES)
+VISION_FEATURES = "vision_features"
+SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES, VISION_FEATURES)
 
 PRE_LLM = "pre-llm"
 IN_LLM = "llm"
@@ -43,6 +44,9 @@ class Signals:
       image features pre-LLM, layer output in-LLM).
     - ``pixel_values``: the pixel input of the call's image encoding, as the processor gave it (all
       images of the call; LLaVA: ``[images or tiles, 3, H, W]``, Qwen-VL: flattened patches).
+    - ``vision_features``: pre-LLM, per sample ``[n_b, C]`` float, each visual token's vision feature as
+      it enters the projector (the encoder's feature layer; LLaVA-family models only), so that
+      ``projector(vision_features)`` gives the token's embedding.
     - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
       (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
     """
@@ -55,6 +59,7 @@ class Signals:
     llm_attention: list[torch.Tensor] | None = None
     hidden_states: list[torch.Tensor] | None = None
     pixel_values: torch.Tensor | None = None
+    vision_features: list[torch.Tensor] | None = None
     extras: dict = field(default_factory=dict)
 
     def require(self, name: str) -> Any:

@@ -1,0 +1,98 @@
+"""ZOO-Prune: zeroth-order sensitivity of the projector, with sensitivity-aware diversity selection."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtprune.config import ConfigError
+from vtprune.scorers.base import HIDDEN_STATES, PRE_LLM, VISION_FEATURES, Scorer, Signals, register
+from vtprune.scorers.greedy import per_image, sensitivity_diversity
+
+
+def projector_sensitivity(projector: nn.Module, x: torch.Tensor, directions: torch.Tensor, h: float,
+                          chunk: int = 8192) -> torch.Tensor:
+    """``[n]`` float32: ``S_i = mean_j || (M(x_i + h u_j) - M(x_i - h u_j)) / (2h) ||`` for the per-token map M.
+
+    Args:
+        projector: M, applied row-wise (``[..., C] -> [..., D]``), float32.
+        x: ``[n, C]`` float32 inputs (pre-projector features of one image).
+        directions: ``[m, C]`` unit directions, shared by every token (one bank per call).
+        chunk: token-direction pairs per projector pass (bounds the memory to ``chunk x D``).
+    """
+    n, m = x.shape[0], directions.shape[0]
+    step = h * directions  # [m, C]
+    per = max(1, chunk // m)  # tokens per pass
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    for a in range(0, n, per):
+        xs = x[a:a + per, None, :]  # [t, 1, C]
+        delta = projector(xs + step) - projector(xs - step)  # [t, m, D]
+        out[a:a + per] = (delta.float() / (2 * h)).norm(dim=-1).mean(dim=1)
+    return out
+
+
+@register
+class ZOOScorer(Scorer):
+    """ZOO-Prune (arXiv 2509.24837): which tokens the projector is most sensitive to, kept diverse.
+
+    Per image: perturb each token's pre-projector feature ``x_i`` along ``m`` random unit directions ``u_j``
+    (one bank for every token, drawn from ``seed``) by ``+-h``; the sensitivity ``S_i`` is the mean norm of
+    the central difference of the projector. Selection (SADS): the most sensitive token first, then
+    repeatedly ``argmax S_i (1 - max_{p picked} cos(z_i, z_p))`` with ``S`` min-max normalised and ``z``
+    the unperturbed projector outputs. The projector runs in a float32 copy (fp16 would swallow ``h``).
+
+    Options: ``directions`` (m, 64), ``h`` (0.01), ``seed`` (0), ``chunk`` (token-direction pairs per pass).
+    LLaVA-family models (LLaVA-1.5, NeXT, the LLaVA repository); pre-LLM only. Query-free, no attention.
+    Cost: ``2 m`` projector passes per visual token (chunked). Written from the paper's description (the
+    official repository holds only a README): bank sharing and min-max normalisation as described there.
+    """
+
+    name = "zoo"
+    description = "ZOO-Prune: zeroth-order projector sensitivity + sensitivity-aware diversity (query-free); pre-LLM"
+    needs = frozenset({VISION_FEATURES, HIDDEN_STATES})
+    stages = (PRE_LLM,)
+    accepts_auto_keep = False
+
+    def __init__(self, directions: int = 64, h: float = 0.01, seed: int = 0, chunk: int = 8192) -> None:
+        if int(directions) < 1:
+            raise ConfigError(f"zoo: directions={directions} must be at least 1")
+        if not float(h) > 0:
+            raise ConfigError(f"zoo: h={h} must be positive")
+        self.directions, self.h, self.seed, self.chunk = int(directions), float(h), int(seed), int(chunk)
+        self._projector: nn.Module | None = None
+        self.last_sensitivity: list[torch.Tensor] = []
+
+    def bind(self, model: Any, adapter: Any) -> None:
+        try:
+            projector = adapter.merge_projector()
+        except NotImplementedError:
+            raise ConfigError(
+                f"zoo perturbs the projector input, which vtprune reaches on LLaVA-family models only "
+                f"({type(model).__name__} is not one); use divprune or cls there"
+            ) from None
+        self._projector = copy.deepcopy(projector).float().eval()
+        for p in self._projector.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def score(self, signals: Signals) -> list[torch.Tensor]:
+        feats = signals.require(VISION_FEATURES)
+        hidden = signals.require(HIDDEN_STATES)
+        if self._projector is None:
+            raise RuntimeError("zoo: the scorer was not bound to a model (use vtprune.apply)")
+        dim = feats[0].shape[-1] if feats else 0
+        gen = torch.Generator().manual_seed(self.seed)
+        bank = torch.nn.functional.normalize(torch.randn(self.directions, dim, generator=gen), dim=-1)
+        self.last_sensitivity = []
+        proj_device = next(self._projector.parameters()).device
+
+        def pick(b: int, idx: torch.Tensor, k: int) -> torch.Tensor:
+            x = feats[b][idx.to(feats[b].device)].to(proj_device, torch.float32)
+            s = projector_sensitivity(self._projector, x, bank.to(proj_device), self.h, self.chunk)
+            self.last_sensitivity.append(s.cpu())
+            return sensitivity_diversity(s, hidden[b][idx.to(hidden[b].device)].to(proj_device), k)
+
+        return per_image(signals.layout, signals.keep, pick)
