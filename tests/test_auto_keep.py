@@ -63,7 +63,7 @@ def test_config_parses_normalises_and_round_trips():
     for bad, why in [("auto", "must be an adaptive budget"), ("auto:0", r"outside \(0, 1\]"),
                      ("auto:x", "not a number"), ("auto:0.9,min=0", "at least 1"),
                      ("auto:0.9,min=9,max=3", "below min"), ("auto:0.9,top=3", "unknown or repeated"),
-                     ("most", "must be an adaptive budget")]:
+                     ("most", "keep must be an int"), ("64", r"pass the number itself")]:
         with pytest.raises(ConfigError, match=why):
             PruneConfig(keep=bad)
 

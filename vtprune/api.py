@@ -13,6 +13,7 @@ from vtprune.config import ConfigError, PruneConfig, auto_keep
 from vtprune.scorers import IN_LLM, PRE_LLM, Scorer, build_scorer, method_string, registry
 from vtprune.scorers.compose import scorer_config_options
 from vtprune.state import STATE_ATTR, PruneState, PruneStats
+from vtprune.tune import is_config_path, load_config
 
 
 def apply(
@@ -26,7 +27,8 @@ def apply(
 ) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens; returns the same model.
 
-    Either pass a `PruneConfig` (``apply(model, PruneConfig(...))``) or keywords
+    Either pass a `PruneConfig` (``apply(model, PruneConfig(...))``), the path of a config file (``apply(model,
+    config="tuned.json")``, as `vtprune tune` writes it), or keywords
     (``apply(model, method="fastv", keep=64, layer=2, **method_options)``; the method may also be the
     second positional argument, as a string such as ``"debias+sink+fastv"`` or as a scorer object such
     as ``Debias(Sink(FastV()))``). Only this instance changes; applying again replaces the previous
@@ -34,6 +36,8 @@ def apply(
     vtprune cannot patch.
     """
     given_scorer = None
+    if is_config_path(config):  # a file written by `vtprune tune` (or PruneConfig.to_json)
+        config = load_config(config)
     if isinstance(config, Scorer):
         if method is not None or method_options:
             raise ConfigError("a scorer object carries its own method and options: do not pass method= or options too")

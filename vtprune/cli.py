@@ -1,4 +1,5 @@
-"""The ``vtprune`` command line: ``methods``, ``run``, ``eval``, ``bench``, ``demo``, ``calibrate``, ``--version``."""
+"""The ``vtprune`` command line: ``methods``, ``run``, ``eval``, ``bench``, ``demo``, ``calibrate``, ``tune``,
+``--version``."""
 
 from __future__ import annotations
 
@@ -196,6 +197,48 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def cmd_tune(args) -> int:
+    import torch
+
+    from vtprune.calibrate import image_files, load_image
+    from vtprune.tune import calibration_batches, tune
+
+    if args.samples < 1 or args.trials < 1 or args.batch_size < 1:
+        raise SystemExit("vtprune tune: --samples, --trials and --batch-size must be at least 1")
+    torch.manual_seed(0)
+    questions = list(args.question)
+    if args.images:
+        images = [load_image(p) for p in image_files(args.images, args.samples)]
+        source = f"{len(images)} images from {args.images}"
+    else:
+        from vtprune.eval.tasks import ONE_WORD, load_task
+
+        task = load_task("toy-shapes", args.samples, args.calibration_seed)
+        images = [s.load_image() for s in task.samples]
+        questions = questions or [f"{s.question} {ONE_WORD}" for s in task.samples]
+        source = f"{len(images)} toy-shapes samples (seed {args.calibration_seed})"
+    model, processor = load_model(args.model)
+    batches = calibration_batches(model, processor, images, questions, args.batch_size)
+    print(f"model            {args.model} ({type(model).__name__})")
+    print(f"calibration      {source}")
+    print("objective        mean cos(final hidden state of the last prompt token, pruned vs unpruned)")
+
+    def show(i, point, value):
+        mark = "defaults" if i == 0 else f"trial {i}"
+        print(f"  {mark:<10} {value:.6f}  {json.dumps(point, sort_keys=True)}")
+
+    result = tune(model, batches, args.method, args.keep, trials=args.trials, seed=args.seed, layer=args.layer,
+                  options=_parse_options(args.option), progress=show)
+    keep = str(args.keep).replace(":", "").replace(",", "_").replace("=", "")
+    out = result.save(args.out or Path("vtprune-tuned") / f"{args.method.replace('+', '_')}-keep{keep}.json")
+    cfg = result.config
+    print(f"best             {result.objective:.6f} (defaults {result.baseline:.6f}): layer={cfg.layer} "
+          f"options={json.dumps(cfg.options, sort_keys=True)}")
+    print(f"wrote            {out}")
+    print(f"use it           vtprune.apply(model, config={str(out)!r})  |  vtprune eval --config {out}")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     import torch
 
@@ -289,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"({', '.join(BUILTIN_MODELS)}) or a local checkpoint dir (default: toy-llava)")
     ev.add_argument("--method", action="append", default=None,
                     help="pruning method; repeat for several (default: fastv, cls, random)")
+    ev.add_argument("--config", action="append", default=[], metavar="FILE",
+                    help="also evaluate the configuration in FILE (written by `vtprune tune --out`); repeatable")
     ev.add_argument("--keep", action="append", type=_parse_keep, default=None,
                     help="tokens per image (int) or fraction (float); repeat for several (default: 64)")
     ev.add_argument("--task", default="toy-shapes",
@@ -358,6 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default=None,
                      help="output file (default: ~/.cache/vtprune/calibration/<model key>.json)")
     cal.set_defaults(func=cmd_calibrate)
+    tn = sub.add_parser(
+        "tune",
+        help="search a method's hyperparameters for a model and budget (hidden-state fidelity); write a config file",
+    )
+    tn.add_argument("--model", default="toy-llava",
+                    help="built-in or trained toy model, or a local checkpoint dir (default: toy-llava)")
+    tn.add_argument("--method", required=True, help="the method to tune, e.g. fastv, visionzip, debias+fastv")
+    tn.add_argument("--keep", required=True, type=_parse_keep, help="the budget to tune for (int, fraction, auto:..)")
+    tn.add_argument("--layer", type=int, default=None, help="fix the in-LLM layer instead of searching it")
+    tn.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="a method option held fixed")
+    tn.add_argument("--images", default=None,
+                    help="directory of calibration images (default: toy-shapes images, a different seed than eval's)")
+    tn.add_argument("--question", action="append", default=[],
+                    help="calibration question(s), cycled over the images (default: the task's or a generic one)")
+    tn.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
+    tn.add_argument("--trials", type=int, default=16, help="configurations evaluated, the defaults first (default 16)")
+    tn.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
+    tn.add_argument("--calibration-seed", type=int, default=1,
+                    help="toy-shapes seed of the calibration samples (default 1; eval's default is 0)")
+    tn.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+    tn.add_argument("--out", default=None, help="output file (default: vtprune-tuned/<method>-keep<keep>.json)")
+    tn.set_defaults(func=cmd_tune)
     return parser
 
 

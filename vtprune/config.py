@@ -120,6 +120,11 @@ class PruneConfig:
             raise ConfigError(f"method must be a non-empty string, got {self.method!r}; see vtprune.methods()")
         self.method = self.method.lower()
         k = self.keep
+        if isinstance(k, str) and not k.strip().lower().startswith("auto"):
+            raise ConfigError(
+                f"keep must be an int (tokens per image), a float in (0, 1] (fraction) or {AUTO_KEEP_FORMAT}, "
+                f"got the string {k!r}" + (" (pass the number itself)" if k.strip().replace(".", "", 1).isdigit() else "")
+            )
         if isinstance(k, (str, AutoKeep)):
             self.keep = str(auto_keep(k))  # validated and normalised ("auto:0.95,min=16"); JSON-safe
             k = None

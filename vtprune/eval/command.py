@@ -101,6 +101,18 @@ def save_overlays(runs, task, model, processor, where: Path) -> dict[str, Any]:
     return {"dir": str(where), "written": written}
 
 
+def config_cells(paths: list[str]) -> list:
+    """One cell per config file (`vtprune tune --out`, or ``PruneConfig.to_json``), labelled with its name."""
+    from vtprune.eval.runner import Cell
+    from vtprune.tune import load_config
+
+    cells = []
+    for path in paths:
+        cfg = load_config(path)
+        cells.append(Cell(cfg.method, cfg.keep, cfg.layer, dict(cfg.options), source=Path(path).name))
+    return cells
+
+
 def run_eval(args) -> int:
     """Run ``vtprune eval`` for parsed ``args`` (see `vtprune.cli.build_parser`)."""
     import torch
@@ -116,7 +128,8 @@ def run_eval(args) -> int:
         raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         raise EvalError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    args.method = list(args.method or DEFAULT_METHODS)
+    configs = list(getattr(args, "config", None) or [])
+    args.method = list(args.method or ([] if configs else DEFAULT_METHODS))
     args.keep = list(args.keep or DEFAULT_KEEPS)
     torch.manual_seed(args.seed)
 
@@ -124,6 +137,7 @@ def run_eval(args) -> int:
     resolve_model(args.model)
     options = _parse_options(args.option)
     cells = build_cells(args.method, args.keep, args.layer, options)
+    cells += config_cells(configs)
     shard = launched_shard()
     device = resolve_device(args.device)
     if shard.world > 1 and device.type == "cuda" and device.index is None:

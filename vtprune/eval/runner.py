@@ -41,6 +41,7 @@ class Cell:
     options: dict[str, Any] = field(default_factory=dict)
     stage: str | None = None  # resolved by `validate_cells`: "pre-llm" | "llm"
     resolved_layer: int | None = None
+    source: str | None = None  # the config file the cell came from (`vtprune eval --config`), if any
 
     @property
     def label(self) -> str:
@@ -162,7 +163,7 @@ class CellRun:
 
         flops, vision = mean(r.flops for r in ok), mean(r.vision_flops for r in ok)
         return {
-            "method": self.cell.method or "unpruned",
+            "method": (self.cell.method or "unpruned") + (f" ({self.cell.source})" if self.cell.source else ""),
             "keep": self.cell.keep,
             "layer": self.cell.layer,
             "stage": self.cell.stage,

@@ -97,6 +97,14 @@ class Scorer:
     def needs_signal(self, name: str) -> bool:
         return name in self.needs
 
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        """Options `vtprune tune` may search on this model: name -> ``(vtprune.tune.Param, current value)``.
+
+        Only this component's own options (wrappers' hosts declare theirs); called after `bind`.
+        Default: none.
+        """
+        return {}
+
     def bind(self, model: Any, adapter: Any) -> None:
         """Called once by `vtprune.apply` with the model and its adapter, before any hook is installed.
 

@@ -41,6 +41,28 @@ class CLSScorer(Scorer):
     def score(self, signals: Signals) -> list[torch.Tensor]:
         return list(signals.require(VISION_CLS_ATTENTION))
 
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        from vtprune.tune import Param
+
+        candidates = vision_layer_candidates(adapter)
+        current = self.vision_layer if self.vision_layer is not None else int(adapter.default_vision_layer())
+        if isinstance(current, int) and current < 0:
+            current += adapter.vision_depth() + 1
+        if not isinstance(current, int) or current not in candidates:
+            return {}
+        return {"vision_layer": (Param("choice", choices=tuple(candidates)), current)}
+
+
+def vision_layer_candidates(adapter: Any) -> list[int]:
+    """``hidden_states`` indices a CLS-type score may come from: every layer up to the feature layer (CLIP),
+    the full-attention blocks (Qwen-VL)."""
+    if hasattr(adapter, "full_attention_blocks"):
+        return [b + 1 for b in adapter.full_attention_blocks()]
+    feature = int(adapter.default_vision_layer())
+    if feature < 0:
+        feature += adapter.vision_depth() + 1
+    return list(range(1, feature + 1))
+
 
 def ensemble_layers(model: Any, adapter: Any, n_layers: int) -> list[int]:
     """VTC-CLS's default layers: the last ``n_layers`` full-attention vision layers ending at the feature layer.
@@ -103,6 +125,14 @@ class VTCCLSScorer(CLSScorer):
     def vision_layer(self, value: int | list[int] | None) -> None:
         self._requested = value
         self._resolved = None
+
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        from vtprune.tune import Param
+
+        if self._requested is not None:  # explicit layers: nothing to search
+            return {}
+        top = len(ensemble_layers(model, adapter, 10_000))
+        return {"n_layers": (Param("int", 1, top), min(self.n_layers, top))} if top > 1 else {}
 
     def bind(self, model: Any, adapter: Any) -> None:
         self._resolved = None

@@ -232,6 +232,11 @@ class Debias(Wrapper):
     def trend_source(self) -> str:
         return self._trend.source
 
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        from vtprune.tune import Param
+
+        return {"pad_theta": (Param("float", 0.05, 1.0), self.pad_theta)} if self._pad else {}
+
     def bind_self(self, model: Any, adapter: Any) -> None:
         hosts = [method_string(self.inner), host_of(self.inner)]
         self._warned_layer = False

@@ -8,6 +8,7 @@ stream; it soaks up attention without carrying image content. With ``phi(h) = |h
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -136,6 +137,12 @@ class Sink(Wrapper):
         self._dims: list[int] | None = dims
         self.dims_source = "dims option" if dims is not None else None
         self.last_sinks: list[torch.Tensor] = []
+
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        from vtprune.tune import Param
+
+        top = max(2.0, math.sqrt(text_hidden_size(model.config)))  # phi <= sqrt(D)
+        return {"tau": (Param("float", 1.0, top), min(float(self.tau), top))}
 
     def bind_self(self, model: Any, adapter: Any) -> None:
         hidden = text_hidden_size(model.config)

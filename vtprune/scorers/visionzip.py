@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -219,6 +220,11 @@ class VisionZipScorer(Scorer):
     stages = (PRE_LLM,)
     default_layer = None
     recycles = True  # the pre-LLM stage calls `plan` and merges features instead of a plain top-k
+
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        from vtprune.tune import Param
+
+        return {"contextual_ratio": (Param("float", 0.0, 0.5), self.contextual_ratio)}
 
     def __init__(self, vision_layer: int | None = None, contextual_ratio: float = CONTEXTUAL_RATIO) -> None:
         if vision_layer is not None and (isinstance(vision_layer, bool) or not isinstance(vision_layer, int)):

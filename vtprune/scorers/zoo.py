@@ -65,6 +65,11 @@ class ZOOScorer(Scorer):
         self._projector: nn.Module | None = None
         self.last_sensitivity: list[torch.Tensor] = []
 
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        from vtprune.tune import Param
+
+        return {"h": (Param("log", 1e-4, 1.0), self.h)}
+
     def bind(self, model: Any, adapter: Any) -> None:
         try:
             projector = adapter.merge_projector()
