@@ -17,6 +17,7 @@ from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host, v
 from vtprune.kernels import compact
 from vtprune.scorers.base import (
     HIDDEN_STATES,
+    INSTRUCTION,
     PIXEL_VALUES,
     PRE_LLM,
     VISION_CLS_ATTENTION,
@@ -65,6 +66,9 @@ def shorten_prefill_inputs(
             signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
         if state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
+        if state.scorer.needs_signal(INSTRUCTION):
+            signals.instruction_embeds, signals.instruction_ids = instruction_tokens(
+                embeds, input_ids, sess.attention_2d, lay.positions)
         if state.scorer.needs_signal(VISION_FEATURES):
             signals.vision_features = vision_features(adapter, images, lay.source)
         if state.scorer.needs_signal(PIXEL_VALUES):
@@ -124,6 +128,20 @@ def shorten_prefill_inputs(
         scores=scores,
         per_image=[lay.kept_per_image(b, k) for b, k in enumerate(kept)],
     )
+
+
+def instruction_tokens(embeds: torch.Tensor, input_ids: torch.Tensor | None, valid: torch.Tensor,
+                       positions: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per sample the real tokens after its last visual token: embeddings ``[T_b, D]`` and ids ``[T_b]``."""
+    embs, ids = [], []
+    n = embeds.shape[1]
+    for b, pos in enumerate(positions):
+        after = torch.arange(n, device=valid.device) > (int(pos.max()) if pos.numel() else -1)
+        rows = torch.nonzero(after & valid[b]).flatten()
+        embs.append(embeds[b, rows.to(embeds.device)])
+        if input_ids is not None:
+            ids.append(input_ids[b, rows.to(input_ids.device)])
+    return embs, (ids if input_ids is not None else None)
 
 
 def cls_scores(cls_rows: torch.Tensor, source: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from vtprune.scorers import (  # noqa: F401  (registration)
     baselines,
+    cdpruner,
     cls,
     compose,
     debias,
@@ -40,9 +41,11 @@ Uniform = baselines.UniformScorer
 Debias = debias.Debias
 Sink = sink.Sink
 DivPrune = diversity.DivPruneScorer
+CDPruner = cdpruner.CDPrunerScorer
 ZOO = zoo.ZOOScorer
 
 __all__ = [
+    "CDPruner",
     "CLS",
     "VTCCLS",
     "Debias",

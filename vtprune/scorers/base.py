@@ -21,7 +21,8 @@ LLM_ATTENTION = "llm_attention"
 HIDDEN_STATES = "hidden_states"
 PIXEL_VALUES = "pixel_values"
 VISION_FEATURES = "vision_features"
-SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES, VISION_FEATURES)
+INSTRUCTION = "instruction"
+SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES, VISION_FEATURES, INSTRUCTION)
 
 PRE_LLM = "pre-llm"
 IN_LLM = "llm"
@@ -47,6 +48,9 @@ class Signals:
     - ``vision_features``: pre-LLM, per sample ``[n_b, C]`` float, each visual token's vision feature as
       it enters the projector (the encoder's feature layer; LLaVA-family models only), so that
       ``projector(vision_features)`` gives the token's embedding.
+    - ``instruction`` (pre-LLM): per sample the real text tokens after the sample's last visual token:
+      ``instruction_embeds`` ``[T_b, D]`` (LLM input embeddings) and ``instruction_ids`` ``[T_b]`` (None
+      where the model was given embeddings only, as in the LLaVA repository).
     - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
       (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
     """
@@ -60,10 +64,12 @@ class Signals:
     hidden_states: list[torch.Tensor] | None = None
     pixel_values: torch.Tensor | None = None
     vision_features: list[torch.Tensor] | None = None
+    instruction_embeds: list[torch.Tensor] | None = None
+    instruction_ids: list[torch.Tensor] | None = None
     extras: dict = field(default_factory=dict)
 
     def require(self, name: str) -> Any:
-        value = getattr(self, name)
+        value = getattr(self, "instruction_embeds" if name == INSTRUCTION else name)
         if value is None:
             raise RuntimeError(f"signal {name!r} was not provided by the adapter at stage {self.stage!r}")
         return value

@@ -1,0 +1,108 @@
+"""CDPruner: the conditional DPP on constructed cases, and both relevance sources on tiny models (the CLIP one
+with a tiny random open_clip model built from a config, no download). Exactness on every tiny model with
+the text relevance is in tests/test_presets.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import batch, get_model
+
+import vtprune
+from vtprune.config import ConfigError
+from vtprune.layout import VisualLayout
+from vtprune.scorers import CDPruner
+from vtprune.scorers.base import Signals
+from vtprune.scorers.cdpruner import dpp_kernel, minmax
+from vtprune.scorers.select import select_topk
+from vtprune.toy.tiny import tiny_llava_tokenizer
+
+open_clip = pytest.importorskip("open_clip")
+
+
+def _layout(n: int) -> VisualLayout:
+    return VisualLayout([torch.arange(n)], [torch.zeros(n, dtype=torch.long)], [torch.ones(n, dtype=torch.bool)],
+                        [torch.arange(n)], [torch.zeros(n, 3, dtype=torch.long)], seq_len=n)
+
+
+def test_kernel_and_normalisation():
+    s = torch.eye(3)
+    r = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(dpp_kernel(s, r, 0.5), torch.diag(torch.exp(0.5 * r) ** 2))
+    torch.testing.assert_close(dpp_kernel(s, r, 0.0), torch.diag(r**2))
+    torch.testing.assert_close(minmax(torch.tensor([2.0, 4.0, 3.0])), torch.tensor([0.0, 1.0, 0.5]))
+
+
+def test_relevant_first_then_diverse():
+    """Two groups of near-duplicate tokens; the instruction points at group B: the first pick is B's most
+    relevant token, the second comes from group A (a second B token adds no volume)."""
+    a = torch.tensor([[1.0, 0.0, 0.0]]).repeat(3, 1) + 1e-3 * torch.randn(3, 3)
+    b = torch.tensor([[0.0, 1.0, 0.2]]).repeat(3, 1) + 1e-3 * torch.randn(3, 3)
+    z = torch.cat([a, b])
+    words = torch.tensor([[0.0, 1.0, 0.0]])
+    sig = Signals(layout=_layout(6), stage="pre-llm", keep=2, hidden_states=[z], instruction_embeds=[words])
+    scorer = CDPruner(theta=0.9)
+    scores = scorer.score(sig)[0]
+    assert int(torch.argmax(scores)) >= 3  # a group-B token first
+    kept = select_topk([scores], sig.layout, 2)[0]
+    assert sorted(int(k) // 3 for k in kept) == [0, 1]
+
+
+def test_options_are_checked(llava):
+    with pytest.raises(ConfigError, match="relevance='bogus'"):
+        vtprune.apply(llava, "cdpruner", keep=8, relevance="bogus")
+    with pytest.raises(ConfigError, match="needs clip_model"):
+        vtprune.apply(llava, "cdpruner", keep=8, relevance="clip")
+    with pytest.raises(ConfigError, match=r"theta=1.0 must be in \[0, 1\)"):
+        vtprune.apply(llava, "cdpruner", keep=8, theta=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip model whose vision width (32) matches the tiny LLaVA tower, and a saved tokenizer."""
+    folder = tmp_path_factory.mktemp("clip")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 336, "layers": 1, "width": 32, "head_width": 8, "patch_size": 14},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (folder / "vtprune-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / "vtprune-tiny-clip.json")
+    tok = folder / "tokenizer"
+    tiny_llava_tokenizer().save_pretrained(tok)
+    return "vtprune-tiny-clip", str(tok)
+
+
+def test_clip_relevance_matches_an_independent_computation(processor, tiny_clip):
+    name, tok = tiny_clip
+    model = get_model("llava")
+    inputs = batch(processor, [1])
+    torch.manual_seed(0)
+    vtprune.apply(model, "cdpruner", keep=8, relevance="clip", clip_model=name, tokenizer=tok)
+    scorer = model._vtprune_state.scorer
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    got = scorer.last_relevance[0]
+    clip = scorer._clip.model
+    vtprune.remove(model)
+    assert st.visual_after == [8]
+    # independently: the feature layer (-2) patch features -> ln_post -> proj, against the instruction text
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        feats = out.hidden_states[-2][0, 1:]
+        e = torch.nn.functional.normalize(clip.visual.ln_post(feats) @ clip.visual.proj, dim=-1)
+        ids = inputs["input_ids"][0]
+        last_image = int(torch.nonzero(ids == model.config.image_token_id).max())
+        text = tiny_llava_tokenizer().decode(ids[last_image + 1:].tolist(), skip_special_tokens=True)
+        t = torch.nn.functional.normalize(clip.encode_text(open_clip.get_tokenizer(name)([text])), dim=-1)
+        expected = minmax(-(e @ t.T).mean(1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_clip_relevance_refuses_a_mismatched_tower_and_qwen(tiny_clip):
+    name, tok = tiny_clip
+    with pytest.raises(ConfigError, match="LLaVA-family models only"):
+        vtprune.apply(get_model("qwen2_vl"), "cdpruner", keep=8, relevance="clip", clip_model=name, tokenizer=tok)
+    with pytest.raises(ConfigError, match="is 768 wide but the model's vision tower is 32 wide"):
+        vtprune.apply(get_model("llava"), "cdpruner", keep=8, relevance="clip", clip_model="ViT-B-32", tokenizer=tok)

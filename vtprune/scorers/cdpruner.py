@@ -1,0 +1,185 @@
+"""CDPruner: a conditional DPP over the visual tokens, diversity from the projector outputs, quality from
+their relevance to the instruction."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from vtprune.config import ConfigError
+from vtprune.scorers.base import (
+    HIDDEN_STATES,
+    INSTRUCTION,
+    PRE_LLM,
+    VISION_FEATURES,
+    Scorer,
+    Signals,
+    register,
+)
+from vtprune.scorers.greedy import cosine_matrix, dpp_map, per_image
+
+RELEVANCE = ("clip", "text")
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if float(span) > 0 else torch.ones_like(x)
+
+
+def dpp_kernel(similarity: torch.Tensor, relevance: torch.Tensor, theta: float) -> torch.Tensor:
+    """``L = diag(q) S diag(q)`` with ``q = exp(theta / (2 (1 - theta)) r)`` (``theta = 0``: ``q = r``)."""
+    q = torch.exp(theta / (2.0 * (1.0 - theta)) * relevance) if theta > 0 else relevance
+    return q[:, None] * similarity * q[None, :]
+
+
+class ClipText:
+    """An open_clip model's text side and the LLaVA tower's head: ``ln_post`` + ``proj`` of its vision tower.
+
+    ``name`` is an open_clip model name (``ViT-L-14-336`` for LLaVA-1.5's tower); ``pretrained`` a local
+    checkpoint file or an open_clip pretrained tag (a tag downloads into the user's cache; vtprune itself
+    never downloads).
+    """
+
+    def __init__(self, name: str, pretrained: str | None) -> None:
+        try:
+            import open_clip
+        except ImportError:
+            raise ConfigError("cdpruner's clip relevance needs open_clip: pip install 'vtprune[clip]'") from None
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained or None)
+        except RuntimeError as exc:
+            raise ConfigError(f"cdpruner: open_clip could not build {name!r} ({exc}); see open_clip.list_models()") from None
+        self.model = model.eval().float()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.context = int(getattr(self.model, "context_length", 77) or 77)
+
+    @torch.no_grad()
+    def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        """``[n, C]`` tower features (the LLaVA feature layer) -> ``[n, E]`` CLIP image-space embeddings."""
+        visual = self.model.visual
+        x = visual.ln_post(features.float().to(next(visual.parameters()).device))
+        return x @ visual.proj if getattr(visual, "proj", None) is not None else x
+
+    @torch.no_grad()
+    def text_embeddings(self, text: str) -> torch.Tensor:
+        """``[chunks, E]``: the instruction in chunks of the text tower's context (as the reference splits it)."""
+        words = text.split()
+        chunk = max(1, self.context - 2)
+        parts = [" ".join(words[a:a + chunk]) for a in range(0, max(1, len(words)), chunk)] or [""]
+        tokens = self.tokenizer(parts).to(next(self.model.parameters()).device)
+        return self.model.encode_text(tokens).float()
+
+
+@register
+class CDPrunerScorer(Scorer):
+    """CDPruner (Zhang et al., 2025, "Beyond Attention or Similarity: Maximizing Conditional Diversity for
+    Token Pruning in MLLMs"): greedy MAP of a DPP whose kernel joins diversity and instruction relevance.
+
+    Per image: ``S`` = cosine similarity of the projector outputs; relevance ``r`` min-max normalised over
+    the image; kernel ``L = diag(q) S diag(q)`` with ``q = exp(theta r / (2 (1 - theta)))``; the kept set
+    is the greedy DPP MAP of the image's budget (incremental Cholesky). A selection: adaptive budgets are
+    refused.
+
+    Relevance (``relevance=``):
+    - ``"clip"`` (the paper's): ``r_i = mean_m -cos(e_i, t_m)`` with ``e_i`` the token's feature-layer
+      vision feature through the CLIP tower's ``ln_post`` and projection, ``t_m`` the CLIP text embeddings
+      of the instruction in 77-token chunks, from the open_clip model ``clip_model`` with weights
+      ``clip_pretrained`` (the reference's sign is kept: its relevance is the *negative* cosine). The
+      instruction text is decoded with the model's tokenizer (``tokenizer=PATH``, default the model's own
+      directory). LLaVA-family models only (the tower's features are needed).
+    - ``"text"`` (our stand-in where no CLIP text tower fits, e.g. Qwen-VL): ``r_i = mean_m cos(z_i, w_m)``
+      with ``z_i`` the projector output and ``w_m`` the LLM input embeddings of the instruction tokens.
+
+    Options: ``relevance`` ("text"), ``theta`` (0.5), ``clip_model``, ``clip_pretrained``, ``tokenizer``.
+    """
+
+    name = "cdpruner"
+    description = "CDPruner: conditional DPP (projector-output diversity x instruction relevance); pre-LLM"
+    needs = frozenset({HIDDEN_STATES, INSTRUCTION})
+    stages = (PRE_LLM,)
+    accepts_auto_keep = False
+
+    def __init__(self, relevance: str = "text", theta: float = 0.5, clip_model: str | None = None,
+                 clip_pretrained: str | None = None, tokenizer: str | None = None) -> None:
+        if relevance not in RELEVANCE:
+            raise ConfigError(f"cdpruner: relevance={relevance!r} must be one of {RELEVANCE}")
+        if not 0.0 <= float(theta) < 1.0:
+            raise ConfigError(f"cdpruner: theta={theta} must be in [0, 1)")
+        if relevance == "clip" and not clip_model:
+            raise ConfigError("cdpruner: relevance='clip' needs clip_model=<open_clip name> (e.g. 'ViT-L-14-336') "
+                              "and clip_pretrained=<checkpoint file>")
+        self.relevance, self.theta = relevance, float(theta)
+        self.clip_model, self.clip_pretrained, self.tokenizer = clip_model, clip_pretrained, tokenizer
+        self._clip: ClipText | None = None
+        self._tokenizer: Any = None
+        self.last_relevance: list[torch.Tensor] = []
+
+    def needs_signal(self, name: str) -> bool:
+        return name in self.needs or (name == VISION_FEATURES and self.relevance == "clip")
+
+    def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
+        from vtprune.tune import Param
+
+        return {"theta": (Param("float", 0.0, 0.95), self.theta)}
+
+    def bind(self, model: Any, adapter: Any) -> None:
+        if self.relevance != "clip":
+            return
+        try:
+            adapter.merge_projector()
+        except NotImplementedError:
+            raise ConfigError(
+                "cdpruner relevance='clip' reads the LLaVA tower's features, so it runs on LLaVA-family models only; "
+                "use relevance='text' here"
+            ) from None
+        path = self.tokenizer or getattr(model.config, "_name_or_path", None)
+        if not path or not os.path.isdir(str(path)):
+            raise ConfigError("cdpruner relevance='clip' decodes the instruction with the model's tokenizer: pass "
+                              "tokenizer=<local tokenizer directory>")
+        from transformers import AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cdpruner: no tokenizer could be loaded from {path!r} ({exc}); pass tokenizer=PATH") from None
+        self._clip = ClipText(self.clip_model, self.clip_pretrained)
+        width = self._clip.model.visual.ln_post.normalized_shape[0]
+        depth_width = getattr(getattr(model.config, "vision_config", None), "hidden_size", None) or getattr(
+            model.config, "mm_hidden_size", None)
+        if depth_width is not None and int(depth_width) != int(width):
+            raise ConfigError(f"cdpruner: the open_clip model {self.clip_model!r} is {width} wide but the model's "
+                              f"vision tower is {depth_width} wide; name the CLIP the tower was built from")
+
+    @torch.no_grad()
+    def _relevance(self, signals: Signals, b: int, idx: torch.Tensor) -> torch.Tensor:
+        z = signals.hidden_states[b][idx.to(signals.hidden_states[b].device)].float()
+        if self.relevance == "text":
+            words = signals.instruction_embeds[b].float().to(z.device)
+            if words.shape[0] == 0:
+                return torch.ones(z.shape[0], device=z.device)
+            rel = (torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).T).mean(1)
+            return rel
+        ids = signals.instruction_ids
+        if ids is None:
+            raise RuntimeError("cdpruner relevance='clip' needs the instruction token ids, which this model "
+                               "call does not have (embeddings only); use relevance='text'")
+        text = self._tokenizer.decode(ids[b].tolist(), skip_special_tokens=True)
+        feats = signals.require(VISION_FEATURES)[b][idx.to(signals.vision_features[b].device)]
+        e = torch.nn.functional.normalize(self._clip.image_embeddings(feats), dim=-1)
+        t = torch.nn.functional.normalize(self._clip.text_embeddings(text).to(e.device), dim=-1)
+        return -(e @ t.T).mean(1)
+
+    def score(self, signals: Signals) -> list[torch.Tensor]:
+        signals.require(HIDDEN_STATES)
+        signals.require(INSTRUCTION)
+        self.last_relevance = []
+
+        def pick(b: int, idx: torch.Tensor, k: int) -> torch.Tensor:
+            r = minmax(self._relevance(signals, b, idx).float())
+            self.last_relevance.append(r.cpu())
+            sim = cosine_matrix(signals.hidden_states[b][idx.to(signals.hidden_states[b].device)])
+            return dpp_map(dpp_kernel(sim, r.to(sim.device), self.theta), k)
+
+        return per_image(signals.layout, signals.keep, pick)
