@@ -61,6 +61,47 @@ def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor) -> tor
             h.remove()
 
 
+@torch.no_grad()
+def staged_masked_logits(model, inputs: dict, stages: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """`masked_logits` for staged pruning: ``stages`` = ``[(K_j, dropped_j [B, N])]``; layer l hides the
+    columns dropped by every stage with K_j < l."""
+    assert not hasattr(model, "_vtprune_state"), "run the oracle on the unpatched model"
+    layers = model.model.language_model.layers
+    n = stages[0][1].shape[1]
+    attn = inputs.get("attention_mask")
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+
+    def allowed_for(dropped):
+        keys_ok = ~dropped if attn is None else (~dropped & attn.bool())
+        allowed = (causal[None] & keys_ok[:, None, :]) | torch.eye(n, dtype=torch.bool)[None]
+        return allowed[:, None]
+
+    def make(allowed):
+        def pre(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if mask is None or mask.dtype == torch.bool:
+                new = allowed if mask is None else (mask & allowed)
+            else:
+                new = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+            kwargs["attention_mask"] = new
+            return args, kwargs
+        return pre
+
+    handles = []
+    for li in range(len(layers)):
+        hidden = torch.zeros(stages[0][1].shape, dtype=torch.bool)
+        for k, dropped in stages:
+            if k < li:
+                hidden |= dropped
+        if bool(hidden.any()):
+            handles.append(layers[li].register_forward_pre_hook(make(allowed_for(hidden)), with_kwargs=True))
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def lm_on_kept(model, inputs, st, visual_rows: list[torch.Tensor] | None = None):
     """Logits of the unpatched LM on its own inputs with ``st``'s dropped visual columns removed.
 

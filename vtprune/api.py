@@ -82,11 +82,20 @@ def apply(
                 f"method {cfg.method!r} prunes before the LLM and takes no layer; leave layer=None"
             )
         raise ConfigError(f"method {cfg.method!r} prunes inside the LLM: give layer=K")
+    schedule: list = []
     if resolved_layer is not None:
         adapter.check_layer(resolved_layer)
+        schedule = list(scorer.schedule(model, adapter, resolved_layer, cfg.keep))
+        layers = [k for k, _ in schedule]
+        if not layers or layers != sorted(set(layers)):
+            raise ConfigError(f"method {cfg.method!r}: its pruning layers {layers} must be distinct and increasing")
+        for k in layers:
+            adapter.check_layer(k)
+        resolved_layer = layers[0]
 
     remove(model)
-    state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer)
+    state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer,
+                       schedule=schedule)
     state.handles = adapter.install(state)
     setattr(model, STATE_ATTR, state)
     return model

@@ -57,6 +57,9 @@ class PruneStats:
       contextual tokens; counted in ``visual_after``); None for methods that do not merge.
     - ``per_image``: per sample, the kept count of each of its images (the count an adaptive budget
       ``keep="auto:0.95"`` chose per image; also filled for fixed budgets).
+    - ``stages``: staged in-LLM methods: per stage ``{"layer": K_j, "visual_after": [...], "kept": [...]}``
+      (``kept`` as above, after that stage; ``layer`` is
+      then the first stage's layer, ``kept`` the last stage's); None for single-stage pruning.
     - ``scores``: per sample the scorer's ``[n_b]`` scores of that sample's visual tokens (higher =
       keep; ``-inf`` = excluded), as the selection saw them, on the model's device; None where the
       method selects without a score vector (VisionZip's dominant + contextual merge).
@@ -73,6 +76,7 @@ class PruneStats:
     contextual: list[int] | None = None
     scores: list[torch.Tensor] | None = None
     per_image: list[list[int]] | None = None
+    stages: list[dict] | None = None
 
     @property
     def keep_ratio(self) -> float:
@@ -104,6 +108,12 @@ class Session:
     keep_seq: torch.Tensor | None = None  # [B, N'] kept sequence positions (fillers included)
     filler: torch.Tensor | None = None  # [B, N'] bool, True on filler slots of ragged batches
     full_hidden: torch.Tensor | None = None  # [B, N, D] output of the pruning layer (for scatter back)
+    # staged in-LLM pruning: per applied stage (keep_seq, filler), its kept visual indices, and for stages
+    # after the first the pruning layer's output in the previous stage's coordinates (for scatter back)
+    stage_seqs: list = field(default_factory=list)
+    stage_kept: list = field(default_factory=list)
+    stage_hidden: list = field(default_factory=list)
+    stage_rope: Any = None  # (cos, sin) of the current pruning layer's call, for scorers reading layer K + 1
     mask_cache: dict = field(default_factory=dict)
     # pre-LLM
     pre_index: torch.Tensor | None = None  # [B, N'] kept positions of the shortened sequence
@@ -186,3 +196,6 @@ class PruneState:
     vision_extras: dict | None = None  # filled by method hooks during an encoder call -> VisionRecord.extras
     encoding: bool = False  # inside a wrapped encoder call (Qwen3-VL's video encoder calls the image one)
     timer: PartTimer = field(default_factory=PartTimer)  # vtprune's own time by part (vtprune bench)
+    # in-LLM pruning points: (decoder layer, per-image budget) in increasing layer order; one entry
+    # (layer, config.keep) for single-stage methods, several for staged ones (Scorer.schedule)
+    schedule: list = field(default_factory=list)

@@ -103,6 +103,54 @@ def llm_query_attention(
 
 
 @torch.no_grad()
+def llm_rows_attention(
+    layer: nn.Module,
+    hidden_in: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: list[torch.Tensor],
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over several query rows of the head-mean attention of a decoder layer, recomputed under SDPA.
+
+    Args:
+        layer: the decoder layer whose ``input_layernorm``, ``q_proj`` / ``k_proj`` (and ``q_norm`` /
+            ``k_norm``) apply.
+        hidden_in: ``[B, N, D]`` that layer's input.
+        position_embeddings: ``(cos, sin)``, each ``[B or 1, N, head_dim]``.
+        rows: per sample the query positions ``[R_b]`` (e.g. the instruction tokens).
+        key_valid: ``[B, N]`` bool, False on padding (and filler) keys.
+
+    Returns:
+        ``[B, N]`` float32: for each key, the mean over the sample's query rows of the head-mean softmax
+        probabilities (causal: a query sees keys up to its own position); zeros for a sample without rows.
+    """
+    attn = layer.self_attn
+    bsz, n, _ = hidden_in.shape
+    head_dim = attn.head_dim
+    scaling = getattr(attn, "scaling", head_dim**-0.5)
+    x = layer.input_layernorm(hidden_in)
+    cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
+    out = torch.zeros(bsz, n, dtype=torch.float32, device=x.device)
+    for b in range(bsz):
+        r = rows[b].to(x.device)
+        if r.numel() == 0:
+            continue
+        q = attn.q_proj(x[b, r]).view(1, r.numel(), -1, head_dim).transpose(1, 2)  # [1, H, R, d]
+        k = attn.k_proj(x[b]).view(1, n, -1, head_dim).transpose(1, 2)  # [1, Hkv, N, d]
+        q, k = _head_norm(attn, "q_norm", q), _head_norm(attn, "k_norm", k)
+        q = q * cos[b, r][None, None] + _rotate_half(q) * sin[b, r][None, None]
+        k = k * cos[b][None, None] + _rotate_half(k) * sin[b][None, None]
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2))[0] * scaling  # [H, R, N]
+        allowed = key_valid[b].bool()[None, :] & (torch.arange(n, device=x.device)[None, :] <= r[:, None])
+        logits = logits.masked_fill(~allowed[None], float("-inf"))
+        out[b] = torch.softmax(logits, dim=-1).mean(dim=(0, 1))
+    return out
+
+
+@torch.no_grad()
 def vit_cls_attention(attn: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
     """Head-mean attention of the CLS query (token 0) at a CLIP-style vision attention module.
 

@@ -356,6 +356,7 @@ class Adapter:
             for module in cls_modules:
                 handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
             handles += self.extra_hooks(state)
+            handles += state.scorer.model_hooks(self, state)
             handles += recycling_hooks(self, state)  # VisionZip's key recording (no hook otherwise)
             handles += flowcut_hooks(self, state)  # FlowCut's vision and LLM stages (no hook otherwise)
         except Exception:

@@ -22,6 +22,7 @@ import torch
 
 from vtprune.adapters.attention_rows import layer_rope, llm_query_attention, takes_seq_len
 from vtprune.kernels import compact
+from vtprune.layout import VisualLayout
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.select import select_topk
 from vtprune.state import PruneState, PruneStats, Session, cache_length
@@ -35,8 +36,15 @@ def _allowed_value(mask: torch.Tensor):
     return True if mask.dtype == torch.bool else 0.0
 
 
-def build_keep_index(sess: Session, kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def build_keep_index(sess: Session, kept: list[torch.Tensor],
+                     pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence positions each sample keeps, padded with fillers to a common length.
+
+    Args:
+        kept: per sample, the kept indices into its visual tokens.
+        pool: ``[B, M]`` for a later stage of staged pruning: the positions the previous stage kept
+            (fillers included); fillers are then taken from those, so every slot exists in the current
+            compacted sequence.
 
     Returns:
         keep_seq: ``[B, N']`` long; fillers first (if any), then the kept positions in order.
@@ -52,7 +60,11 @@ def build_keep_index(sess: Session, kept: list[torch.Tensor]) -> tuple[torch.Ten
         keep_mask[vis] = False
         keep_mask[vis[kept[b].to(device)]] = True
         rows.append(torch.nonzero(keep_mask).flatten())
-        drops.append(torch.nonzero(~keep_mask).flatten())
+        if pool is None:
+            drops.append(torch.nonzero(~keep_mask).flatten())
+        else:
+            cand = pool[b].to(device)
+            drops.append(cand[~keep_mask[cand]])
     width = max(int(r.numel()) for r in rows)
     keep_seq = torch.empty(len(rows), width, dtype=torch.long, device=device)
     filler = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
@@ -74,39 +86,39 @@ def _gather_mask(mask: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tens
     return mask.gather(3, cols[:, None, None, :].expand(bsz, h, q, cols.shape[1]))
 
 
-def prefill_mask(mask: torch.Tensor | None, sess: Session) -> torch.Tensor | None:
-    """The 4D mask of layers > K during prefill (None stays None unless fillers need hiding)."""
-    ragged = bool(sess.filler.any())
+def prefill_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torch.Tensor,
+                 seq_len: int) -> torch.Tensor | None:
+    """The 4D mask of layers after a pruning point during prefill (None stays None unless fillers need hiding)."""
+    ragged = bool(filler.any())
     if mask is None and not ragged:
         return None
-    keep_seq = sess.keep_seq
     if mask is None:
-        n = sess.seq_len
-        mask = torch.ones(n, n, dtype=torch.bool, device=keep_seq.device).tril()[None, None]
+        mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep_seq.device).tril()[None, None]
     out = _gather_mask(mask, keep_seq, keep_seq).clone()
     if ragged:
-        fill = sess.filler[:, None, None, :].expand_as(out)
+        fill = filler[:, None, None, :].expand_as(out)
         out = out.masked_fill(fill, _masked_value(out))
-        diag = torch.diag_embed(sess.filler)[:, None]  # filler rows attend themselves only
+        diag = torch.diag_embed(filler)[:, None]  # filler rows attend themselves only
         out = out.masked_fill(diag, _allowed_value(out))
     return out
 
 
-def decode_mask(mask: torch.Tensor | None, sess: Session, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """The 4D mask of layers > K for a step after prefill: columns ``kept ++ [N, kv_len)``."""
-    ragged = bool(sess.filler.any())
+def decode_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torch.Tensor, seq_len: int,
+                q_len: int, kv_len: int) -> torch.Tensor | None:
+    """The 4D mask of layers after a pruning point for a step after prefill: columns ``kept ++ [N, kv_len)``."""
+    ragged = bool(filler.any())
     if mask is None and not ragged:
         return None
-    bsz = sess.keep_seq.shape[0]
-    device = sess.keep_seq.device
-    new = torch.arange(sess.seq_len, kv_len, device=device)[None].expand(bsz, -1)
-    cols = torch.cat([sess.keep_seq, new], dim=1)
+    bsz = keep_seq.shape[0]
+    device = keep_seq.device
+    new = torch.arange(seq_len, kv_len, device=device)[None].expand(bsz, -1)
+    cols = torch.cat([keep_seq, new], dim=1)
     if mask is None:
         qpos = torch.arange(kv_len - q_len, kv_len, device=device)
         mask = (torch.arange(kv_len, device=device)[None] <= qpos[:, None])[None, None]
     out = _gather_mask(mask, None, cols).clone()
     if ragged:
-        hide = torch.cat([sess.filler, torch.zeros_like(new, dtype=torch.bool)], dim=1)
+        hide = torch.cat([filler, torch.zeros_like(new, dtype=torch.bool)], dim=1)
         out = out.masked_fill(hide[:, None, None, :].expand_as(out), _masked_value(out))
     return out
 
@@ -122,121 +134,223 @@ def _gather_positions(position_ids: torch.Tensor | None, keep_seq: torch.Tensor)
     raise ValueError(f"unsupported position_ids shape {tuple(position_ids.shape)}")
 
 
+def slots_of(keep_seq: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """Where original sequence ``positions`` ``[B, ...]`` sit in a compacted row ``keep_seq`` ``[B, N']``."""
+    inv = torch.full((keep_seq.shape[0], n), -1, dtype=torch.long, device=keep_seq.device)
+    inv.scatter_(1, keep_seq, torch.arange(keep_seq.shape[1], device=keep_seq.device).expand_as(keep_seq))
+    return inv.gather(1, positions.to(keep_seq.device))
+
+
 class LLMStageHooks:
-    """Installs and runs the decoder-layer hooks of in-LLM pruning after layer ``state.layer``."""
+    """Installs and runs the decoder-layer hooks of in-LLM pruning at the layers of ``state.schedule``.
+
+    Single-stage methods prune once after layer K. Staged methods (several ``(K_j, keep_j)``) prune again
+    after each later K_j among the tokens still present; every stage's ``keep_seq`` holds original sequence
+    positions, so layers after K_j gather the model's own mask and RoPE tables with it, and during
+    decoding each layer gathers the mask columns of the stage whose cache it holds.
+    """
 
     def __init__(self, state: PruneState, layers: torch.nn.ModuleList) -> None:
         self.state = state
         self.layers = layers
-        self.k = state.layer
+        self.schedule = list(state.schedule) or [(state.layer, state.config.keep)]
+        self.stage_at = {k: j for j, (k, _) in enumerate(self.schedule)}
+        self.k = self.schedule[0][0]
         self.last = len(layers) - 1
+
+    def stage_of_layer(self, i: int) -> int:
+        """Index of the stage whose kept tokens layer ``i`` (> K_0) sees: the last with K_j < i."""
+        return max(j for j, (k, _) in enumerate(self.schedule) if k < i)
 
     def install(self) -> list:
         handles = []
         for i, layer in enumerate(self.layers):
-            if i == self.k:
-                handles.append(layer.register_forward_pre_hook(self._pre_k, with_kwargs=True))
-                handles.append(layer.register_forward_hook(self._post_k, with_kwargs=True))
-            elif i > self.k:
-                handles.append(layer.register_forward_pre_hook(self._pre_after, with_kwargs=True))
+            if i > self.k:  # gather first: a later stage's scoring reads the gathered RoPE tables and mask
+                handles.append(layer.register_forward_pre_hook(self._make_pre_after(i), with_kwargs=True))
                 rotary = getattr(layer.self_attn, "rotary_emb", None)
                 if rotary is not None and takes_seq_len(rotary):  # transformers 4.37
                     handles.append(rotary.register_forward_pre_hook(self._rope_table_length, with_kwargs=True))
+            if i in self.stage_at:
+                j = self.stage_at[i]
+                handles.append(layer.register_forward_pre_hook(self._make_pre_stage(j), with_kwargs=True))
+                handles.append(layer.register_forward_hook(self._make_post_stage(j), with_kwargs=True))
             if i == self.last:
                 handles.append(layer.register_forward_hook(self._post_last, with_kwargs=True))
         return handles
 
-    # ---- layer K ------------------------------------------------------------------------------
-    def _pre_k(self, module, args, kwargs):
-        sess = self.state.session
-        if sess.phase != "prefill" or sess.layout is None:
-            return None
-        sess.llm_attention = None
-        if self.state.scorer.needs_signal(LLM_ATTENTION):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            with self.state.timer.part("score"):
-                sess.llm_attention = llm_query_attention(
-                    module, hidden, layer_rope(module, hidden, kwargs), sess.query_pos, sess.attention_2d
-                )
-        return None
+    # ---- where the current stage's tokens are ---------------------------------------------------
+    def _current(self, sess: Session):
+        """(visual positions per sample in the current coordinates, query position [B], key validity [B, N_cur])."""
+        lay = sess.layout
+        if not sess.stage_seqs:
+            return lay.positions, sess.query_pos, sess.attention_2d
+        keep_seq, filler = sess.stage_seqs[-1]
+        kept = sess.stage_kept[-1]
+        positions = []
+        for b in range(lay.batch_size):
+            orig = lay.positions[b][kept[b].to(lay.positions[b].device)]
+            positions.append(slots_of(keep_seq[b:b + 1], orig[None], sess.seq_len)[0])
+        query = slots_of(keep_seq, sess.query_pos[:, None], sess.seq_len)[:, 0]
+        valid = sess.attention_2d.gather(1, keep_seq) & ~filler
+        return positions, query, valid
 
-    def _post_k(self, module, args, kwargs, output):
-        sess = self.state.session
-        if sess.phase != "prefill" or sess.layout is None:
+    def _sub_layout(self, sess: Session, positions: list[torch.Tensor]) -> VisualLayout:
+        """The layout of the tokens still present, indexed in the current coordinates (later stages)."""
+        lay = sess.layout
+        if not sess.stage_seqs:
+            return lay
+        kept = sess.stage_kept[-1]
+
+        def take(field):
+            return [t[k.to(t.device)] for t, k in zip(field, kept)]
+
+        return VisualLayout(positions, take(lay.image), take(lay.prunable), take(lay.source), take(lay.coords),
+                            seq_len=int(sess.stage_seqs[-1][0].shape[1]))
+
+    # ---- a pruning layer ------------------------------------------------------------------------
+    def _make_pre_stage(self, j: int):
+        def hook(module, args, kwargs):
+            sess = self.state.session
+            if sess.phase != "prefill" or sess.layout is None or len(sess.stage_seqs) != j:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            sess.llm_attention = None
+            sess.stage_rope = None
+            if self.state.scorer.needs_signal(LLM_ATTENTION):
+                with self.state.timer.part("score"):
+                    _, query, valid = self._current(sess)
+                    rope = layer_rope(module, hidden, kwargs)
+                    sess.stage_rope = rope
+                    sess.llm_attention = llm_query_attention(module, hidden, rope, query, valid)
+            elif len(self.schedule) > 1:
+                sess.stage_rope = layer_rope(module, hidden, kwargs)
             return None
+
+        return hook
+
+    def _make_post_stage(self, j: int):
+        def hook(module, args, kwargs, output):
+            sess = self.state.session
+            if sess.phase != "prefill" or sess.layout is None or len(sess.stage_seqs) != j:
+                return None
+            return self._prune(j, output)
+
+        return hook
+
+    def _prune(self, j: int, output):
+        sess = self.state.session
+        lay = sess.layout
         hidden = output[0] if isinstance(output, tuple) else output
+        layer_k, keep_j = self.schedule[j]
         with self.state.timer.part("score"):
-            kept, scores = self._select(hidden)
+            positions, _, _ = self._current(sess)
+            sub = self._sub_layout(sess, positions)
+            picked, scores = self._select(hidden, sub, j, layer_k, keep_j)
+            if sess.stage_seqs:
+                prev = sess.stage_kept[-1]
+                kept = [p[s.to(p.device)] for p, s in zip(prev, picked)]
+            else:
+                kept = picked
         with self.state.timer.part("compact"):
-            sess.keep_seq, sess.filler = build_keep_index(sess, kept)
-            out = compact(hidden, sess.keep_seq)
-        sess.full_hidden = hidden
+            if not sess.stage_seqs:
+                keep_seq, filler = build_keep_index(sess, kept)
+                out = compact(hidden, keep_seq)
+                sess.full_hidden = hidden
+            else:
+                prev_seq = sess.stage_seqs[-1][0]
+                keep_seq, filler = build_keep_index(sess, kept, pool=prev_seq)
+                out = compact(hidden, slots_of(prev_seq, keep_seq, sess.seq_len))
+                sess.stage_hidden.append((hidden, prev_seq, sess.stage_seqs[-1][1]))
+        sess.stage_seqs.append((keep_seq, filler))
+        sess.stage_kept.append(kept)
+        sess.keep_seq, sess.filler = keep_seq, filler
         sess.mask_cache = {}
         before = sess.attention_2d.sum(1).tolist()
-        dropped = [int(p.numel() - k.numel()) for p, k in zip(sess.layout.positions, kept)]
+        dropped = [int(p.numel() - k.numel()) for p, k in zip(lay.positions, kept)]
+        stages = None
+        if len(self.schedule) > 1:
+            prev_stages = self.state.stats.stages if j > 0 and self.state.stats is not None else []
+            stages = [*prev_stages, {"layer": layer_k, "visual_after": [int(k.numel()) for k in kept],
+                                     "kept": [k.cpu() for k in kept]}]
         self.state.stats = PruneStats(
             method=self.state.config.method,
             stage=IN_LLM,
             layer=self.k,
             kept=[k.cpu() for k in kept],
-            visual_before=sess.layout.counts(),
+            visual_before=lay.counts(),
             visual_after=[int(k.numel()) for k in kept],
             seq_len_before=[int(x) for x in before],
             seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
             scores=scores,
-            per_image=[sess.layout.kept_per_image(b, k) for b, k in enumerate(kept)],
+            per_image=[lay.kept_per_image(b, k) for b, k in enumerate(kept)],
+            stages=stages,
         )
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
-    def _select(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The scorer's signals from layer K's output ``hidden`` [B, N, D]; per sample kept indices and scores."""
+    def _select(self, hidden: torch.Tensor, lay: VisualLayout, j: int, layer: int,
+                keep) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The scorer's signals from the pruning layer's output ``hidden`` [B, N_cur, D]; per sample the
+        selected indices into ``lay``'s visual tokens, and the scores."""
         sess = self.state.session
-        lay = sess.layout
-        signals = Signals(layout=lay, stage=IN_LLM, layer=self.k, keep=self.state.config.keep,
-                          extras=sess.extras)
+        signals = Signals(layout=lay, stage=IN_LLM, layer=layer, keep=keep, extras=sess.extras, stage_index=j)
         if sess.llm_attention is not None:
             signals.llm_attention = [sess.llm_attention[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
             signals.pixel_values = self.state.vision_record.pixel_values
+        extra = getattr(self.state.scorer, "stage_signals", None)
+        if extra is not None:  # staged methods' own signals (TransPrune's, SparseVLM's)
+            extra(signals, self, hidden, layer)
         scores = self.state.scorer.score(signals)
-        return select_topk(scores, lay, self.state.config.keep), scores
+        return select_topk(scores, lay, keep), scores
 
-    # ---- layers after K -----------------------------------------------------------------------
-    def _pre_after(self, module, args, kwargs):
-        with self.state.timer.part("compact"):
-            return self._gather_after(args, kwargs)
+    # ---- layers after the first pruning point ---------------------------------------------------
+    def _make_pre_after(self, i: int):
+        def hook(module, args, kwargs):
+            with self.state.timer.part("compact"):
+                return self._gather_after(i, args, kwargs)
 
-    def _gather_after(self, args, kwargs):
+        return hook
+
+    def _gather_after(self, i: int, args, kwargs):
         # Per-call results are cached for the layers after K, keyed by the identity of the inputs they
         # derive from; each entry keeps those inputs alive, so a key can never be reused by a new tensor.
         sess = self.state.session
-        if sess.phase == "prefill" and sess.keep_seq is not None:
+        if sess.keep_seq is None or not sess.stage_seqs:
+            return None
+        s = self.stage_of_layer(i)
+        if s >= len(sess.stage_seqs):
+            return None
+        keep_seq, filler = sess.stage_seqs[s]
+        if sess.phase == "prefill":
             mask, rope = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
             pos = kwargs.get("position_ids")
-            key = ("prefill", id(mask), id(rope), id(pos))
+            key = ("prefill", s, id(mask), id(rope), id(pos))
             if key not in sess.mask_cache:
                 gathered = {
-                    "attention_mask": prefill_mask(mask, sess),
-                    "position_ids": _gather_positions(pos, sess.keep_seq),
+                    "attention_mask": prefill_mask(mask, keep_seq, filler, sess.seq_len),
+                    "position_ids": _gather_positions(pos, keep_seq),
                 }
                 if rope is not None:  # transformers 4.x layers without it rotate from position_ids
                     cos, sin = rope
-                    gathered["position_embeddings"] = (compact(cos, sess.keep_seq), compact(sin, sess.keep_seq))
+                    gathered["position_embeddings"] = (compact(cos, keep_seq), compact(sin, keep_seq))
                 sess.mask_cache[key] = ((mask, rope, pos), gathered)
             kwargs.update(sess.mask_cache[key][1])
             return args, kwargs
-        if sess.phase == "decode" and sess.keep_seq is not None:
+        if sess.phase == "decode":
             mask = kwargs.get("attention_mask")
             hidden = args[0] if args else kwargs["hidden_states"]
             q_len = hidden.shape[1]
             # layer 0 has already cached this step's tokens, so its length is the full key length
             kv_len = mask.shape[-1] if mask is not None else cache_length(sess.step_cache, 0)
-            key = ("decode", id(mask), q_len, kv_len)
+            step = ("decode", id(mask), q_len, kv_len)
+            if sess.mask_cache.get("step") != step:
+                sess.mask_cache = {"step": step, "inputs": mask}  # one step at a time
+            key = ("decode", s)
             if key not in sess.mask_cache:
-                sess.mask_cache = {key: (mask, decode_mask(mask, sess, q_len, kv_len))}  # one step at a time
-            kwargs["attention_mask"] = sess.mask_cache[key][1]
+                sess.mask_cache[key] = decode_mask(mask, keep_seq, filler, sess.seq_len, q_len, kv_len)
+            kwargs["attention_mask"] = sess.mask_cache[key]
             return args, kwargs
         return None
 
@@ -260,11 +374,13 @@ class LLMStageHooks:
         if sess.phase != "prefill" or sess.keep_seq is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        full = sess.full_hidden
         with self.state.timer.part("compact"):
-            src = torch.where(sess.filler[..., None], compact(full, sess.keep_seq), hidden)
-            out = full.clone()
-            out.scatter_(1, sess.keep_seq[..., None].expand(-1, -1, full.shape[-1]), src.to(full.dtype))
+            out = sess.full_hidden.clone()
+            # each later stage's input rows (the tokens it dropped keep their state there), then the final rows
+            for state_in, seq, fill in [*sess.stage_hidden, (hidden, sess.keep_seq, sess.filler)]:
+                src = torch.where(fill[..., None], compact(out, seq), state_in.to(out.dtype))
+                out.scatter_(1, seq[..., None].expand(-1, -1, out.shape[-1]), src)
         sess.full_hidden = None
+        sess.stage_hidden = []
         sess.mask_cache = {}
         return (out, *output[1:]) if isinstance(output, tuple) else out

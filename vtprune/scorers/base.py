@@ -51,6 +51,7 @@ class Signals:
     - ``instruction`` (pre-LLM): per sample the real text tokens after the sample's last visual token:
       ``instruction_embeds`` ``[T_b, D]`` (LLM input embeddings) and ``instruction_ids`` ``[T_b]`` (None
       where the model was given embeddings only, as in the LLaVA repository).
+    - ``stage_index``: for staged in-LLM methods, which of the method's stages is selecting (0 first).
     - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
       (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
     """
@@ -66,6 +67,7 @@ class Signals:
     vision_features: list[torch.Tensor] | None = None
     instruction_embeds: list[torch.Tensor] | None = None
     instruction_ids: list[torch.Tensor] | None = None
+    stage_index: int = 0
     extras: dict = field(default_factory=dict)
 
     def require(self, name: str) -> Any:
@@ -102,6 +104,18 @@ class Scorer:
 
     def needs_signal(self, name: str) -> bool:
         return name in self.needs
+
+    def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
+        """In-LLM pruning points ``[(layer K_j, per-image budget), ...]`` in increasing layer order.
+
+        Default: one stage, ``[(layer, keep)]``. Staged methods (TransPrune, SparseVLM) return several;
+        each later stage selects among the tokens the earlier ones kept, and ``keep`` is the final count.
+        """
+        return [(layer, keep)]
+
+    def model_hooks(self, adapter: Any, state: Any) -> list:
+        """Hooks a method installs on the model itself (handles with ``remove()``); default none."""
+        return []
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
         """Options `vtprune tune` may search on this model: name -> ``(vtprune.tune.Param, current value)``.
