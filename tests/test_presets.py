@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch, get_model, qwen_batch
-from oracle import dropped_positions, lm_on_kept, masked_logits
+from oracle import dropped_positions, lm_on_kept, masked_logits, staged_masked_logits
 
 import vtprune
 from vtprune.adapters import adapter_for
@@ -19,11 +19,13 @@ from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer, registry
 
 MODELS = ["llava", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 OPTIONS = {"ensemble": {"members": ["random", "uniform"]},
+           "transprune": {"layers": [0, 1, 2], "ratios": [0.5, 0.25]},  # the tiny models have 4 layers
            "sink": {"dims": [3, 17], "tau": 4.0}}  # tiny models: phi <= sqrt(64) = 8, so tau 20 is out of reach
 RECYCLING = {"visionzip"}  # presets that write merged features into kept slots
 OWN_REFERENCE = {"flowcut"}  # presets that hide tokens inside the vision tower: their own test file checks
 # them against references that drop those tokens (tests/test_flowcut.py)
 LLAVA_FAMILY_ONLY = {"zoo"}  # perturbs the CLIP-side projector input: refused on Qwen-VL with a ConfigError
+STAGED = {"transprune"}  # prune at the layers of their options, in several stages
 KEEP = 12
 LLM_LAYER = 2
 
@@ -39,10 +41,12 @@ def method_strings() -> list[str]:
 
 
 def setup_of(method: str, model) -> tuple[str, int | None]:
-    scorer = build_scorer(method, OPTIONS.get(method, {}))
+    scorer = build_scorer(method, options_for(method, model))
     scorer.bind(model, adapter_for(model))  # a default layer may depend on the model (flowcut)
     if scorer.default_layer is None and PRE_LLM in scorer.stages:
         return PRE_LLM, None
+    if method in STAGED:
+        return IN_LLM, None  # their own layers (options)
     return IN_LLM, max(scorer.default_layer or LLM_LAYER, LLM_LAYER)
 
 
@@ -54,8 +58,14 @@ def inputs_for(kind: str, processor, next_processor):
     return qwen_batch(kind, "left_padded_2")
 
 
+def options_for(method: str, model) -> dict:
+    if method in STAGED and model.config.model_type == "qwen3_vl":  # deepstack: only layer 2 of 4 qualifies
+        return {"layers": [2], "ratios": []}
+    return OPTIONS.get(method, {})
+
+
 def _apply(model, method, keep, layer):
-    vtprune.apply(model, method=method, keep=keep, layer=layer, **OPTIONS.get(method, {}))
+    vtprune.apply(model, method=method, keep=keep, layer=layer, **options_for(method, model))
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -83,12 +93,25 @@ def test_preset_keep_all_and_exactness(kind, method, processor, next_processor):
     assert any(a < b for a, b in zip(st.visual_after, st.visual_before))
     if method.split("+")[-1] in OWN_REFERENCE:
         return
-    if stage == IN_LLM:
+    if stage == IN_LLM and st.stages:
+        stages = [(s["layer"], dropped_positions(model, inputs["input_ids"], _as_stats(st, s))) for s in st.stages]
+        dropped = stages[-1][1]
+        expected = staged_masked_logits(model, inputs, stages)
+        check = inputs["attention_mask"].bool() & ~dropped
+        torch.testing.assert_close(pruned[check], expected[check], atol=3e-5, rtol=1e-4)
+    elif stage == IN_LLM:
         dropped = dropped_positions(model, inputs["input_ids"], st)
-        expected = masked_logits(model, inputs, layer, dropped)
+        expected = masked_logits(model, inputs, st.layer, dropped)
         check = inputs["attention_mask"].bool() & ~dropped
         torch.testing.assert_close(pruned[check], expected[check], atol=2e-5, rtol=1e-4)
     elif method.split("+")[-1] not in RECYCLING:
         expected, valid = lm_on_kept(model, inputs, st)
         assert pruned.shape[1] == expected.shape[1]
         torch.testing.assert_close(pruned[valid], expected[valid], atol=2e-5, rtol=1e-4)
+
+
+def _as_stats(st, stage):
+    """``st`` with one stage's kept sets, for `dropped_positions`."""
+    import dataclasses
+
+    return dataclasses.replace(st, kept=stage["kept"])

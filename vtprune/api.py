@@ -84,8 +84,8 @@ def apply(
         raise ConfigError(f"method {cfg.method!r} prunes inside the LLM: give layer=K")
     schedule: list = []
     if resolved_layer is not None:
+        schedule = list(scorer.schedule(model, adapter, resolved_layer, cfg.keep))  # may explain its layers
         adapter.check_layer(resolved_layer)
-        schedule = list(scorer.schedule(model, adapter, resolved_layer, cfg.keep))
         layers = [k for k, _ in schedule]
         if not layers or layers != sorted(set(layers)):
             raise ConfigError(f"method {cfg.method!r}: its pruning layers {layers} must be distinct and increasing")

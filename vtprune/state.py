@@ -85,6 +85,8 @@ class PruneStats:
 
     def summary(self) -> str:
         where = "before the LLM" if self.stage == "pre-llm" else f"after LLM layer {self.layer}"
+        if self.stages:
+            where = "in stages after LLM layers " + ", ".join(str(s["layer"]) for s in self.stages)
         per = ", ".join(f"{a}/{b}" for a, b in zip(self.visual_after, self.visual_before))
         merged = f", of which {', '.join(map(str, self.contextual))} contextual" if self.contextual else ""
         return f"{self.method}: kept {per} visual tokens per sample{merged} ({where})"

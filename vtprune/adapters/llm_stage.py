@@ -157,6 +157,10 @@ class LLMStageHooks:
         self.stage_at = {k: j for j, (k, _) in enumerate(self.schedule)}
         self.k = self.schedule[0][0]
         self.last = len(layers) - 1
+        host = state.scorer
+        while hasattr(host, "inner"):  # wrappers: the host computes its own stage signals
+            host = host.inner
+        self.stage_signals = getattr(host, "stage_signals", None)  # TransPrune's, SparseVLM's
 
     def stage_of_layer(self, i: int) -> int:
         """Index of the stage whose kept tokens layer ``i`` (> K_0) sees: the last with K_j < i."""
@@ -222,7 +226,7 @@ class LLMStageHooks:
                     rope = layer_rope(module, hidden, kwargs)
                     sess.stage_rope = rope
                     sess.llm_attention = llm_query_attention(module, hidden, rope, query, valid)
-            elif len(self.schedule) > 1:
+            elif len(self.schedule) > 1 or self.stage_signals is not None:
                 sess.stage_rope = layer_rope(module, hidden, kwargs)
             return None
 
@@ -299,9 +303,8 @@ class LLMStageHooks:
             signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
             signals.pixel_values = self.state.vision_record.pixel_values
-        extra = getattr(self.state.scorer, "stage_signals", None)
-        if extra is not None:  # staged methods' own signals (TransPrune's, SparseVLM's)
-            extra(signals, self, hidden, layer)
+        if self.stage_signals is not None:  # staged methods' own signals (TransPrune's, SparseVLM's)
+            self.stage_signals(signals, self, hidden, layer)
         scores = self.state.scorer.score(signals)
         return select_topk(scores, lay, keep), scores
 

@@ -10,6 +10,7 @@ from vtprune.scorers import (  # noqa: F401  (registration)
     fastv,
     flowcut,
     sink,
+    transprune,
     visionzip,
     zoo,
 )
@@ -43,6 +44,7 @@ Sink = sink.Sink
 DivPrune = diversity.DivPruneScorer
 CDPruner = cdpruner.CDPrunerScorer
 ZOO = zoo.ZOOScorer
+TransPrune = transprune.TransPruneScorer
 
 __all__ = [
     "CDPruner",
@@ -54,6 +56,7 @@ __all__ = [
     "FlowCut",
     "Random",
     "Sink",
+    "TransPrune",
     "Uniform",
     "VisionZip",
     "ZOO",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -36,14 +37,27 @@ def mass_budget(scores: torch.Tensor, spec: AutoKeep) -> int:
     return max(1, min(n, k))
 
 
-def image_budget(keep: int | float, n_prunable: int) -> tuple[int, bool]:
+@dataclass(frozen=True)
+class StageBudget:
+    """An intermediate stage's budget in staged pruning: ``fraction`` of the tokens present, but never fewer
+    than ``at_least`` (the final count, so that a later stage is not starved and keep-all stays keep-all)."""
+
+    fraction: float
+    at_least: int = 1
+
+
+def image_budget(keep: int | float | StageBudget, n_prunable: int) -> tuple[int, bool]:
     """Tokens to keep for one image with ``n_prunable`` prunable tokens.
 
     An int is a count, clamped to ``n_prunable`` (the bool says whether it was clamped); a float is a
-    fraction, rounded to the nearest count and at least 1.
+    fraction, rounded to the nearest count and at least 1; a `StageBudget` the larger of its fraction's
+    count and its floor.
     """
     if n_prunable == 0:
         return 0, False
+    if isinstance(keep, StageBudget):
+        k = max(int(round(keep.fraction * n_prunable)), keep.at_least, 1)
+        return min(k, n_prunable), False
     if isinstance(keep, float):
         return max(1, min(n_prunable, int(round(keep * n_prunable)))), False
     return min(keep, n_prunable), keep > n_prunable
