@@ -100,9 +100,27 @@ def dropped_from(stats, visual):
 
 
 @torch.no_grad()
-def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor, valid: torch.Tensor):
-    """Unpatched forward (no cache) with ``dropped`` key columns hidden from the layers after ``layer``."""
-    n = dropped.shape[1]
+def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor, valid: torch.Tensor, stages=None):
+    """Unpatched forward (no cache) with ``dropped`` key columns hidden from the layers after ``layer``
+    (or, with ``stages`` = ``[(K_j, dropped_j)]``, each stage's columns from the layers after K_j)."""
+    stages = stages or [(layer, dropped)]
+    n = stages[0][1].shape[1]
+    handles = []
+    for li in range(len(model.model.layers)):
+        hidden = torch.zeros_like(stages[0][1])
+        for k, d in stages:
+            if k < li:
+                hidden |= d
+        if bool(hidden.any()):
+            handles.append(model.model.layers[li].register_forward_pre_hook(_hide(hidden, valid, n), with_kwargs=True))
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hide(dropped, valid, n):
     allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & (~dropped & valid)[:, None, :]
     allowed = (allowed | torch.eye(n, dtype=torch.bool)[None])[:, None]  # [B, 1, N, N]
 
@@ -118,12 +136,30 @@ def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor, valid:
         kwargs["attention_mask"] = mask
         return args, kwargs
 
-    handles = [lay.register_forward_pre_hook(pre, with_kwargs=True) for lay in model.model.layers[layer + 1:]]
-    try:
-        return model(**inputs, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
+    return pre
+
+
+@pytest.mark.parametrize("method", ["transprune", "sparsevlm"])
+def test_staged_methods_drop_equals_staged_masking(workdir, method):
+    model, tok, ip = get(workdir, "right", "eager")
+    ids, mask, images = make_batch(tok, ip, model, [2, 1], "right")
+    inputs = dict(input_ids=ids, attention_mask=mask, images=images)
+    vtprune.apply(model, method, keep=20, layers=[0, 1, 2], ratios=[0.5, 0.25])
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    st = vtprune.stats(model)
+    vtprune.remove(model)
+    visual, valid = spliced_layout(ids, mask, "right")
+    stages = [(s["layer"], dropped_from(_Kept(s["kept"]), visual)) for s in st.stages]
+    ref = masked_logits(model, inputs, 0, None, valid, stages=stages)
+    check = valid & ~stages[-1][1]
+    assert st.visual_after == [40, 20]
+    torch.testing.assert_close(pruned[check], ref[check], atol=3e-5, rtol=1e-4)
+
+
+class _Kept:
+    def __init__(self, kept):
+        self.kept = kept
 
 
 def repo_generate_works(model, tok, ip) -> bool:

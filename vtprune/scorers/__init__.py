@@ -10,6 +10,7 @@ from vtprune.scorers import (  # noqa: F401  (registration)
     fastv,
     flowcut,
     sink,
+    sparsevlm,
     transprune,
     visionzip,
     zoo,
@@ -45,6 +46,7 @@ DivPrune = diversity.DivPruneScorer
 CDPruner = cdpruner.CDPrunerScorer
 ZOO = zoo.ZOOScorer
 TransPrune = transprune.TransPruneScorer
+SparseVLM = sparsevlm.SparseVLMScorer
 
 __all__ = [
     "CDPruner",
@@ -56,6 +58,7 @@ __all__ = [
     "FlowCut",
     "Random",
     "Sink",
+    "SparseVLM",
     "TransPrune",
     "Uniform",
     "VisionZip",

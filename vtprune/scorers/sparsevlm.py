@@ -1,0 +1,126 @@
+"""SparseVLM: text raters chosen once on the input embeddings score the visual tokens at several LLM layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vtprune.config import ConfigError
+from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
+from vtprune.scorers.transprune import staged_plan
+
+RATERS = "sparsevlm_raters"  # Session.extras key: per sample the raters' original sequence positions
+STAGE_INPUT = "sparsevlm_stage_input"  # Session.extras key: the current pruning layer's input [B, N_cur, D]
+
+
+def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Rater mask ``[T]`` of the text tokens ``text`` ``[T, D]`` given the visual embeddings ``visual`` ``[V, D]``.
+
+    ``rel_t = mean_v softmax_t(visual_v . text_t)`` (unscaled logits); raters are the text tokens with
+    ``rel_t > mean(rel)``; when none qualifies (all equal), every text token rates.
+    """
+    if text.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=text.device)
+    rel = torch.softmax(visual.float() @ text.float().T, dim=-1).mean(dim=0)
+    raters = rel > rel.mean()
+    return raters if bool(raters.any()) else torch.ones_like(raters)
+
+
+@register
+class SparseVLMScorer(Scorer):
+    """SparseVLM (Zhang et al., ICML 2025, "SparseVLM: Visual Token Sparsification for Efficient
+    Vision-Language Model Inference"), scoring of its v1.5 release.
+
+    - Raters, once per prefill on the LLM input embeddings: the text tokens after the last image whose
+      relevance ``mean_v softmax_t(V T^T)`` (unscaled) exceeds the mean (`select_raters`).
+    - At each pruning layer l: the head-mean attention of layer l with the raters as query rows and the
+      visual tokens still present as columns (recomputed under SDPA, softmax over all keys, causal),
+      averaged over the raters; layer l's outputs are pruned.
+    - Stages: ``layers`` (default 0-based 2, 6, 15) keeping ``ratios`` of each image's tokens before the
+      last stage (default 300 and 200 of 576, the release's 192-token schedule) and ``keep`` after it.
+
+    Not implemented yet: the release's recycling (DPC-kNN clusters of the top 30 % of each stage's deleted
+    tokens merged and inserted after the kept ones). Deviations: kept tokens keep their original positions
+    (as in SparseVLM+; v1 re-indexes them); the budget is per image.
+    """
+
+    name = "sparsevlm"
+    description = "SparseVLM: text raters' attention at several LLM layers (staged, no recycling yet)"
+    stages = (IN_LLM,)
+
+    def __init__(self, layers: list[int] | tuple[int, ...] = (2, 6, 15),
+                 ratios: list[float] | tuple[float, ...] = (300 / 576, 200 / 576)) -> None:
+        layers = [int(k) for k in layers]
+        ratios = [float(r) for r in ratios]
+        if not layers or layers != sorted(set(layers)) or layers[0] < 0:
+            raise ConfigError(f"sparsevlm: layers={layers} must be distinct, increasing and >= 0")
+        if len(ratios) != len(layers) - 1:
+            raise ConfigError(f"sparsevlm: give one ratio per stage before the last: {len(layers) - 1} for "
+                              f"layers={layers}, got ratios={ratios}")
+        if any(not 0 < r <= 1 for r in ratios) or ratios != sorted(ratios, reverse=True):
+            raise ConfigError(f"sparsevlm: ratios={ratios} must be decreasing fractions in (0, 1]")
+        self.layers, self.ratios = layers, ratios
+        self.last_raters: list[torch.Tensor] = []
+
+    @property
+    def default_layer(self) -> int:  # type: ignore[override]
+        return self.layers[0]
+
+    def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
+        n = len(adapter.decoder_layers())
+        if self.layers[0] < adapter.min_layer():
+            raise ConfigError(f"sparsevlm: {adapter.min_layer_reason(self.layers[0])}; pass layers=[...] from there on")
+        if layer != self.layers[0]:
+            raise ConfigError(f"sparsevlm prunes after layers={self.layers}; set layers=[...] instead of layer={layer}")
+        if self.layers[-1] > n - 2:
+            raise ConfigError(f"sparsevlm: layers={self.layers} need at least {self.layers[-1] + 2} decoder layers, "
+                              f"this model has {n}: pass layers=[...] and ratios=[...]")
+        return staged_plan(self.layers, self.ratios, keep)
+
+    def model_hooks(self, adapter: Any, state: Any) -> list:
+        layers = adapter.decoder_layers()
+
+        def raters_hook(module, args, kwargs):  # layer 0's input: the LLM input embeddings
+            sess = state.session
+            if not state.enabled or sess.phase != "prefill" or sess.layout is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            lay, out = sess.layout, []
+            for b in range(lay.batch_size):
+                pos = lay.positions[b].to(hidden.device)
+                last = int(pos.max()) if pos.numel() else -1
+                text = torch.nonzero((torch.arange(sess.seq_len, device=hidden.device) > last)
+                                     & sess.attention_2d[b].to(hidden.device)).flatten()
+                out.append(text[select_raters(hidden[b, pos], hidden[b, text])])
+            sess.extras[RATERS] = out
+            return None
+
+        def input_hook(module, args, kwargs):  # a pruning layer's input, for its own attention rows
+            sess = state.session
+            if state.enabled and sess.phase == "prefill" and sess.layout is not None:
+                sess.extras[STAGE_INPUT] = args[0] if args else kwargs["hidden_states"]
+            return None
+
+        handles = [layers[0].register_forward_pre_hook(raters_hook, with_kwargs=True)]
+        handles += [layers[k].register_forward_pre_hook(input_hook, with_kwargs=True) for k in self.layers]
+        return handles
+
+    def stage_signals(self, signals: Signals, hooks: Any, hidden: torch.Tensor, layer: int) -> None:
+        from vtprune.adapters.attention_rows import llm_rows_attention
+        from vtprune.adapters.llm_stage import slots_of
+
+        sess = hooks.state.session
+        raters = sess.extras[RATERS]
+        seq = sess.stage_seqs[-1][0] if sess.stage_seqs else None
+        rows = [r if seq is None else slots_of(seq[b:b + 1], r[None].to(seq.device), sess.seq_len)[0]
+                for b, r in enumerate(raters)]
+        _, _, valid = hooks._current(sess)
+        att = llm_rows_attention(hooks.layers[layer], sess.extras[STAGE_INPUT], sess.stage_rope, rows, valid)
+        self.last_raters = [r.cpu() for r in raters]
+        signals.extras = {**signals.extras, "rater_attention": [att[b, p] for b, p in enumerate(signals.layout.positions)]}
+
+    def score(self, signals: Signals) -> list[torch.Tensor]:
+        if "rater_attention" not in signals.extras:
+            raise RuntimeError("sparsevlm: its stage signals were not computed (it runs only inside the LLM stage)")
+        return [a.float() for a in signals.extras["rater_attention"]]
