@@ -21,11 +21,12 @@ MODELS = ["llava", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 OPTIONS = {"ensemble": {"members": ["random", "uniform"]},
            "transprune": {"layers": [0, 1, 2], "ratios": [0.5, 0.25]},  # the tiny models have 4 layers
            "sparsevlm": {"layers": [0, 1, 2], "ratios": [0.5, 0.25]},
+           "vflowopt": {"llm_layers": [1, 2], "cell": 8},
            "sink": {"dims": [3, 17], "tau": 4.0}}  # tiny models: phi <= sqrt(64) = 8, so tau 20 is out of reach
-RECYCLING = {"visionzip"}  # presets that write merged features into kept slots
+RECYCLING = {"visionzip", "vflowopt"}  # presets that write merged features into kept slots
 OWN_REFERENCE = {"flowcut"}  # presets that hide tokens inside the vision tower: their own test file checks
 # them against references that drop those tokens (tests/test_flowcut.py)
-LLAVA_FAMILY_ONLY = {"zoo"}  # perturbs the CLIP-side projector input: refused on Qwen-VL with a ConfigError
+LLAVA_FAMILY_ONLY = {"zoo", "vflowopt"}  # perturbs the CLIP-side projector input: refused on Qwen-VL with a ConfigError
 STAGED = {"transprune", "sparsevlm"}  # prune at the layers of their options, in several stages
 KEEP = 12
 LLM_LAYER = 2

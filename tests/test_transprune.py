@@ -94,7 +94,7 @@ def test_staged_counts_and_generate(processor):
     st = vtprune.stats(model)
     vtprune.remove(model)
     assert [s["visual_after"] for s in st.stages] == [[576, 288], [288, 144], [40, 20]]
-    assert tokens.shape[0] == 2 and "in stages after LLM layers 0, 1, 2" in st.summary()
+    assert tokens.shape[0] == 2 and "in stages: after LLM layer 0, after LLM layer 1, after LLM layer 2" in st.summary()
 
 
 def test_options_and_layers_are_checked(llava):

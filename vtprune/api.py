@@ -92,10 +92,19 @@ def apply(
         for k in layers:
             adapter.check_layer(k)
         resolved_layer = layers[0]
+    pre_keep = None
+    if stage == PRE_LLM:
+        pre_keep, schedule = scorer.llm_stages(model, adapter, cfg.keep)
+        schedule = list(schedule)
+        layers = [k for k, _ in schedule]
+        if layers != sorted(set(layers)):
+            raise ConfigError(f"method {cfg.method!r}: its LLM pruning layers {layers} must be distinct and increasing")
+        for k in layers:
+            adapter.check_layer(k)
 
     remove(model)
     state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer,
-                       schedule=schedule)
+                       schedule=schedule, pre_keep=pre_keep)
     state.handles = adapter.install(state)
     setattr(model, STATE_ATTR, state)
     return model

@@ -86,7 +86,8 @@ class PruneStats:
     def summary(self) -> str:
         where = "before the LLM" if self.stage == "pre-llm" else f"after LLM layer {self.layer}"
         if self.stages:
-            where = "in stages after LLM layers " + ", ".join(str(s["layer"]) for s in self.stages)
+            names = ["before the LLM" if s["layer"] is None else f"after LLM layer {s['layer']}" for s in self.stages]
+            where = "in stages: " + ", ".join(names)
         per = ", ".join(f"{a}/{b}" for a, b in zip(self.visual_after, self.visual_before))
         merged = f", of which {', '.join(map(str, self.contextual))} contextual" if self.contextual else ""
         return f"{self.method}: kept {per} visual tokens per sample{merged} ({where})"
@@ -104,6 +105,9 @@ class Session:
     attention_2d: torch.Tensor | None = None  # [B, N] bool, True on real (non-padding) tokens
     query_pos: torch.Tensor | None = None  # [B] position of the last prompt token of each sample
     seq_len: int = 0  # N, full prefill length
+    llm_len: int = 0  # the prefill length the decoder layers see: N, or N' after pre-LLM shortening
+    origin: Any = None  # pre-LLM then in-LLM methods: (the original VisualLayout, per sample the kept indices
+    # into it) once the LLM stages run on the shortened sequence
     kinds: torch.Tensor | None = None  # [B, N] long: 0 text, 1 image token, 2 video token (Adapter.token_kinds)
     # in-LLM
     llm_attention: list[torch.Tensor] | None = None
@@ -201,3 +205,4 @@ class PruneState:
     # in-LLM pruning points: (decoder layer, per-image budget) in increasing layer order; one entry
     # (layer, config.keep) for single-stage methods, several for staged ones (Scorer.schedule)
     schedule: list = field(default_factory=list)
+    pre_keep: Any = None  # the pre-LLM selection's budget when LLM stages follow it (None: config.keep)

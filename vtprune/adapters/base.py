@@ -351,7 +351,7 @@ class Adapter:
             handles.append(core.register_forward_hook(self._make_post_hook(state), with_kwargs=True))
             for modality, name in self.encoders.items():
                 handles.append(_InstanceWrap(self.encoder_owner(), name, self._make_vision_wrapper(state, modality)))
-            if state.stage == IN_LLM:
+            if state.stage == IN_LLM or state.schedule:  # in-LLM, or LLM stages after a pre-LLM one
                 handles += LLMStageHooks(state, self.decoder_layers()).install()
             for module in cls_modules:
                 handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
@@ -494,6 +494,7 @@ class Adapter:
                              else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device))
         sess.query_pos = last_true(sess.attention_2d)
         sess.seq_len = n
+        sess.llm_len = n
         sess.cache = cache
         sess.phase = "prefill"
         sess.kinds = kinds

@@ -186,6 +186,15 @@ class LlavaRepoAdapter(Adapter):
     def check_scorer(self, scorer: Any) -> None:
         from vtprune.adapters.flowcut_stage import flowcut_host
 
+        node = scorer
+        while hasattr(node, "inner"):
+            node = node.inner
+        if hasattr(node, "select_and_merge"):
+            raise ConfigError(
+                "vflowopt is not supported on the original LLaVA codebase yet (its LLM stages after the pre-LLM "
+                "one need the shortened prompt re-based inside the repository's generate); use it with "
+                "LlavaForConditionalGeneration"
+            )
         if flowcut_host(scorer) is not None:
             raise ConfigError(
                 "flowcut is not supported on the original LLaVA codebase yet (its vision stage masks keys "
@@ -271,6 +280,7 @@ class LlavaRepoAdapter(Adapter):
         sess.attention_2d = valid
         sess.query_pos = last_true(valid)
         sess.seq_len = valid.shape[1]
+        sess.llm_len = valid.shape[1]
         sess.phase = "prefill"
         sess.kinds = prefill.visual.long()
         images = ImageInputs(None, prefill.tiles, None, None, prefill.record)

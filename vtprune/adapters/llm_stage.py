@@ -51,7 +51,7 @@ def build_keep_index(sess: Session, kept: list[torch.Tensor],
         filler: ``[B, N']`` bool, True on filler slots.
     """
     lay = sess.layout
-    n = sess.seq_len
+    n = sess.llm_len
     device = lay.positions[0].device if lay.positions else torch.device("cpu")
     rows, drops = [], []
     for b in range(lay.batch_size):
@@ -193,8 +193,8 @@ class LLMStageHooks:
         positions = []
         for b in range(lay.batch_size):
             orig = lay.positions[b][kept[b].to(lay.positions[b].device)]
-            positions.append(slots_of(keep_seq[b:b + 1], orig[None], sess.seq_len)[0])
-        query = slots_of(keep_seq, sess.query_pos[:, None], sess.seq_len)[:, 0]
+            positions.append(slots_of(keep_seq[b:b + 1], orig[None], sess.llm_len)[0])
+        query = slots_of(keep_seq, sess.query_pos[:, None], sess.llm_len)[:, 0]
         valid = sess.attention_2d.gather(1, keep_seq) & ~filler
         return positions, query, valid
 
@@ -263,30 +263,38 @@ class LLMStageHooks:
             else:
                 prev_seq = sess.stage_seqs[-1][0]
                 keep_seq, filler = build_keep_index(sess, kept, pool=prev_seq)
-                out = compact(hidden, slots_of(prev_seq, keep_seq, sess.seq_len))
+                out = compact(hidden, slots_of(prev_seq, keep_seq, sess.llm_len))
                 sess.stage_hidden.append((hidden, prev_seq, sess.stage_seqs[-1][1]))
         sess.stage_seqs.append((keep_seq, filler))
         sess.stage_kept.append(kept)
         sess.keep_seq, sess.filler = keep_seq, filler
         sess.mask_cache = {}
-        before = sess.attention_2d.sum(1).tolist()
-        dropped = [int(p.numel() - k.numel()) for p, k in zip(lay.positions, kept)]
+        report, base = kept, lay
+        if sess.origin is not None:  # after a pre-LLM stage: report against the original visual tokens
+            base, pre_kept = sess.origin
+            report = [pk[k.to(pk.device)] for pk, k in zip(pre_kept, kept)]
+        prior = self.state.stats
+        before = sess.attention_2d.sum(1).tolist() if sess.origin is None else prior.seq_len_before
+        dropped = [int(p.numel() - k.numel()) for p, k in zip(base.positions, report)]
         stages = None
-        if len(self.schedule) > 1:
-            prev_stages = self.state.stats.stages if j > 0 and self.state.stats is not None else []
-            stages = [*prev_stages, {"layer": layer_k, "visual_after": [int(k.numel()) for k in kept],
-                                     "kept": [k.cpu() for k in kept]}]
+        if len(self.schedule) > 1 or sess.origin is not None:
+            prev_stages = (prior.stages or []) if (j > 0 or sess.origin is not None) and prior is not None else []
+            if sess.origin is not None and j == 0:
+                prev_stages = [{"layer": None, "visual_after": prior.visual_after, "kept": prior.kept}]
+            stages = [*prev_stages, {"layer": layer_k, "visual_after": [int(k.numel()) for k in report],
+                                     "kept": [k.cpu() for k in report]}]
         self.state.stats = PruneStats(
             method=self.state.config.method,
-            stage=IN_LLM,
+            stage=IN_LLM if sess.origin is None else "pre-llm",
             layer=self.k,
-            kept=[k.cpu() for k in kept],
-            visual_before=lay.counts(),
-            visual_after=[int(k.numel()) for k in kept],
+            kept=[k.cpu() for k in report],
+            visual_before=base.counts(),
+            visual_after=[int(k.numel()) for k in report],
             seq_len_before=[int(x) for x in before],
             seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
+            contextual=prior.contextual if sess.origin is not None and prior is not None else None,
             scores=scores,
-            per_image=[lay.kept_per_image(b, k) for b, k in enumerate(kept)],
+            per_image=[base.kept_per_image(b, k) for b, k in enumerate(report)],
             stages=stages,
         )
         return (out, *output[1:]) if isinstance(output, tuple) else out
@@ -332,7 +340,7 @@ class LLMStageHooks:
             key = ("prefill", s, id(mask), id(rope), id(pos))
             if key not in sess.mask_cache:
                 gathered = {
-                    "attention_mask": prefill_mask(mask, keep_seq, filler, sess.seq_len),
+                    "attention_mask": prefill_mask(mask, keep_seq, filler, sess.llm_len),
                     "position_ids": _gather_positions(pos, keep_seq),
                 }
                 if rope is not None:  # transformers 4.x layers without it rotate from position_ids
@@ -352,7 +360,7 @@ class LLMStageHooks:
                 sess.mask_cache = {"step": step, "inputs": mask}  # one step at a time
             key = ("decode", s)
             if key not in sess.mask_cache:
-                sess.mask_cache[key] = decode_mask(mask, keep_seq, filler, sess.seq_len, q_len, kv_len)
+                sess.mask_cache[key] = decode_mask(mask, keep_seq, filler, sess.llm_len, q_len, kv_len)
             kwargs["attention_mask"] = sess.mask_cache[key]
             return args, kwargs
         return None
@@ -365,7 +373,7 @@ class LLMStageHooks:
         asked = kwargs.get("seq_len")
         if sess.keep_seq is None or asked is None:
             return None
-        full = max(cache_length(sess.step_cache, 0), sess.seq_len)
+        full = max(cache_length(sess.step_cache, 0), sess.llm_len)
         if asked < full:
             kwargs["seq_len"] = full
             return args, kwargs

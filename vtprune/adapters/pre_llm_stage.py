@@ -61,7 +61,8 @@ def shorten_prefill_inputs(
     embeds = adapter.merge_visual_features(images, embeds, sess.kinds)
 
     with state.timer.part("score"):  # signals, scores and selection
-        signals = Signals(layout=lay, stage=PRE_LLM, keep=state.config.keep, extras=sess.extras)
+        budget = state.pre_keep if state.pre_keep is not None else state.config.keep
+        signals = Signals(layout=lay, stage=PRE_LLM, keep=budget, extras=sess.extras)
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
             signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
         if state.scorer.needs_signal(HIDDEN_STATES):
@@ -74,11 +75,15 @@ def shorten_prefill_inputs(
         if state.scorer.needs_signal(PIXEL_VALUES):
             signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
         contextual, scores = None, None
+        merging = _merging_host(state.scorer)
         if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
             kept, embeds, contextual = contextual_merge(adapter, state, images, signals, embeds)
+        elif merging is not None:  # VFlowOpt: selects and writes its recycled tokens into kept slots
+            scores = state.scorer.score(signals)
+            kept, embeds, contextual = merging.select_and_merge(scores, signals, embeds, budget)
         else:
             scores = state.scorer.score(signals)
-            kept = select_topk(scores, lay, state.config.keep)
+            kept = select_topk(scores, lay, budget)
 
     with state.timer.part("compact"):  # the shortened sequence, its mask and positions
         bsz, n = visual.shape
@@ -128,6 +133,43 @@ def shorten_prefill_inputs(
         scores=scores,
         per_image=[lay.kept_per_image(b, k) for b, k in enumerate(kept)],
     )
+    if state.schedule:  # LLM stages follow: they run on the shortened sequence
+        continue_in_llm(sess, lay, kept, index, valid)
+
+
+def _merging_host(scorer: Any) -> Any:
+    node = scorer
+    while hasattr(node, "inner"):
+        node = node.inner
+    return node if hasattr(node, "select_and_merge") else None
+
+
+def continue_in_llm(sess: Session, lay: Any, kept: list[torch.Tensor], index: torch.Tensor, valid: torch.Tensor) -> None:
+    """Re-base the session on the shortened sequence so that in-LLM stages can prune it further.
+
+    The decoder layers see ``[B, N']`` rows (``index`` of the original positions, ``valid`` real). The
+    new layout holds the kept visual tokens at their shortened positions; ``sess.origin`` maps the LLM
+    stages' selections back to the original visual tokens. ``seq_len`` stays N (decode steps map the
+    full-length mask through ``pre_index``); ``llm_len`` becomes N'.
+    """
+    from vtprune.adapters.base import last_true
+    from vtprune.layout import VisualLayout
+
+    positions = []
+    for b in range(lay.batch_size):
+        orig = lay.positions[b][kept[b].to(lay.positions[b].device)].to(index.device)
+        hit = (index[b][None, :] == orig[:, None]) & valid[b][None, :]
+        positions.append(hit.float().argmax(dim=1))
+
+    def take(field):
+        return [t[k.to(t.device)] for t, k in zip(field, kept)]
+
+    sess.origin = (lay, [k.clone() for k in kept])
+    sess.layout = VisualLayout(positions, take(lay.image), take(lay.prunable), take(lay.source), take(lay.coords),
+                               seq_len=int(index.shape[1]))
+    sess.attention_2d = valid
+    sess.query_pos = last_true(valid)
+    sess.llm_len = int(index.shape[1])
 
 
 def instruction_tokens(embeds: torch.Tensor, input_ids: torch.Tensor | None, valid: torch.Tensor,

@@ -12,6 +12,7 @@ from vtprune.scorers import (  # noqa: F401  (registration)
     sink,
     sparsevlm,
     transprune,
+    vflowopt,
     visionzip,
     zoo,
 )
@@ -47,6 +48,7 @@ CDPruner = cdpruner.CDPrunerScorer
 ZOO = zoo.ZOOScorer
 TransPrune = transprune.TransPruneScorer
 SparseVLM = sparsevlm.SparseVLMScorer
+VFlowOpt = vflowopt.VFlowOptScorer
 
 __all__ = [
     "CDPruner",
@@ -61,6 +63,7 @@ __all__ = [
     "SparseVLM",
     "TransPrune",
     "Uniform",
+    "VFlowOpt",
     "VisionZip",
     "ZOO",
     "HIDDEN_STATES",

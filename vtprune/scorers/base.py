@@ -113,6 +113,11 @@ class Scorer:
         """
         return [(layer, keep)]
 
+    def llm_stages(self, model: Any, adapter: Any, keep: Any) -> tuple[Any, list[tuple[int, Any]]]:
+        """For a method that prunes before the LLM and again inside it (VFlowOpt): ``(pre-LLM budget,
+        [(layer, budget), ...])``. Default: ``(keep, [])``, pre-LLM only."""
+        return keep, []
+
     def model_hooks(self, adapter: Any, state: Any) -> list:
         """Hooks a method installs on the model itself (handles with ``remove()``); default none."""
         return []

@@ -1,0 +1,148 @@
+"""VFlowOpt: importance parts on constructed cases, the recycled features, and the LLM stages after the
+pre-LLM one (staged masking on the shortened sequence the LLM sees)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch, get_model
+from oracle import staged_masked_logits
+
+import vtprune
+from vtprune.config import ConfigError
+from vtprune.scorers.vflowopt import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, context_relevance, patch_entropy
+from vtprune.tune import search_space
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = torch.nn.Identity(), torch.nn.Identity()
+        self.num_heads, self.head_dim, self.scale = 1, d, 1.0
+
+
+def test_context_relevance_formula():
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 4)
+    x[0, 0] *= 6  # a high-norm token: everyone attends it
+    got = context_relevance(_Attn(4), x, t=1.5)[0]
+    a = torch.softmax(x[0] @ x[0].T, dim=-1)
+    r = a.mean(0)
+    g = r > 1.5 * r.mean()
+    assert 0 < int(g.sum()) < 6
+    torch.testing.assert_close(got, a[g].mean(0))
+    torch.testing.assert_close(context_relevance(_Attn(4), x, t=1e9)[0], a.mean(0))  # no global token: all rows
+
+
+def test_patch_entropy_in_bits():
+    gray = torch.zeros(28, 28)
+    gray[:, 14:] = 100.0  # patch (0, 1) and (1, 1) are constant; make patch (0, 0) two-valued, half and half
+    gray[:7, :14] = 200.0
+    mean = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
+    std = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    pixels = (gray[None].expand(3, -1, -1) / 255 - mean) / std
+    e = patch_entropy(pixels, 14)
+    torch.testing.assert_close(e, torch.tensor([1.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def _visual_slots(ids, dropped_pre, image_id):
+    """Per sample the shortened positions of its pre-LLM-kept visual tokens (left re-padding)."""
+    out = []
+    for b in range(ids.shape[0]):
+        rows = torch.nonzero(~dropped_pre[b]).flatten()
+        width = int((~dropped_pre).sum(1).max())
+        off = width - rows.numel()
+        out.append(off + torch.nonzero(ids[b, rows] == image_id).flatten())
+    return out
+
+
+def test_llm_stages_after_the_pre_llm_one_equal_staged_masking(processor):
+    model = get_model("llava")
+    inputs = batch(processor, [2, 1], padding_side="left")
+    seen = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    vtprune.apply(model, "vflowopt", keep=16, llm_layers=[1, 2], vision_ratio=0.3, llm_ratio=0.5, cell=8)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    handle.remove()
+    st = vtprune.stats(model)
+    vtprune.remove(model)
+    assert [s["layer"] for s in st.stages] == [None, 1, 2] and st.visual_after == [32, 16]
+    ids, image_id = inputs["input_ids"], model.config.image_token_id
+    visual = ids == image_id
+    pre = st.stages[0]["kept"]
+    dropped_pre = visual.clone()
+    for b in range(ids.shape[0]):
+        dropped_pre[b, torch.nonzero(visual[b]).flatten()[pre[b]]] = False
+    slots = _visual_slots(ids, dropped_pre, image_id)
+    embeds, mask = seen["inputs_embeds"], seen["attention_mask"]
+    stages = []
+    for s in st.stages[1:]:
+        d = torch.zeros(mask.shape, dtype=torch.bool)
+        for b in range(ids.shape[0]):
+            keep = torch.isin(pre[b], s["kept"][b])
+            d[b, slots[b][~keep]] = True
+        stages.append((s["layer"], d))
+
+    class _LM(torch.nn.Module):  # the unpatched language model + head on the shortened prompt
+        def __init__(self):
+            super().__init__()
+            self.model = type("M", (), {"language_model": lm})()
+
+        def forward(self, **kw):
+            out = lm(**kw)
+            return type("O", (), {"logits": model.lm_head(out.last_hidden_state)})()
+
+    ref = staged_masked_logits(_LM(), {"inputs_embeds": embeds, "attention_mask": mask}, stages)
+    check = mask.bool() & ~stages[-1][1]
+    torch.testing.assert_close(pruned[check], ref[check], atol=3e-5, rtol=1e-4)
+
+
+def test_recycled_slots_hold_importance_weighted_cell_means(processor):
+    model = get_model("llava")
+    inputs = batch(processor, [1])
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output[0]
+    seen = {}
+    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    vtprune.apply(model, "vflowopt", keep=40, llm_layers=[], vision_ratio=0.5, cell=12)
+    with torch.no_grad():
+        model(**inputs)
+    h.remove()
+    scorer = model._vtprune_state.scorer
+    imp = scorer.last_importance[0]
+    st = vtprune.stats(model)
+    vtprune.remove(model)
+    kept = st.kept[0]
+    assert st.visual_after == [kept.numel()] and kept.numel() <= 40 and st.contextual == [4]  # 2 x 2 cells of 12
+    grid = torch.arange(576)
+    cell = (grid // 24 // 12) * 2 + (grid % 24 // 12)
+    order = torch.sort(imp, descending=True, stable=True).indices
+    chosen, removed = order[:40 - 4], order[40 - 4:]
+    ids = inputs["input_ids"][0]
+    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
+    short = seen["inputs_embeds"][0]
+    for c in range(4):
+        members = removed[cell[removed] == c]
+        w = imp[members] / imp[members].sum()
+        slot = members[int(torch.argmax(w))]
+        assert int(slot) in kept.tolist()
+        rank = int((kept < slot).sum())  # the slot's row among the kept visual rows of the shortened prompt
+        expected = (w[:, None] * feats[members].float()).sum(0)
+        torch.testing.assert_close(short[start + rank].float(), expected, atol=1e-5, rtol=1e-4)
+    assert set(chosen.tolist()) <= set(kept.tolist())
+
+
+def test_tune_searches_the_release_space(llava):
+    space, start = search_space(llava, "vflowopt", {"llm_layers": [1, 2]})
+    assert set(space) == {"vflowopt.t", "vflowopt.cell", "vflowopt.vision_ratio", "vflowopt.llm_ratio",
+                          "vflowopt.alpha"}
+    assert start["vflowopt.t"] == pytest.approx(34.76)
+
+
+def test_refusals(llava):
+    with pytest.raises(ConfigError, match="need at least 20 decoder layers"):
+        vtprune.apply(llava, "vflowopt", keep=8)
+    with pytest.raises(ConfigError, match="LLaVA-family models only"):
+        vtprune.apply(get_model("qwen2_vl"), "vflowopt", keep=8, llm_layers=[1])
