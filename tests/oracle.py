@@ -62,9 +62,11 @@ def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def staged_masked_logits(model, inputs: dict, stages: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+def staged_masked_logits(model, inputs: dict, stages: list[tuple[int, torch.Tensor]],
+                         writes: dict | None = None) -> torch.Tensor:
     """`masked_logits` for staged pruning: ``stages`` = ``[(K_j, dropped_j [B, N])]``; layer l hides the
-    columns dropped by every stage with K_j < l."""
+    columns dropped by every stage with K_j < l. ``writes`` = ``{K_j: [(b, positions, states)]}`` replaces
+    those rows of layer K_j's output (recycled tokens written into kept slots)."""
     assert not hasattr(model, "_vtprune_state"), "run the oracle on the unpatched model"
     layers = model.model.language_model.layers
     n = stages[0][1].shape[1]
@@ -95,6 +97,13 @@ def staged_masked_logits(model, inputs: dict, stages: list[tuple[int, torch.Tens
                 hidden |= dropped
         if bool(hidden.any()):
             handles.append(layers[li].register_forward_pre_hook(make(allowed_for(hidden)), with_kwargs=True))
+    for li, rows in (writes or {}).items():
+        def post(module, args, output, rows=rows):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            for b, pos, states in rows:
+                hidden[b, pos] = states.to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        handles.append(layers[li].register_forward_hook(post))
     try:
         return model(**inputs, use_cache=False).logits
     finally:

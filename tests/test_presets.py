@@ -20,7 +20,7 @@ from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer, registry
 MODELS = ["llava", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 OPTIONS = {"ensemble": {"members": ["random", "uniform"]},
            "transprune": {"layers": [0, 1, 2], "ratios": [0.5, 0.25]},  # the tiny models have 4 layers
-           "sparsevlm": {"layers": [0, 1, 2], "ratios": [0.5, 0.25]},
+           "sparsevlm": {"layers": [0, 1, 2], "ratios": [0.5, 0.25], "recycle": False},  # recycling: its own file
            "vflowopt": {"llm_layers": [1, 2], "cell": 8},
            "sink": {"dims": [3, 17], "tau": 4.0}}  # tiny models: phi <= sqrt(64) = 8, so tau 20 is out of reach
 RECYCLING = {"visionzip", "vflowopt"}  # presets that write merged features into kept slots
@@ -62,7 +62,7 @@ def inputs_for(kind: str, processor, next_processor):
 
 def options_for(method: str, model) -> dict:
     if method in STAGED and model.config.model_type == "qwen3_vl":  # deepstack: only layer 2 of 4 qualifies
-        return {"layers": [2], "ratios": []}
+        return {"layers": [2], "ratios": [], **({"recycle": False} if method == "sparsevlm" else {})}
     return OPTIONS.get(method, {})
 
 

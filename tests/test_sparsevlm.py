@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch, get_model
+from oracle import staged_masked_logits
 
 import vtprune
 from vtprune.config import ConfigError
-from vtprune.scorers.sparsevlm import select_raters
+from vtprune.scorers.sparsevlm import dpc_knn, select_raters
 
 
 def test_raters_are_the_text_tokens_the_image_attends_to():
@@ -22,7 +23,7 @@ def test_raters_are_the_text_tokens_the_image_attends_to():
 def test_scores_are_layer_attention_of_the_raters(processor):
     model = get_model("llava", "eager")
     inputs = batch(processor, [1])
-    vtprune.apply(model, "sparsevlm", keep=16, layers=[1, 2], ratios=[0.5])
+    vtprune.apply(model, "sparsevlm", keep=16, layers=[1, 2], ratios=[0.5], recycle=False)
     with torch.no_grad():
         model(**inputs)
     st = vtprune.stats(model)
@@ -50,3 +51,49 @@ def test_scores_are_layer_attention_of_the_raters(processor):
 def test_layers_are_checked(llava):
     with pytest.raises(ConfigError, match="need at least 17 decoder layers, this model has 4"):
         vtprune.apply(llava, "sparsevlm", keep=8)
+
+
+def test_dpc_knn_finds_the_clusters():
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(5, 2) for c in centres])
+    heads, assign = dpc_knn(x, 3)
+    assert sorted((heads // 5).tolist()) == [0, 1, 2]  # one centre per true cluster
+    for g in range(3):
+        assert len(set(assign[g * 5:(g + 1) * 5].tolist())) == 1
+
+
+def _dropped(ids, kept, image_id):
+    visual = ids == image_id
+    d = visual.clone()
+    for b in range(ids.shape[0]):
+        d[b, torch.nonzero(visual[b]).flatten()[kept[b]]] = False
+    return d
+
+
+@pytest.mark.parametrize("case", [[1], [2, 1]])
+def test_recycling_equals_masking_with_the_recycled_states_written(processor, case):
+    """Recycled tokens take their cluster center's slot: the oracle masks the dropped columns and writes the
+    recorded cluster means into those rows of the pruning layer's output."""
+    model = get_model("llava")
+    inputs = batch(processor, case, padding_side="left")
+    vtprune.apply(model, "sparsevlm", keep=24, layers=[0, 1, 2], ratios=[0.5, 0.25])
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    st = vtprune.stats(model)
+    record = model._vtprune_state.scorer.last_recycled
+    vtprune.remove(model)
+    ids, image_id = inputs["input_ids"], model.config.image_token_id
+    assert st.visual_after == [24 * n for n in case] and any(r["rows"] for r in record)
+    stages = [(s["layer"], _dropped(ids, s["kept"], image_id)) for s in st.stages]
+    writes = {}
+    for j, r in enumerate(record):
+        prev = st.stages[j - 1]["kept"] if j > 0 else None
+        for b, (sub_idx, states) in r["rows"].items():
+            visual_idx = sub_idx if prev is None else prev[b][sub_idx]  # into the sample's visual tokens
+            pos = torch.nonzero(ids[b] == image_id).flatten()[visual_idx]
+            writes.setdefault(st.stages[j]["layer"], []).append((b, pos, states))
+            assert set(visual_idx.tolist()) <= set(st.stages[j]["kept"][b].tolist())
+    ref = staged_masked_logits(model, inputs, stages, writes)
+    check = inputs["attention_mask"].bool() & ~stages[-1][1]
+    torch.testing.assert_close(pruned[check], ref[check], atol=3e-5, rtol=1e-4)

@@ -161,6 +161,7 @@ class LLMStageHooks:
         while hasattr(host, "inner"):  # wrappers: the host computes its own stage signals
             host = host.inner
         self.stage_signals = getattr(host, "stage_signals", None)  # TransPrune's, SparseVLM's
+        self.stage_select = getattr(host, "stage_select", None)  # SparseVLM's selection with recycling
 
     def stage_of_layer(self, i: int) -> int:
         """Index of the stage whose kept tokens layer ``i`` (> K_0) sees: the last with K_j < i."""
@@ -249,7 +250,7 @@ class LLMStageHooks:
         with self.state.timer.part("score"):
             positions, _, _ = self._current(sess)
             sub = self._sub_layout(sess, positions)
-            picked, scores = self._select(hidden, sub, j, layer_k, keep_j)
+            picked, scores, writes = self._select(hidden, sub, j, layer_k, keep_j)
             if sess.stage_seqs:
                 prev = sess.stage_kept[-1]
                 kept = [p[s.to(p.device)] for p, s in zip(prev, picked)]
@@ -265,6 +266,12 @@ class LLMStageHooks:
                 keep_seq, filler = build_keep_index(sess, kept, pool=prev_seq)
                 out = compact(hidden, slots_of(prev_seq, keep_seq, sess.llm_len))
                 sess.stage_hidden.append((hidden, prev_seq, sess.stage_seqs[-1][1]))
+            if writes:  # recycled tokens: their merged state replaces the kept slot's (SparseVLM)
+                out = out.clone()
+                for b, (sub_idx, vectors) in writes.items():
+                    slots = slots_of(keep_seq[b:b + 1], self._original(sess, b, sub.positions[b][sub_idx])[None],
+                                     sess.llm_len)[0]
+                    out[b, slots] = vectors.to(out.dtype)
         sess.stage_seqs.append((keep_seq, filler))
         sess.stage_kept.append(kept)
         sess.keep_seq, sess.filler = keep_seq, filler
@@ -299,10 +306,18 @@ class LLMStageHooks:
         )
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
+    @staticmethod
+    def _original(sess: Session, b: int, current: torch.Tensor) -> torch.Tensor:
+        """Sequence positions (of the LLM's prefill) of current-coordinate rows ``current`` of sample ``b``."""
+        if not sess.stage_seqs:
+            return current
+        return sess.stage_seqs[-1][0][b][current.to(sess.stage_seqs[-1][0].device)]
+
     def _select(self, hidden: torch.Tensor, lay: VisualLayout, j: int, layer: int,
-                keep) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                keep) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
         """The scorer's signals from the pruning layer's output ``hidden`` [B, N_cur, D]; per sample the
-        selected indices into ``lay``'s visual tokens, and the scores."""
+        selected indices into ``lay``'s visual tokens, the scores, and rows to overwrite after compaction
+        (``{sample: (indices into lay's visual tokens, [m, D] states)}``, recycling methods only)."""
         sess = self.state.session
         signals = Signals(layout=lay, stage=IN_LLM, layer=layer, keep=keep, extras=sess.extras, stage_index=j)
         if sess.llm_attention is not None:
@@ -314,7 +329,10 @@ class LLMStageHooks:
         if self.stage_signals is not None:  # staged methods' own signals (TransPrune's, SparseVLM's)
             self.stage_signals(signals, self, hidden, layer)
         scores = self.state.scorer.score(signals)
-        return select_topk(scores, lay, keep), scores
+        if self.stage_select is not None:
+            picked, writes = self.stage_select(scores, signals, hidden)
+            return picked, scores, writes
+        return select_topk(scores, lay, keep), scores, {}
 
     # ---- layers after the first pruning point ---------------------------------------------------
     def _make_pre_after(self, i: int):

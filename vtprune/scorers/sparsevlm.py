@@ -27,6 +27,33 @@ def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return raters if bool(raters.any()) else torch.ones_like(raters)
 
 
+def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering of the rows of ``x`` ``[n, d]`` into ``clusters`` groups.
+
+    Distance ``||x_i - x_j|| / sqrt(d)``; density ``rho_i = exp(-mean of the squared distances to its
+    k = clusters nearest others)``; ``delta_i`` = distance to the nearest denser row (the largest distance
+    of ``i`` when none is denser); centers = the top ``clusters`` by ``rho * delta``; every row joins its
+    nearest center. Returns ``(centers [c], assignment [n] in [0, c))``.
+    """
+    n, d = x.shape
+    c = max(1, min(clusters, n))
+    dist = torch.cdist(x.float(), x.float()) / d**0.5
+    k = min(c, n - 1)
+    if k > 0:
+        near = torch.topk(dist, k + 1, dim=1, largest=False).values[:, 1:]
+        rho = torch.exp(-(near**2).mean(dim=1))
+    else:
+        rho = torch.ones(n, device=x.device)
+    rho = rho + torch.arange(n, device=x.device) * 1e-12  # break ties towards the later row, deterministically
+    denser = rho[None, :] > rho[:, None]
+    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(dim=1).values
+    delta = torch.where(torch.isfinite(delta), delta, dist.max(dim=1).values)
+    centers = torch.topk(rho * delta, c).indices
+    assign = dist[:, centers].argmin(dim=1)
+    assign[centers] = torch.arange(c, device=x.device)
+    return centers, assign
+
+
 @register
 class SparseVLMScorer(Scorer):
     """SparseVLM (Zhang et al., ICML 2025, "SparseVLM: Visual Token Sparsification for Efficient
@@ -40,17 +67,28 @@ class SparseVLMScorer(Scorer):
     - Stages: ``layers`` (default 0-based 2, 6, 15) keeping ``ratios`` of each image's tokens before the
       last stage (default 300 and 200 of 576, the release's 192-token schedule) and ``keep`` after it.
 
-    Not implemented yet: the release's recycling (DPC-kNN clusters of the top 30 % of each stage's deleted
-    tokens merged and inserted after the kept ones). Deviations: kept tokens keep their original positions
-    (as in SparseVLM+; v1 re-indexes them); the budget is per image.
+    - Recycling (``recycle=True``): of each stage's deleted tokens, the top ``recycle_fraction`` (+1) by
+      score are clustered on their layer-l states with DPC-kNN (`dpc_knn`, ``n // 10 + 1`` clusters) and
+      each cluster's mean becomes a recycled token. Our adaptation: it takes the slot (and the original
+      position) of its cluster's center token, which is kept, and the budget counts it: the stage keeps
+      the top ``budget - clusters`` by score plus the centers (the release inserts the recycled tokens
+      after the kept ones and re-indexes positions).
+
+    Deviations: kept tokens keep their original positions (as in SparseVLM+; v1 re-indexes them); the
+    budget is per image.
     """
 
     name = "sparsevlm"
-    description = "SparseVLM: text raters' attention at several LLM layers (staged, no recycling yet)"
+    description = "SparseVLM: text raters' attention at several LLM layers, staged, DPC-kNN recycling"
     stages = (IN_LLM,)
 
     def __init__(self, layers: list[int] | tuple[int, ...] = (2, 6, 15),
-                 ratios: list[float] | tuple[float, ...] = (300 / 576, 200 / 576)) -> None:
+                 ratios: list[float] | tuple[float, ...] = (300 / 576, 200 / 576), recycle: bool = True,
+                 recycle_fraction: float = 0.3) -> None:
+        if not 0 <= float(recycle_fraction) <= 1:
+            raise ConfigError(f"sparsevlm: recycle_fraction={recycle_fraction} must be in [0, 1]")
+        self.recycle, self.recycle_fraction = bool(recycle), float(recycle_fraction)
+        self.last_recycled: list[dict] = []
         layers = [int(k) for k in layers]
         ratios = [float(r) for r in ratios]
         if not layers or layers != sorted(set(layers)) or layers[0] < 0:
@@ -119,6 +157,47 @@ class SparseVLMScorer(Scorer):
         att = llm_rows_attention(hooks.layers[layer], sess.extras[STAGE_INPUT], sess.stage_rope, rows, valid)
         self.last_raters = [r.cpu() for r in raters]
         signals.extras = {**signals.extras, "rater_attention": [att[b, p] for b, p in enumerate(signals.layout.positions)]}
+
+    @torch.no_grad()
+    def stage_select(self, scores: list[torch.Tensor], signals: Signals,
+                     hidden: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+        """Per sample the kept indices (into the stage's visual tokens) and the recycled rows to write."""
+        from vtprune.scorers.select import image_budget, select_topk
+
+        lay = signals.layout
+        if signals.stage_index == 0:
+            self.last_recycled = []
+        if not self.recycle:
+            return select_topk(scores, lay, signals.keep), {}
+        picked, writes, record = [], {}, {}
+        for b in range(lay.batch_size):
+            s = scores[b].float()
+            parts, slots, vectors = [], [], []
+            for idx in lay.image_slices(b):
+                prunable = lay.prunable[b][idx]
+                cand = idx[prunable]
+                k, _ = image_budget(signals.keep, int(cand.numel()))
+                order = torch.sort(s[cand.to(s.device)], descending=True, stable=True).indices.cpu()
+                pool = int(self.recycle_fraction * (cand.numel() - k)) + 1 if k < cand.numel() else 0
+                clusters = min(pool // 10 + 1, k - 1) if pool else 0
+                if clusters < 1:
+                    parts += [cand[order[:k]], idx[~prunable]]
+                    continue
+                chosen, deleted = order[: k - clusters], order[k - clusters:]
+                recyc = deleted[: min(pool, deleted.numel())]
+                states = hidden[b, lay.positions[b][cand[recyc]].to(hidden.device)]
+                centers, assign = dpc_knn(states, clusters)
+                means = torch.stack([states[assign == c].float().mean(dim=0) for c in range(centers.numel())])
+                parts += [cand[chosen], cand[recyc[centers.cpu()]], idx[~prunable]]
+                slots.append(cand[recyc[centers.cpu()]])
+                vectors.append(means)
+            kept = torch.sort(torch.cat(parts)).values
+            picked.append(kept)
+            if slots:
+                writes[b] = (torch.cat(slots), torch.cat(vectors))
+                record[b] = writes[b]
+        self.last_recycled.append({"stage": signals.stage_index, "rows": record})
+        return picked, writes
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         if "rater_attention" not in signals.extras:
