@@ -106,3 +106,43 @@ def test_clip_relevance_refuses_a_mismatched_tower_and_qwen(tiny_clip):
         vtprune.apply(get_model("qwen2_vl"), "cdpruner", keep=8, relevance="clip", clip_model=name, tokenizer=tok)
     with pytest.raises(ConfigError, match="is 768 wide but the model's vision tower is 32 wide"):
         vtprune.apply(get_model("llava"), "cdpruner", keep=8, relevance="clip", clip_model="ViT-B-32", tokenizer=tok)
+
+
+def test_toy_llava_own_clip(tmp_path):
+    """The toy LLaVA's own CLIP (scripts/train_toy_clip.py) separates object from background patches the way
+    CDPruner's negated relevance expects: trained on pooled image embeddings, a caption's cosine is *lower*
+    on its image's object patches than on the background (CLIP's known "opposite visualisation" of patch
+    tokens, the reason the reference negates the cosine), so -cos ranks the objects first. And cdpruner's
+    CLIP relevance runs with it on the toy."""
+    from vtprune.cli import default_prompt, load_model, toy_weights_dir
+    from vtprune.scorers.cdpruner import ClipText, toy_clip_dir
+    from vtprune.toy import shapes
+
+    if toy_clip_dir("toy-llava-clip") is None or not toy_weights_dir("toy-llava").is_dir():
+        pytest.skip("toy-llava-clip is not built (scripts/train_toy_clip.py)")
+    model, processor = load_model("toy-llava")
+    clip = ClipText("toy-llava-clip", None)
+    samples = [shapes.make_sample("test", i) for i in range(24)]
+    px = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = model.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[
+            model.config.vision_feature_layer][:, 1:]
+    obj, bg = [], []
+    for i, s in enumerate(samples):
+        e = torch.nn.functional.normalize(clip.image_embeddings(feats[i]), dim=-1)
+        t = torch.nn.functional.normalize(clip.text_embeddings(shapes.describe(s.objects)), dim=-1)[0]
+        mask = torch.as_tensor(s.object_mask(8).reshape(-1), dtype=torch.bool)
+        cos = e @ t
+        obj.append(float(cos[mask].mean()))
+        bg.append(float(cos[~mask].mean()))
+    assert sum(bg) / len(bg) > sum(obj) / len(obj) + 0.05, (obj, bg)  # -cos: objects more relevant
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[s.image for s in samples[:4]], padding=True, return_tensors="pt",
+                       text=[default_prompt(model, processor, s.question) for s in samples[:4]])
+    vtprune.apply(model, "cdpruner", keep=7, relevance="clip", clip_model="toy-llava-clip")
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    st = vtprune.stats(model)
+    rel = model._vtprune_state.scorer.last_relevance
+    vtprune.remove(model)
+    assert st.visual_after == [7] * 4 and all(torch.isfinite(r).all() for r in rel)

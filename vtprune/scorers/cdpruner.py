@@ -34,6 +34,14 @@ def dpp_kernel(similarity: torch.Tensor, relevance: torch.Tensor, theta: float) 
     return q[:, None] * similarity * q[None, :]
 
 
+def toy_clip_dir(name: str):
+    """The package folder of a shipped toy CLIP (``toy-llava-clip``), or None."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "toy" / "weights" / name
+    return folder if (folder / f"{name}.json").is_file() and (folder / "open_clip_model.bin").is_file() else None
+
+
 class ClipText:
     """An open_clip model's text side and the LLaVA tower's head: ``ln_post`` + ``proj`` of its vision tower.
 
@@ -47,6 +55,10 @@ class ClipText:
             import open_clip
         except ImportError:
             raise ConfigError("cdpruner's clip relevance needs open_clip: pip install 'vtprune[clip]'") from None
+        shipped = toy_clip_dir(name)
+        if shipped is not None:  # the toy models' own CLIP (scripts/train_toy_clip.py), shipped as package data
+            open_clip.add_model_config(shipped / f"{name}.json")
+            pretrained = pretrained or str(shipped / "open_clip_model.bin")
         try:
             model = open_clip.create_model(name, pretrained=pretrained or None)
         except RuntimeError as exc:
@@ -134,8 +146,10 @@ class CDPrunerScorer(Scorer):
                 "cdpruner relevance='clip' reads the LLaVA tower's features, so it runs on LLaVA-family models only; "
                 "use relevance='text' here"
             ) from None
-        path = self.tokenizer or getattr(model.config, "_name_or_path", None)
-        if not path or not os.path.isdir(str(path)):
+        candidates = [self.tokenizer] if self.tokenizer else [getattr(model.config, "_name_or_path", None),
+                                                              getattr(model, "name_or_path", None)]
+        path = next((c for c in candidates if c and os.path.isdir(str(c))), None)
+        if path is None:
             raise ConfigError("cdpruner relevance='clip' decodes the instruction with the model's tokenizer: pass "
                               "tokenizer=<local tokenizer directory>")
         from transformers import AutoTokenizer
