@@ -32,33 +32,7 @@ def dropped_positions(model, input_ids: torch.Tensor, stats: vtprune.PruneStats)
 @torch.no_grad()
 def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor) -> torch.Tensor:
     """Unpatched forward (no cache) with ``dropped`` ``[B, N]`` key columns hidden after ``layer``."""
-    assert not hasattr(model, "_vtprune_state"), "run the oracle on the unpatched model"
-    layers = model.model.language_model.layers
-    n = dropped.shape[1]
-    keys_ok = ~dropped
-    attn = inputs.get("attention_mask")
-    if attn is not None:
-        keys_ok = keys_ok & attn.bool()
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    allowed = causal[None] & keys_ok[:, None, :]
-    allowed = allowed | torch.eye(n, dtype=torch.bool)[None]  # a hidden token still sees itself
-    allowed = allowed[:, None]  # [B, 1, N, N]
-
-    def pre(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None or mask.dtype == torch.bool:
-            new = allowed if mask is None else (mask & allowed)
-        else:
-            new = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
-        kwargs["attention_mask"] = new
-        return args, kwargs
-
-    handles = [lay.register_forward_pre_hook(pre, with_kwargs=True) for lay in layers[layer + 1:]]
-    try:
-        return model(**inputs, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
+    return staged_masked_logits(model, inputs, [(layer, dropped)])
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from vtprune.layout import VisualLayout
 from vtprune.scorers import TransPrune
 from vtprune.scorers.base import Signals
 from vtprune.scorers.select import StageBudget, select_topk
-from vtprune.scorers.transprune import staged_plan, transition_variation
+from vtprune.scorers.staged import staged_plan
+from vtprune.scorers.transprune import transition_variation
 
 
 def test_transition_variation_formula():

@@ -8,7 +8,7 @@ import torch
 
 from vtprune.config import ConfigError
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
-from vtprune.scorers.transprune import staged_plan
+from vtprune.scorers.staged import check_stage_options, staged_schedule
 
 RATERS = "sparsevlm_raters"  # Session.extras key: per sample the raters' original sequence positions
 STAGE_INPUT = "sparsevlm_stage_input"  # Session.extras key: the current pruning layer's input [B, N_cur, D]
@@ -89,15 +89,7 @@ class SparseVLMScorer(Scorer):
             raise ConfigError(f"sparsevlm: recycle_fraction={recycle_fraction} must be in [0, 1]")
         self.recycle, self.recycle_fraction = bool(recycle), float(recycle_fraction)
         self.last_recycled: list[dict] = []
-        layers = [int(k) for k in layers]
-        ratios = [float(r) for r in ratios]
-        if not layers or layers != sorted(set(layers)) or layers[0] < 0:
-            raise ConfigError(f"sparsevlm: layers={layers} must be distinct, increasing and >= 0")
-        if len(ratios) != len(layers) - 1:
-            raise ConfigError(f"sparsevlm: give one ratio per stage before the last: {len(layers) - 1} for "
-                              f"layers={layers}, got ratios={ratios}")
-        if any(not 0 < r <= 1 for r in ratios) or ratios != sorted(ratios, reverse=True):
-            raise ConfigError(f"sparsevlm: ratios={ratios} must be decreasing fractions in (0, 1]")
+        layers, ratios = check_stage_options("sparsevlm", layers, ratios)
         self.layers, self.ratios = layers, ratios
         self.last_raters: list[torch.Tensor] = []
 
@@ -106,15 +98,7 @@ class SparseVLMScorer(Scorer):
         return self.layers[0]
 
     def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
-        n = len(adapter.decoder_layers())
-        if self.layers[0] < adapter.min_layer():
-            raise ConfigError(f"sparsevlm: {adapter.min_layer_reason(self.layers[0])}; pass layers=[...] from there on")
-        if layer != self.layers[0]:
-            raise ConfigError(f"sparsevlm prunes after layers={self.layers}; set layers=[...] instead of layer={layer}")
-        if self.layers[-1] > n - 2:
-            raise ConfigError(f"sparsevlm: layers={self.layers} need at least {self.layers[-1] + 2} decoder layers, "
-                              f"this model has {n}: pass layers=[...] and ratios=[...]")
-        return staged_plan(self.layers, self.ratios, keep)
+        return staged_schedule(self.name, adapter, self.layers, self.ratios, layer, keep)
 
     def model_hooks(self, adapter: Any, state: Any) -> list:
         layers = adapter.decoder_layers()

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from vtprune.config import ConfigError, auto_keep
+from vtprune.config import ConfigError
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
-from vtprune.scorers.select import StageBudget
+from vtprune.scorers.staged import check_stage_options, staged_schedule
 
 TTV = "transprune_ttv"  # Session.extras key: [B, N] accumulated TTV in original sequence positions
 
@@ -24,25 +24,6 @@ def transition_variation(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.T
     delta = 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
     weights = torch.softmax(delta.masked_fill(~valid, float("-inf")), dim=-1)
     return torch.where(valid, ratio * weights, torch.zeros_like(ratio))
-
-
-def staged_plan(layers: list[int], ratios: list[float], keep: Any) -> list[tuple[int, Any]]:
-    """``[(layer, budget)]``: the stages before the last keep ``ratios`` of each image's original tokens (as
-    fractions of the tokens present, `StageBudget`, never below the final count), the last keeps ``keep``.
-
-    A float ``keep`` is a fraction of the image's original tokens, as for one-stage methods; ``keep=1.0``
-    therefore prunes nothing at any stage.
-    """
-    plan: list[tuple[int, Any]] = []
-    fraction = isinstance(keep, float) and auto_keep(keep) is None
-    floor = keep if isinstance(keep, int) else 1
-    previous = 1.0
-    for k, r in zip(layers, ratios):
-        r = max(r, keep) if fraction else r
-        plan.append((k, StageBudget(r / previous, floor)))
-        previous = r
-    plan.append((layers[-1], min(1.0, keep / previous) if fraction else keep))
-    return plan
 
 
 @register
@@ -72,15 +53,7 @@ class TransPruneScorer(Scorer):
     def __init__(self, layers: list[int] | tuple[int, ...] = (6, 8, 11),
                  ratios: list[float] | tuple[float, ...] = (0.875, 0.625),
                  accumulate: list[int] | tuple[int, ...] | None = None) -> None:
-        layers = [int(k) for k in layers]
-        ratios = [float(r) for r in ratios]
-        if not layers or layers != sorted(set(layers)) or layers[0] < 0:
-            raise ConfigError(f"transprune: layers={layers} must be distinct, increasing and >= 0")
-        if len(ratios) != len(layers) - 1:
-            raise ConfigError(f"transprune: give one ratio per stage before the last: {len(layers) - 1} for "
-                              f"layers={layers}, got ratios={ratios}")
-        if any(not 0 < r <= 1 for r in ratios) or ratios != sorted(ratios, reverse=True):
-            raise ConfigError(f"transprune: ratios={ratios} must be decreasing fractions in (0, 1]")
+        layers, ratios = check_stage_options("transprune", layers, ratios)
         if accumulate is not None and (len(accumulate) != 2 or int(accumulate[0]) > int(accumulate[1])):
             raise ConfigError(f"transprune: accumulate={accumulate} must be [first, last] layers")
         self.layers, self.ratios = layers, ratios
@@ -96,17 +69,10 @@ class TransPruneScorer(Scorer):
         return range(first, last + 1)
 
     def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
-        n = len(adapter.decoder_layers())
-        if self.layers[0] < adapter.min_layer():
-            raise ConfigError(f"transprune: {adapter.min_layer_reason(self.layers[0])}; pass layers=[...] from there on")
-        if layer != self.layers[0]:
-            raise ConfigError(f"transprune prunes after layers={self.layers}; set layers=[...] instead of layer={layer}")
-        if self.layers[-1] > n - 2 or self._accumulated()[-1] > n - 1:
-            raise ConfigError(
-                f"transprune: layers={self.layers} need at least {self.layers[-1] + 2} decoder layers, this model "
-                f"has {n}: pass layers=[...] (e.g. {[min(i, n - 2) for i in range(n - 1)][-3:]}) and ratios"
-            )
-        return staged_plan(self.layers, self.ratios, keep)
+        plan = staged_schedule(self.name, adapter, self.layers, self.ratios, layer, keep)
+        if self._accumulated()[-1] > len(adapter.decoder_layers()) - 1:
+            raise ConfigError(f"transprune: accumulate={self.accumulate} reaches past the model's last layer")
+        return plan
 
     # ---- TTV: hooks on the sublayers of the accumulation layers ----------------------------------
     def model_hooks(self, adapter: Any, state: Any) -> list:

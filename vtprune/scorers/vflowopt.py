@@ -10,7 +10,7 @@ import torch
 from vtprune.config import ConfigError
 from vtprune.scorers.base import PIXEL_VALUES, PRE_LLM, Scorer, Signals, register
 from vtprune.scorers.select import image_budget
-from vtprune.scorers.transprune import staged_plan
+from vtprune.scorers.staged import staged_plan
 
 CONTEXT = "vflowopt_context"  # VisionRecord.extras: [tiles, patches + 1] context relevance rows
 IMPORTANCE = "vflowopt_importance"  # Session.extras: per sample I of the visual tokens the LLM stages see

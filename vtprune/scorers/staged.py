@@ -1,0 +1,58 @@
+"""What the staged in-LLM methods (TransPrune, SparseVLM, VFlowOpt's LLM part) share: their options'
+checks and the plan of (layer, budget) stages they hand to the LLM stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vtprune.config import ConfigError, auto_keep
+from vtprune.scorers.select import StageBudget
+
+
+def check_stage_options(method: str, layers, ratios) -> tuple[list[int], list[float]]:
+    """``layers`` distinct, increasing, >= 0; one ratio per stage before the last, decreasing in (0, 1]."""
+    layers = [int(k) for k in layers]
+    ratios = [float(r) for r in ratios]
+    if not layers or layers != sorted(set(layers)) or layers[0] < 0:
+        raise ConfigError(f"{method}: layers={layers} must be distinct, increasing and >= 0")
+    if len(ratios) != len(layers) - 1:
+        raise ConfigError(f"{method}: give one ratio per stage before the last: {len(layers) - 1} for "
+                          f"layers={layers}, got ratios={ratios}")
+    if any(not 0 < r <= 1 for r in ratios) or ratios != sorted(ratios, reverse=True):
+        raise ConfigError(f"{method}: ratios={ratios} must be decreasing fractions in (0, 1]")
+    return layers, ratios
+
+
+def staged_schedule(method: str, adapter: Any, layers: list[int], ratios: list[float], layer: int,
+                    keep: Any) -> list[tuple[int, Any]]:
+    """`staged_plan` after checking the layers against the model (deepstack minimum, depth, ``layer=``)."""
+    n = len(adapter.decoder_layers())
+    if layers[0] < adapter.min_layer():
+        raise ConfigError(f"{method}: {adapter.min_layer_reason(layers[0])}; pass layers=[...] from there on")
+    if layer != layers[0]:
+        raise ConfigError(f"{method} prunes after layers={layers}; set layers=[...] instead of layer={layer}")
+    if layers[-1] > n - 2:
+        raise ConfigError(
+            f"{method}: layers={layers} need at least {layers[-1] + 2} decoder layers, this model has {n}: "
+            f"pass layers=[...] (e.g. {list(range(max(0, n - 4), n - 1))}) and ratios=[...]"
+        )
+    return staged_plan(layers, ratios, keep)
+
+
+def staged_plan(layers: list[int], ratios: list[float], keep: Any) -> list[tuple[int, Any]]:
+    """``[(layer, budget)]``: the stages before the last keep ``ratios`` of each image's original tokens (as
+    fractions of the tokens present, `StageBudget`, never below the final count), the last keeps ``keep``.
+
+    A float ``keep`` is a fraction of the image's original tokens, as for one-stage methods; ``keep=1.0``
+    therefore prunes nothing at any stage.
+    """
+    plan: list[tuple[int, Any]] = []
+    fraction = isinstance(keep, float) and auto_keep(keep) is None
+    floor = keep if isinstance(keep, int) else 1
+    previous = 1.0
+    for k, r in zip(layers, ratios):
+        r = max(r, keep) if fraction else r
+        plan.append((k, StageBudget(r / previous, floor)))
+        previous = r
+    plan.append((layers[-1], min(1.0, keep / previous) if fraction else keep))
+    return plan
