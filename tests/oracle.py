@@ -37,14 +37,20 @@ def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor) -> tor
 
 @torch.no_grad()
 def staged_masked_logits(model, inputs: dict, stages: list[tuple[int, torch.Tensor]],
-                         writes: dict | None = None) -> torch.Tensor:
+                         writes: dict | None = None, layers=None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """`masked_logits` for staged pruning: ``stages`` = ``[(K_j, dropped_j [B, N])]``; layer l hides the
     columns dropped by every stage with K_j < l. ``writes`` = ``{K_j: [(b, positions, states)]}`` replaces
-    those rows of layer K_j's output (recycled tokens written into kept slots)."""
+    those rows of layer K_j's output (recycled tokens written into kept slots).
+
+    ``layers``: the decoder layers (default ``model.model.language_model.layers``); ``valid``: ``[B, N]``
+    real keys of the sequence the layers see (default the inputs' attention mask; the LLaVA repository's
+    spliced sequence is longer than its input ids). Where the model passes no mask, an additive float mask
+    is written (transformers 4.37's eager attention adds whatever mask it gets).
+    """
     assert not hasattr(model, "_vtprune_state"), "run the oracle on the unpatched model"
-    layers = model.model.language_model.layers
+    layers = model.model.language_model.layers if layers is None else layers
     n = stages[0][1].shape[1]
-    attn = inputs.get("attention_mask")
+    attn = inputs.get("attention_mask") if valid is None else valid
     causal = torch.ones(n, n, dtype=torch.bool).tril()
 
     def allowed_for(dropped):
@@ -55,8 +61,11 @@ def staged_masked_logits(model, inputs: dict, stages: list[tuple[int, torch.Tens
     def make(allowed):
         def pre(module, args, kwargs):
             mask = kwargs.get("attention_mask")
-            if mask is None or mask.dtype == torch.bool:
-                new = allowed if mask is None else (mask & allowed)
+            if mask is None:
+                dtype = (args[0] if args else kwargs["hidden_states"]).dtype
+                new = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            elif mask.dtype == torch.bool:
+                new = mask & allowed
             else:
                 new = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
             kwargs["attention_mask"] = new

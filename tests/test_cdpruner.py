@@ -15,7 +15,8 @@ from vtprune.config import ConfigError
 from vtprune.layout import VisualLayout
 from vtprune.scorers import CDPruner
 from vtprune.scorers.base import Signals
-from vtprune.scorers.cdpruner import dpp_kernel, minmax
+from vtprune.scorers.cdpruner import dpp_kernel
+from vtprune.scorers.greedy import minmax
 from vtprune.scorers.select import select_topk
 from vtprune.toy.tiny import tiny_llava_tokenizer
 

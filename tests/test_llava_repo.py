@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracle import staged_masked_logits
 from PIL import Image
 
 import vtprune
@@ -99,44 +100,11 @@ def dropped_from(stats, visual):
     return dropped
 
 
-@torch.no_grad()
 def masked_logits(model, inputs: dict, layer: int, dropped: torch.Tensor, valid: torch.Tensor, stages=None):
     """Unpatched forward (no cache) with ``dropped`` key columns hidden from the layers after ``layer``
-    (or, with ``stages`` = ``[(K_j, dropped_j)]``, each stage's columns from the layers after K_j)."""
-    stages = stages or [(layer, dropped)]
-    n = stages[0][1].shape[1]
-    handles = []
-    for li in range(len(model.model.layers)):
-        hidden = torch.zeros_like(stages[0][1])
-        for k, d in stages:
-            if k < li:
-                hidden |= d
-        if bool(hidden.any()):
-            handles.append(model.model.layers[li].register_forward_pre_hook(_hide(hidden, valid, n), with_kwargs=True))
-    try:
-        return model(**inputs, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _hide(dropped, valid, n):
-    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & (~dropped & valid)[:, None, :]
-    allowed = (allowed | torch.eye(n, dtype=torch.bool)[None])[:, None]  # [B, 1, N, N]
-
-    def pre(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            mask = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
-        elif mask.dtype == torch.bool:
-            mask = mask & allowed
-        else:
-            mask = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
-        kwargs["attention_mask"] = mask
-        return args, kwargs
-
-    return pre
+    (or, with ``stages`` = ``[(K_j, dropped_j)]``, each stage's columns from the layers after K_j), on the
+    repository's spliced sequence (``valid`` its real positions)."""
+    return staged_masked_logits(model, inputs, stages or [(layer, dropped)], layers=model.model.layers, valid=valid)
 
 
 @pytest.mark.parametrize("method", ["transprune", "sparsevlm"])

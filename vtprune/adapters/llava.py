@@ -15,6 +15,18 @@ from torch import nn
 from vtprune.adapters.base import Adapter, ImageInputs, ImageTokens, UnsupportedModelError, register_adapter
 
 
+def clip_layer_attention(layers: nn.ModuleList, layer: int) -> nn.Module:
+    """The attention module of CLIP encoder ``layers`` whose output is ``hidden_states[layer]``."""
+    n = len(layers)
+    h = layer + n + 1 if layer < 0 else layer
+    if not 1 <= h <= n:
+        raise ValueError(
+            f"vision_layer={layer} is out of range for a vision tower with {n} layers: use a "
+            f"hidden_states index in [1, {n}] or [-{n}, -1] (-2 is LLaVA's feature layer)"
+        )
+    return layers[h - 1].self_attn
+
+
 class _LlavaFamily(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -30,14 +42,7 @@ class _LlavaFamily(Adapter):
         return self.core().vision_tower.encoder.layers
 
     def vision_attention(self, layer: int) -> nn.Module:
-        n = len(self._vision_layers())
-        h = layer + n + 1 if layer < 0 else layer
-        if not 1 <= h <= n:
-            raise ValueError(
-                f"vision_layer={layer} is out of range for a vision tower with {n} layers: use a "
-                f"hidden_states index in [1, {n}] or [-{n}, -1] (-2 is LLaVA's feature layer)"
-            )
-        return self._vision_layers()[h - 1].self_attn
+        return clip_layer_attention(self._vision_layers(), layer)
 
     def default_vision_layer(self) -> int:
         layer = self.model.config.vision_feature_layer

@@ -41,6 +41,7 @@ from vtprune.adapters.base import (
     register_adapter,
     transformers_version,
 )
+from vtprune.adapters.llava import clip_layer_attention
 from vtprune.adapters.pre_llm_stage import shorten_prefill_inputs
 from vtprune.config import ConfigError
 from vtprune.kernels import compact
@@ -164,15 +165,7 @@ class LlavaRepoAdapter(Adapter):
         return len(self._clip().encoder.layers)
 
     def vision_attention(self, layer: int) -> nn.Module:
-        layers = self._clip().encoder.layers
-        n = len(layers)
-        h = layer + n + 1 if layer < 0 else layer
-        if not 1 <= h <= n:
-            raise ValueError(
-                f"vision_layer={layer} is out of range for a vision tower with {n} layers: use a "
-                f"hidden_states index in [1, {n}] or [-{n}, -1] (-2 is LLaVA's feature layer)"
-            )
-        return layers[h - 1].self_attn
+        return clip_layer_attention(self._clip().encoder.layers, layer)
 
     def default_vision_layer(self) -> int:
         return int(self._tower().select_layer)
@@ -185,11 +178,9 @@ class LlavaRepoAdapter(Adapter):
 
     def check_scorer(self, scorer: Any) -> None:
         from vtprune.adapters.flowcut_stage import flowcut_host
+        from vtprune.scorers.compose import innermost
 
-        node = scorer
-        while hasattr(node, "inner"):
-            node = node.inner
-        if hasattr(node, "select_and_merge"):
+        if hasattr(innermost(scorer), "select_and_merge"):
             raise ConfigError(
                 "vflowopt is not supported on the original LLaVA codebase yet (its LLM stages after the pre-LLM "
                 "one need the shortened prompt re-based inside the repository's generate); use it with "

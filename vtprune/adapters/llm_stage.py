@@ -24,6 +24,7 @@ from vtprune.adapters.attention_rows import layer_rope, llm_query_attention, tak
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
+from vtprune.scorers.compose import innermost
 from vtprune.scorers.select import select_topk
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
@@ -157,9 +158,7 @@ class LLMStageHooks:
         self.stage_at = {k: j for j, (k, _) in enumerate(self.schedule)}
         self.k = self.schedule[0][0]
         self.last = len(layers) - 1
-        host = state.scorer
-        while hasattr(host, "inner"):  # wrappers: the host computes its own stage signals
-            host = host.inner
+        host = innermost(state.scorer)  # under wrappers, the host computes its own stage signals
         self.stage_signals = getattr(host, "stage_signals", None)  # TransPrune's, SparseVLM's
         self.stage_select = getattr(host, "stage_select", None)  # SparseVLM's selection with recycling
 
@@ -285,11 +284,14 @@ class LLMStageHooks:
         dropped = [int(p.numel() - k.numel()) for p, k in zip(base.positions, report)]
         stages = None
         if len(self.schedule) > 1 or sess.origin is not None:
-            prev_stages = (prior.stages or []) if (j > 0 or sess.origin is not None) and prior is not None else []
-            if sess.origin is not None and j == 0:
-                prev_stages = [{"layer": None, "visual_after": prior.visual_after, "kept": prior.kept}]
-            stages = [*prev_stages, {"layer": layer_k, "visual_after": [int(k.numel()) for k in report],
-                                     "kept": [k.cpu() for k in report]}]
+            if j > 0:
+                earlier = prior.stages
+            elif sess.origin is not None:  # the pre-LLM stage, reported as layer None
+                earlier = [{"layer": None, "visual_after": prior.visual_after, "kept": prior.kept}]
+            else:
+                earlier = []
+            stages = [*earlier, {"layer": layer_k, "visual_after": [int(k.numel()) for k in report],
+                                 "kept": [k.cpu() for k in report]}]
         self.state.stats = PruneStats(
             method=self.state.config.method,
             stage=IN_LLM if sess.origin is None else "pre-llm",
@@ -299,7 +301,7 @@ class LLMStageHooks:
             visual_after=[int(k.numel()) for k in report],
             seq_len_before=[int(x) for x in before],
             seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
-            contextual=prior.contextual if sess.origin is not None and prior is not None else None,
+            contextual=prior.contextual if sess.origin is not None else None,
             scores=scores,
             per_image=[base.kept_per_image(b, k) for b, k in enumerate(report)],
             stages=stages,

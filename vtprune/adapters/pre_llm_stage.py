@@ -24,6 +24,7 @@ from vtprune.scorers.base import (
     VISION_FEATURES,
     Signals,
 )
+from vtprune.scorers.compose import innermost
 from vtprune.scorers.select import select_topk
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
@@ -138,10 +139,8 @@ def shorten_prefill_inputs(
 
 
 def _merging_host(scorer: Any) -> Any:
-    node = scorer
-    while hasattr(node, "inner"):
-        node = node.inner
-    return node if hasattr(node, "select_and_merge") else None
+    host = innermost(scorer)
+    return host if hasattr(host, "select_and_merge") else None
 
 
 def continue_in_llm(sess: Session, lay: Any, kept: list[torch.Tensor], index: torch.Tensor, valid: torch.Tensor) -> None:

@@ -18,14 +18,9 @@ from vtprune.scorers.base import (
     Signals,
     register,
 )
-from vtprune.scorers.greedy import cosine_matrix, dpp_map, per_image
+from vtprune.scorers.greedy import cosine_matrix, dpp_map, minmax, per_image
 
 RELEVANCE = ("clip", "text")
-
-
-def minmax(x: torch.Tensor) -> torch.Tensor:
-    span = x.max() - x.min()
-    return (x - x.min()) / span if float(span) > 0 else torch.ones_like(x)
 
 
 def dpp_kernel(similarity: torch.Tensor, relevance: torch.Tensor, theta: float) -> torch.Tensor:
@@ -167,7 +162,17 @@ class CDPrunerScorer(Scorer):
                               f"vision tower is {depth_width} wide; name the CLIP the tower was built from")
 
     @torch.no_grad()
-    def _relevance(self, signals: Signals, b: int, idx: torch.Tensor) -> torch.Tensor:
+    def _text(self, signals: Signals, b: int) -> torch.Tensor:
+        """``[chunks, E]`` normalised CLIP embeddings of sample ``b``'s instruction."""
+        ids = signals.instruction_ids
+        if ids is None:
+            raise RuntimeError("cdpruner relevance='clip' needs the instruction token ids, which this model "
+                               "call does not have (embeddings only); use relevance='text'")
+        text = self._tokenizer.decode(ids[b].tolist(), skip_special_tokens=True)
+        return torch.nn.functional.normalize(self._clip.text_embeddings(text), dim=-1)
+
+    @torch.no_grad()
+    def _relevance(self, signals: Signals, b: int, idx: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         z = signals.hidden_states[b][idx.to(signals.hidden_states[b].device)].float()
         if self.relevance == "text":
             words = signals.instruction_embeds[b].float().to(z.device)
@@ -175,23 +180,20 @@ class CDPrunerScorer(Scorer):
                 return torch.ones(z.shape[0], device=z.device)
             rel = (torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).T).mean(1)
             return rel
-        ids = signals.instruction_ids
-        if ids is None:
-            raise RuntimeError("cdpruner relevance='clip' needs the instruction token ids, which this model "
-                               "call does not have (embeddings only); use relevance='text'")
-        text = self._tokenizer.decode(ids[b].tolist(), skip_special_tokens=True)
         feats = signals.require(VISION_FEATURES)[b][idx.to(signals.vision_features[b].device)]
         e = torch.nn.functional.normalize(self._clip.image_embeddings(feats), dim=-1)
-        t = torch.nn.functional.normalize(self._clip.text_embeddings(text).to(e.device), dim=-1)
-        return -(e @ t.T).mean(1)
+        return -(e @ text.to(e.device).T).mean(1)
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         signals.require(HIDDEN_STATES)
         signals.require(INSTRUCTION)
         self.last_relevance = []
+        texts: dict[int, torch.Tensor] = {}  # one CLIP text encoding per sample, shared by its images
 
         def pick(b: int, idx: torch.Tensor, k: int) -> torch.Tensor:
-            r = minmax(self._relevance(signals, b, idx).float())
+            if self.relevance == "clip" and b not in texts:
+                texts[b] = self._text(signals, b)
+            r = minmax(self._relevance(signals, b, idx, texts.get(b)).float())
             self.last_relevance.append(r.cpu())
             sim = cosine_matrix(signals.hidden_states[b][idx.to(signals.hidden_states[b].device)])
             return dpp_map(dpp_kernel(sim, r.to(sim.device), self.theta), k)

@@ -72,14 +72,20 @@ class Wrapper(Scorer):
         return f"{self.name}+{method_string(self.inner)}"
 
 
+def innermost(scorer: Scorer) -> Scorer:
+    """The host under any wrappers (``debias+sink+fastv`` -> the FastV scorer)."""
+    while isinstance(scorer, Wrapper):
+        scorer = scorer.inner
+    return scorer
+
+
 def host_of(scorer: Scorer, cls: type[Scorer], ensemble_error: str) -> Scorer | None:
     """The ``cls`` host under any wrappers, or None when ``scorer`` has none.
 
     For stage-changing hosts (VisionZip's merge, FlowCut's in-tower pruning) that an ensemble of scores
     cannot carry: raises `ConfigError` with ``ensemble_error`` when an ensemble member is one.
     """
-    while isinstance(scorer, Wrapper):
-        scorer = scorer.inner
+    scorer = innermost(scorer)
     if isinstance(scorer, cls):
         return scorer
     for member in getattr(scorer, "members", None) or ():

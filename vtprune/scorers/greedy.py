@@ -42,6 +42,12 @@ def per_image(layout: VisualLayout, keep, pick: Callable[[int, torch.Tensor, int
     return out
 
 
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """``x`` mapped to [0, 1] by its minimum and maximum; all ones when it is constant."""
+    span = x.max() - x.min()
+    return (x - x.min()) / span if float(span) > 0 else torch.ones_like(x)
+
+
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     """``[n, n]`` float32 cosine similarities of the rows of ``x`` ``[n, D]``."""
     z = torch.nn.functional.normalize(x.float(), dim=-1)
@@ -79,9 +85,7 @@ def sensitivity_diversity(sensitivity: torch.Tensor, z: torch.Tensor, k: int) ->
     ``argmax_i  S_i * (1 - max_{p picked} cos(z_i, z_p))``."""
     n = z.shape[0]
     k = min(k, n)
-    s = sensitivity.float()
-    span = s.max() - s.min()
-    s = (s - s.min()) / span if float(span) > 0 else torch.ones_like(s)
+    s = minmax(sensitivity.float())
     sim = cosine_matrix(z)
     first = int(torch.argmax(s))
     picks = [first]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vtprune.toy.tiny import _CORPUS, train_bpe
+from vtprune.toy.tiny import _CORPUS, _vision_config, train_bpe
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX: the placeholder id tokenizer_image_token inserts
 
@@ -40,13 +40,11 @@ def tiny_repo_tokenizer():
 def save_tiny_clip(folder: str | os.PathLike, *, hidden: int = 32, layers: int = 3, heads: int = 4,
                    image_size: int = 336, patch_size: int = 14, seed: int = 0) -> str:
     """Save a tiny random ``CLIPVisionModel`` + ``CLIPImageProcessor`` (336 px, patch 14: 576 patches)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionModel
 
     folder = Path(folder)
     if not (folder / "config.json").exists():
-        cfg = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
-                               intermediate_size=hidden * 2, num_hidden_layers=layers,
-                               num_attention_heads=heads, projection_dim=hidden)
+        cfg = _vision_config(hidden, layers, heads, image_size=image_size, patch_size=patch_size)
         torch.manual_seed(seed)
         CLIPVisionModel(cfg).save_pretrained(folder)
         crop = {"height": image_size, "width": image_size}
