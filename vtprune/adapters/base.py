@@ -483,27 +483,30 @@ class Adapter:
         if not bool(visual.any()):
             state.stats = None
             return None
-        n = ref.shape[1]
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and mask2d.dim() != 2:
             raise ValueError(
                 "vtprune needs a 2D attention_mask [batch, seq] (or None) at prefill, got shape "
                 f"{tuple(mask2d.shape)}; pass the tokenizer's attention_mask"
             )
-        sess.attention_2d = (mask2d.bool() if mask2d is not None
-                             else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device))
-        sess.query_pos = last_true(sess.attention_2d)
-        sess.seq_len = n
-        sess.llm_len = n
-        sess.cache = cache
-        sess.phase = "prefill"
-        sess.kinds = kinds
         images = self.image_inputs(state, kwargs)
-        sess.layout = self.build_layout(images, kinds)
+        valid = (mask2d.bool() if mask2d is not None
+                 else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device))
+        self.begin_prefill(sess, valid, kinds, images)
+        sess.cache = cache
         if state.stage == PRE_LLM:
             shorten_prefill_inputs(self, state, kwargs, images, visual)
             return (), kwargs
         return None
+
+    def begin_prefill(self, sess: Session, valid: torch.Tensor, kinds: torch.Tensor, images: Any) -> None:
+        """Fill a new prefill's session: ``valid`` ``[B, N]`` real tokens, ``kinds`` ``[B, N]`` (`token_kinds`)."""
+        sess.attention_2d = valid
+        sess.query_pos = last_true(valid)
+        sess.seq_len = sess.llm_len = int(valid.shape[1])
+        sess.phase = "prefill"
+        sess.kinds = kinds
+        sess.layout = self.build_layout(images, kinds)
 
     def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         """``[B, N]`` long: 0 for text, ``i + 1`` for the ``i``-th id of `visual_token_ids`."""

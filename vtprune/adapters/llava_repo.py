@@ -37,7 +37,6 @@ from vtprune.adapters.base import (
     UnsupportedModelError,
     _InstanceWrap,
     check_cache,
-    last_true,
     register_adapter,
     transformers_version,
 )
@@ -171,7 +170,7 @@ class LlavaRepoAdapter(Adapter):
         return int(self._tower().select_layer)
 
     def pad_grid(self) -> int | None:
-        return int(self._tower().num_patches_per_side)
+        return self._grid()
 
     def _grid(self) -> int:
         return int(self._tower().num_patches_per_side)
@@ -268,14 +267,8 @@ class LlavaRepoAdapter(Adapter):
         from the cache length, included) sees one consistent, shorter prompt and needs no remapping.
         """
         sess = state.session = Session()
-        sess.attention_2d = valid
-        sess.query_pos = last_true(valid)
-        sess.seq_len = valid.shape[1]
-        sess.llm_len = valid.shape[1]
-        sess.phase = "prefill"
-        sess.kinds = prefill.visual.long()
         images = ImageInputs(None, prefill.tiles, None, None, prefill.record)
-        sess.layout = self.build_layout(images, sess.kinds)
+        self.begin_prefill(sess, valid, prefill.visual.long(), images)
         kwargs = {"inputs_embeds": prefill.embeds, "attention_mask": mask, "position_ids": pos}
         shorten_prefill_inputs(self, state, kwargs, images, prefill.visual, trim_padding=True)
         if labels is not None:
