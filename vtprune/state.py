@@ -103,28 +103,33 @@ class Session:
     step_cache: Any = None  # the cache object the decoder layers of the current call update
     layout: Any = None  # VisualLayout of the prefill
     attention_2d: torch.Tensor | None = None  # [B, N] bool, True on real (non-padding) tokens
+    host_valid: torch.Tensor | None = None  # the same on the host (read once per prefill)
     query_pos: torch.Tensor | None = None  # [B] position of the last prompt token of each sample
     seq_len: int = 0  # N, full prefill length
     llm_len: int = 0  # the prefill length the decoder layers see: N, or N' after pre-LLM shortening
     origin: Any = None  # pre-LLM then in-LLM methods: (the original VisualLayout, per sample the kept indices
     # into it) once the LLM stages run on the shortened sequence
     kinds: torch.Tensor | None = None  # [B, N] long: 0 text, 1 image token, 2 video token (Adapter.token_kinds)
+    host_kinds: torch.Tensor | None = None  # the same on the host (read once per prefill)
     # in-LLM
     llm_attention: list[torch.Tensor] | None = None
     keep_seq: torch.Tensor | None = None  # [B, N'] kept sequence positions (fillers included)
     filler: torch.Tensor | None = None  # [B, N'] bool, True on filler slots of ragged batches
+    ragged: bool = False  # whether any stage has filler slots (host flag, fixed at prefill)
     full_hidden: torch.Tensor | None = None  # [B, N, D] output of the pruning layer (for scatter back)
     # staged in-LLM pruning: per applied stage (keep_seq, filler), its kept visual indices, and for stages
     # after the first the pruning layer's output in the previous stage's coordinates (for scatter back)
     stage_seqs: list = field(default_factory=list)
     stage_kept: list = field(default_factory=list)
     stage_hidden: list = field(default_factory=list)
+    stage_ragged: list = field(default_factory=list)  # per applied stage: whether its plan has fillers
     stage_rope: Any = None  # (cos, sin) of the current pruning layer's call, for scorers reading layer K + 1
     mask_cache: dict = field(default_factory=dict)
     # pre-LLM
     pre_index: torch.Tensor | None = None  # [B, N'] kept positions of the shortened sequence
     pre_valid: torch.Tensor | None = None  # [B, N'] bool, False on padding slots
     pre_removed: torch.Tensor | None = None  # [B] real tokens removed per sample
+    pre_ragged: bool = False  # whether the shortened rows were re-padded (host flag)
     deepstack: Any = None  # Qwen3-VL pre-LLM: (visual mask [B, N'], per-level features of kept tokens)
     extras: dict = field(default_factory=dict)  # method-specific per-prefill values (FlowCut's, see
     # adapters/flowcut_stage.py), offered to the scorer as `Signals.extras`
@@ -194,7 +199,7 @@ class PruneState:
     layer: int | None
     handles: list = field(default_factory=list)
     enabled: bool = True
-    stats: PruneStats | None = None
+    _stats: Any = None  # PruneStats, or a function building it on first access (see `stats`)
     session: Session = field(default_factory=Session)
     vision_record: VisionRecord | None = None  # the last image encoding
     video_record: VisionRecord | None = None  # the last video encoding (Qwen-VL)
@@ -206,3 +211,16 @@ class PruneState:
     # (layer, config.keep) for single-stage methods, several for staged ones (Scorer.schedule)
     schedule: list = field(default_factory=list)
     pre_keep: Any = None  # the pre-LLM selection's budget when LLM stages follow it (None: config.keep)
+
+    @property
+    def stats(self) -> PruneStats | None:
+        """The last prefill's `PruneStats`, built on first access (building reads device memory, so the
+        prefill itself only records how to build it)."""
+        if callable(self._stats):
+            self._stats = self._stats()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: Any) -> None:
+        """A `PruneStats`, None, or a zero-argument function returning one (built lazily)."""
+        self._stats = value

@@ -172,7 +172,7 @@ def vit_cls_attention(attn: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
 def vit_received_attention(
     attn: nn.Module,
     hidden_in: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | list[int],
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     query_block: int = 256,
 ) -> torch.Tensor:
@@ -181,7 +181,8 @@ def vit_received_attention(
     Args:
         attn: a Qwen vision attention module (fused ``qkv``, ``num_heads``, ``scaling``).
         hidden_in: ``[S, C]`` the module's input (after the block's norm), all images of the call.
-        cu_seqlens: ``[n_segments + 1]`` segment boundaries (images or frames) the block attends within.
+        cu_seqlens: ``[n_segments + 1]`` segment boundaries (images or frames) the block attends within, as
+            a tensor (read once) or host ints.
         position_embeddings: ``(cos, sin)``, each ``[S, head_dim]`` (the vision 2-D RoPE).
         query_block: queries per chunk: the probabilities are built ``query_block`` rows at a time, so
             memory stays ``O(query_block * segment)`` per head, never a full map.
@@ -196,7 +197,7 @@ def vit_received_attention(
     q = (q * cos + _rotate_half(q) * sin).transpose(0, 1)  # [H, S, d]
     k = (k * cos + _rotate_half(k) * sin).transpose(0, 1)
     out = torch.zeros(s, dtype=torch.float32, device=hidden_in.device)
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     for a, b in zip(bounds[:-1], bounds[1:]):
         ks = k[:, a:b]
         acc = torch.zeros(b - a, dtype=torch.float32, device=hidden_in.device)

@@ -24,7 +24,7 @@ from vtprune.adapters.pre_llm_stage import shorten_decode_inputs, shorten_prefil
 from vtprune.adapters.visionzip_stage import recycling_hooks
 from vtprune.config import ConfigError
 from vtprune.kernels import compact
-from vtprune.layout import VisualLayout
+from vtprune.layout import VisualLayout, last_true
 from vtprune.scorers.base import IN_LLM, PRE_LLM, VISION_CLS_ATTENTION
 from vtprune.state import PruneState, Session, VisionRecord, cache_length, cache_of
 
@@ -164,6 +164,22 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self._host_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.encoding_geometry: Any = None  # host geometry of the encoder call running now (see wrapper)
+
+    def host_of(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of a small geometry tensor (``image_grid_thw``, ``image_sizes``), read from the device
+        once per tensor object: the layout, the encoder hooks and the score mapping of one prefill share it."""
+        for src, host in self._host_copies:
+            if src is t:
+                return host
+        host = t.cpu()
+        self._host_copies = [(t, host), *self._host_copies[:3]]
+        return host
+
+    def host_geometry(self, modality: str, bound: dict[str, Any]) -> Any:
+        """The host copy of an encoder call's geometry argument (None where the family has none)."""
+        return None
 
     def require_core(self, tower: str, loader: str) -> nn.Module:
         """``model.model`` with ``.language_model`` and the vision tower ``tower``, or a clear error."""
@@ -246,10 +262,11 @@ class Adapter:
         """Per image of the call, in order, the tokens it contributes (``n_visual`` in all)."""
         raise NotImplementedError
 
-    def build_layout(self, images: Any, kinds: torch.Tensor) -> VisualLayout:
-        """The `VisualLayout` of a prefill whose token kinds (see `token_kinds`) are ``kinds`` ``[B, N]``."""
+    def build_layout(self, images: Any, kinds: torch.Tensor, device: torch.device) -> VisualLayout:
+        """The `VisualLayout` of a prefill whose token kinds (see `token_kinds`) are ``kinds`` ``[B, N]`` (a
+        host copy), its tensors on ``device``."""
         visual = kinds > 0
-        return build_layout(visual, self.image_tokens(images, int(visual.sum())))
+        return build_layout(visual, self.image_tokens(images, int(visual.sum())), device)
 
     def tiles_per_image(self, geometry: Any, n_images: int) -> list[int]:
         """How many rows of the recorded vision scores each image owns (its crops); one by default."""
@@ -269,11 +286,13 @@ class Adapter:
             self.encode_images(images)
             images.record = state.vision_record
 
-    def merge_visual_features(self, images: Any, embeds: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-        """``embeds`` ``[B, N, D]`` with the projected visual features written at the visual positions."""
+    def merge_visual_features(self, images: Any, embeds: torch.Tensor, kinds: torch.Tensor,
+                              host_kinds: torch.Tensor | None = None) -> torch.Tensor:
+        """``embeds`` ``[B, N, D]`` with the projected visual features written at the visual positions
+        (``host_kinds``: a host copy of ``kinds``, to count the tokens without reading the device)."""
         visual = kinds > 0
         feat = torch.cat(images.features(), dim=0).to(embeds.device, embeds.dtype)
-        n_visual = int(visual.sum())
+        n_visual = int((kinds if host_kinds is None else host_kinds).gt(0).sum())
         if feat.shape[0] != n_visual:
             raise ValueError(
                 f"the prompts hold {n_visual} image tokens but the images produce {feat.shape[0]} features; "
@@ -389,12 +408,14 @@ class Adapter:
             state.cls_accumulator = None
             state.vision_extras = {}
             state.encoding = True
+            bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+            bound.update(bound.pop("kwargs", {}) or {})
+            self.encoding_geometry = self.host_geometry(modality, bound)
             try:
                 out = original(*args, **kwargs)
             finally:
                 state.encoding = False
-            bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
-            bound.update(bound.pop("kwargs", {}) or {})
+                self.encoding_geometry = None
             pooled = self.encoder_features(modality, out, bound)
             scores = state.cls_accumulator
             if scores is not None:
@@ -457,11 +478,11 @@ class Adapter:
 
     def _on_forward(self, state: PruneState, kwargs: dict[str, Any]):
         cache = cache_of(kwargs)
-        check_cache(cache)
         sess = state.session
         past = cache_length(cache)
         if past > 0:
             if sess.cache is not cache or sess.phase == "off":
+                check_cache(cache)
                 state.session = Session()  # a cache vtprune did not prune: pass through
                 return None
             if state.stage == PRE_LLM or sess.keep_seq is not None:
@@ -472,41 +493,54 @@ class Adapter:
                 return (), kwargs
             return None
         # a new prefill
+        check_cache(cache)
         sess = state.session = Session()
         input_ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         if ref is None:
             return None
-        kinds = self.token_kinds(input_ids, embeds)
-        visual = kinds > 0
-        if not bool(visual.any()):
-            state.stats = None
-            return None
         mask2d = kwargs.get("attention_mask")
+        kinds = self.token_kinds(input_ids, embeds)
         if mask2d is not None and mask2d.dim() != 2:
+            if not bool(kinds.any()):
+                state.stats = None
+                return None
             raise ValueError(
                 "vtprune needs a 2D attention_mask [batch, seq] (or None) at prefill, got shape "
                 f"{tuple(mask2d.shape)}; pass the tokenizer's attention_mask"
             )
-        images = self.image_inputs(state, kwargs)
         valid = (mask2d.bool() if mask2d is not None
                  else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device))
-        self.begin_prefill(sess, valid, kinds, images)
+        # the prefill's one read of device memory: token kinds and validity, from which every count is known
+        host = torch.stack([kinds, valid.to(kinds.dtype)]).cpu()
+        host_kinds, host_valid = host[0], host[1].bool()
+        if not bool(host_kinds.any()):
+            state.stats = None
+            return None
+        images = self.image_inputs(state, kwargs)
+        self.begin_prefill(sess, valid, kinds, images, host_kinds, host_valid)
         sess.cache = cache
         if state.stage == PRE_LLM:
-            shorten_prefill_inputs(self, state, kwargs, images, visual)
+            shorten_prefill_inputs(self, state, kwargs, images, kinds > 0)
             return (), kwargs
         return None
 
-    def begin_prefill(self, sess: Session, valid: torch.Tensor, kinds: torch.Tensor, images: Any) -> None:
-        """Fill a new prefill's session: ``valid`` ``[B, N]`` real tokens, ``kinds`` ``[B, N]`` (`token_kinds`)."""
+    def begin_prefill(self, sess: Session, valid: torch.Tensor, kinds: torch.Tensor, images: Any,
+                      host_kinds: torch.Tensor | None = None, host_valid: torch.Tensor | None = None) -> None:
+        """Fill a new prefill's session: ``valid`` ``[B, N]`` real tokens, ``kinds`` ``[B, N]`` (`token_kinds`),
+        and their host copies (read here when not given)."""
+        if host_kinds is None or host_valid is None:
+            host = torch.stack([kinds, valid.to(kinds.dtype)]).cpu()
+            host_kinds, host_valid = host[0], host[1].bool()
         sess.attention_2d = valid
+        sess.host_valid = host_valid
         sess.query_pos = last_true(valid)
         sess.seq_len = sess.llm_len = int(valid.shape[1])
         sess.phase = "prefill"
         sess.kinds = kinds
-        sess.layout = self.build_layout(images, kinds)
+        sess.host_kinds = host_kinds
+        sess.layout = self.build_layout(images, host_kinds, kinds.device)
 
     def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         """``[B, N]`` long: 0 for text, ``i + 1`` for the ``i``-th id of `visual_token_ids`."""
@@ -523,16 +557,14 @@ class Adapter:
         return kinds
 
 
-def last_true(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` bool -> ``[B]`` index of the last True per row (the last prompt token)."""
-    n = mask.shape[1]
-    idx = torch.arange(n, device=mask.device).expand_as(mask)
-    return torch.where(mask, idx, torch.full_like(idx, -1)).max(dim=1).values.clamp(min=0)
+def build_layout(visual: torch.Tensor, images: list[ImageTokens], device: torch.device | str) -> VisualLayout:
+    """Assign the images, in order, to the visual tokens of each row of ``visual`` ``[B, N]`` (a host tensor).
 
-
-def build_layout(visual: torch.Tensor, images: list[ImageTokens]) -> VisualLayout:
-    """Assign the images, in order, to the visual tokens of each row of ``visual`` ``[B, N]``."""
-    positions, image, prunable, source, coords = [], [], [], [], []
+    Everything is assembled on the host and reaches ``device`` in one copy; the layout keeps the host
+    copies of the image ids and prunable flags, so the per-image structure needs no device read.
+    """
+    visual = visual.cpu()
+    host_pos, host_img, host_prunable, host_src, host_coords = [], [], [], [], []
     it = 0
     for b in range(visual.shape[0]):
         pos = torch.nonzero(visual[b]).flatten()
@@ -551,17 +583,35 @@ def build_layout(visual: torch.Tensor, images: list[ImageTokens]) -> VisualLayou
                 f"image tokens of sample {b} do not line up with whole images ({int(pos.numel())} tokens); "
                 "let the processor expand the <image> placeholders"
             )
-        dev = pos.device
-        positions.append(pos)
-        image.append(torch.cat([torch.full((int(p.source.numel()),), i, device=dev)
-                                for i, p in enumerate(parts)]) if parts else pos.new_zeros(0))
-        prunable.append(torch.cat([p.prunable for p in parts]).to(dev) if parts
-                        else torch.zeros(0, dtype=torch.bool, device=dev))
-        source.append(torch.cat([p.source for p in parts]).to(dev) if parts else pos.new_zeros(0))
-        coords.append(torch.cat([p.coords for p in parts]).to(dev) if parts else pos.new_zeros(0, 3))
+        host_pos.append(pos)
+        host_img.append(torch.cat([torch.full((int(p.source.numel()),), i) for i, p in enumerate(parts)])
+                        if parts else pos.new_zeros(0))
+        host_prunable.append(torch.cat([p.prunable.cpu() for p in parts]) if parts
+                             else torch.zeros(0, dtype=torch.bool))
+        host_src.append(torch.cat([p.source.cpu() for p in parts]) if parts else pos.new_zeros(0))
+        host_coords.append(torch.cat([p.coords.cpu() for p in parts]) if parts else pos.new_zeros(0, 3))
     if it != len(images):
         raise ValueError(f"{len(images)} images were given but the prompts hold placeholders for {it}")
-    return VisualLayout(positions, image, prunable, source, coords, seq_len=visual.shape[1])
+    # one host-to-device copy: rows positions, image, prunable, source, coords (3)
+    packed = torch.cat([torch.stack([p, i, r.long(), s, *c.long().T]) if p.numel() else torch.zeros(7, 0, dtype=torch.long)
+                        for p, i, r, s, c in zip(host_pos, host_img, host_prunable, host_src, host_coords)], dim=1)
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        packed = packed.pin_memory() if torch.cuda.is_available() else packed
+        packed = packed.to(dev, non_blocking=True)
+    flags = packed[2].bool()
+    positions, image, prunable, source, coords = [], [], [], [], []
+    off = 0
+    for p in host_pos:
+        n = int(p.numel())
+        positions.append(packed[0, off:off + n])
+        image.append(packed[1, off:off + n])
+        prunable.append(flags[off:off + n])
+        source.append(packed[3, off:off + n])
+        coords.append(packed[4:7, off:off + n].T)
+        off += n
+    return VisualLayout(positions, image, prunable, source, coords, seq_len=visual.shape[1],
+                        host_image=host_img, host_prunable=host_prunable)
 
 
 def check_cache(cache: Any) -> None:

@@ -80,6 +80,7 @@ FLOWCUT_ATTENTION = "vtprune_flowcut_vision"  # registered attention function na
 IMAGES = "flowcut_images"  # Session.extras: the prefill's image inputs
 HIDDEN = "flowcut_hidden"  # Session.extras: [B, N] bool, the vision-pruned visual tokens
 CANDIDATES = "flowcut_candidates"  # Session.extras: per sample [n_b] bool, vision-stage survivors
+ANY_HIDDEN = "flowcut_any_hidden"  # Session.extras: host bool, whether the vision stage hid any token
 
 
 def flowcut_host(scorer: Scorer) -> FlowCutScorer | None:
@@ -444,6 +445,7 @@ class LLMStage:
                 hidden[b, lay.positions[b][~cand]] = True
                 cands.append(cand)
             sess.extras[HIDDEN], sess.extras[CANDIDATES] = hidden, cands
+            sess.extras[ANY_HIDDEN] = bool(hidden.any())  # read once at prefill; decode steps use the flag
         return sess.extras[HIDDEN]
 
     def _layer_hook(self, index: int):
@@ -457,7 +459,7 @@ class LLMStage:
             x = args[0] if args else kwargs["hidden_states"]
             if sess.phase == "prefill" and index == self.k:
                 sess.extras[LLM_SCORES] = self._scores(module, x, kwargs["position_embeddings"])
-            if not bool(hidden.any()):
+            if not sess.extras[ANY_HIDDEN]:
                 return None
             kwargs["attention_mask"] = self._mask(kwargs, hidden, x, index)
             return args, kwargs

@@ -143,6 +143,8 @@ class LlavaNextAdapter(_LlavaFamily):
                 "vtprune needs image_sizes to locate LLaVA-NeXT's image tokens (tiles and newline "
                 "tokens); pass the processor's outputs (pixel_values and image_sizes) to the model"
             )
+        if isinstance(sizes, torch.Tensor):
+            sizes = sizes.cpu()  # the prefill's one read of the image geometry
         cfg = self.model.config
         full = self._strategy(images) == "full"
         g = self._grid()

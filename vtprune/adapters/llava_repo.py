@@ -301,7 +301,8 @@ class LlavaRepoAdapter(Adapter):
         if images.record is None:
             raise RuntimeError("the images of this prefill were not encoded by the patched encode_images")
 
-    def merge_visual_features(self, images: Any, embeds: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    def merge_visual_features(self, images: Any, embeds: torch.Tensor, kinds: torch.Tensor,
+                              host_kinds: torch.Tensor | None = None) -> torch.Tensor:
         return embeds  # the repository spliced them in already
 
     def strip_image_inputs(self, kwargs: dict[str, Any]) -> None:

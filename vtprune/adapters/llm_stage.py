@@ -25,7 +25,8 @@ from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.compose import innermost
-from vtprune.scorers.select import select_topk
+from vtprune.plan import in_llm_plan
+from vtprune.scorers.select import Selection, select
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
 
@@ -87,10 +88,18 @@ def _gather_mask(mask: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tens
     return mask.gather(3, cols[:, None, None, :].expand(bsz, h, q, cols.shape[1]))
 
 
+def visual_mask(lay: VisualLayout, n: int) -> torch.Tensor:
+    """``[B, n]`` bool, True at ``lay``'s visual positions (in the coordinates the layout indexes)."""
+    pad = lay.padded
+    out = torch.zeros(lay.batch_size, n + 1, dtype=torch.bool, device=pad.positions.device)
+    out.scatter_(1, pad.positions.clamp(max=n), pad.valid)
+    return out[:, :n]
+
+
 def prefill_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torch.Tensor,
-                 seq_len: int) -> torch.Tensor | None:
-    """The 4D mask of layers after a pruning point during prefill (None stays None unless fillers need hiding)."""
-    ragged = bool(filler.any())
+                 seq_len: int, ragged: bool) -> torch.Tensor | None:
+    """The 4D mask of layers after a pruning point during prefill (None stays None unless fillers need
+    hiding: ``ragged``, the plan's host flag)."""
     if mask is None and not ragged:
         return None
     if mask is None:
@@ -105,9 +114,9 @@ def prefill_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torc
 
 
 def decode_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torch.Tensor, seq_len: int,
-                q_len: int, kv_len: int) -> torch.Tensor | None:
-    """The 4D mask of layers after a pruning point for a step after prefill: columns ``kept ++ [N, kv_len)``."""
-    ragged = bool(filler.any())
+                q_len: int, kv_len: int, ragged: bool) -> torch.Tensor | None:
+    """The 4D mask of layers after a pruning point for a step after prefill: columns ``kept ++ [N, kv_len)``
+    (fillers hidden when ``ragged``, the plan's host flag)."""
     if mask is None and not ragged:
         return None
     bsz = keep_seq.shape[0]
@@ -249,20 +258,23 @@ class LLMStageHooks:
         with self.state.timer.part("score"):
             positions, _, _ = self._current(sess)
             sub = self._sub_layout(sess, positions)
-            picked, scores, writes = self._select(hidden, sub, j, layer_k, keep_j)
+            sel, scores, writes = self._select(hidden, sub, j, layer_k, keep_j)
+            picked = sel.kept()
             if sess.stage_seqs:
                 prev = sess.stage_kept[-1]
                 kept = [p[s.to(p.device)] for p, s in zip(prev, picked)]
             else:
                 kept = picked
         with self.state.timer.part("compact"):
-            if not sess.stage_seqs:
-                keep_seq, filler = build_keep_index(sess, kept)
+            if not sess.stage_seqs:  # first pruning point: a plan built without reading the device
+                plan = in_llm_plan(sel, visual_mask(sub, int(hidden.shape[1])).to(hidden.device))
+                keep_seq, filler, ragged = plan.keep_seq, plan.filler, plan.ragged
                 out = compact(hidden, keep_seq)
                 sess.full_hidden = hidden
             else:
                 prev_seq = sess.stage_seqs[-1][0]
                 keep_seq, filler = build_keep_index(sess, kept, pool=prev_seq)
+                ragged = bool(filler.any())  # later stages of staged methods read their plan once
                 out = compact(hidden, slots_of(prev_seq, keep_seq, sess.llm_len))
                 sess.stage_hidden.append((hidden, prev_seq, sess.stage_seqs[-1][1]))
             if writes:  # recycled tokens: their merged state replaces the kept slot's (SparseVLM)
@@ -272,41 +284,53 @@ class LLMStageHooks:
                                      sess.llm_len)[0]
                     out[b, slots] = vectors.to(out.dtype)
         sess.stage_seqs.append((keep_seq, filler))
+        sess.stage_ragged.append(ragged)
         sess.stage_kept.append(kept)
         sess.keep_seq, sess.filler = keep_seq, filler
         sess.mask_cache = {}
+        self.state.stats = self._stats_builder(sess, j, layer_k, kept, scores)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def _stats_builder(self, sess: Session, j: int, layer_k: int, kept: list[torch.Tensor], scores):
+        """A function building this stage's `PruneStats` on first access (the prefill reads nothing)."""
+        lay = sess.layout
         report, base = kept, lay
         if sess.origin is not None:  # after a pre-LLM stage: report against the original visual tokens
             base, pre_kept = sess.origin
             report = [pk[k.to(pk.device)] for pk, k in zip(pre_kept, kept)]
-        prior = self.state.stats
-        before = sess.attention_2d.sum(1).tolist() if sess.origin is None else prior.seq_len_before
+        prior = self.state.stats if (j > 0 or sess.origin is not None) else None
+        before = sess.host_valid.sum(1).tolist() if sess.origin is None else prior.seq_len_before
         dropped = [int(p.numel() - k.numel()) for p, k in zip(base.positions, report)]
-        stages = None
-        if len(self.schedule) > 1 or sess.origin is not None:
-            if j > 0:
-                earlier = prior.stages
-            elif sess.origin is not None:  # the pre-LLM stage, reported as layer None
-                earlier = [{"layer": None, "visual_after": prior.visual_after, "kept": prior.kept}]
-            else:
-                earlier = []
-            stages = [*earlier, {"layer": layer_k, "visual_after": [int(k.numel()) for k in report],
-                                 "kept": [k.cpu() for k in report]}]
-        self.state.stats = PruneStats(
-            method=self.state.config.method,
-            stage=IN_LLM if sess.origin is None else "pre-llm",
-            layer=self.k,
-            kept=[k.cpu() for k in report],
-            visual_before=base.counts(),
-            visual_after=[int(k.numel()) for k in report],
-            seq_len_before=[int(x) for x in before],
-            seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
-            contextual=prior.contextual if sess.origin is not None else None,
-            scores=scores,
-            per_image=[base.kept_per_image(b, k) for b, k in enumerate(report)],
-            stages=stages,
-        )
-        return (out, *output[1:]) if isinstance(output, tuple) else out
+        staged = len(self.schedule) > 1 or sess.origin is not None
+        method, first = self.state.config.method, self.k
+
+        def build() -> PruneStats:
+            stages = None
+            if staged:
+                if j > 0:
+                    earlier = prior.stages
+                elif sess.origin is not None:  # the pre-LLM stage, reported as layer None
+                    earlier = [{"layer": None, "visual_after": prior.visual_after, "kept": prior.kept}]
+                else:
+                    earlier = []
+                stages = [*earlier, {"layer": layer_k, "visual_after": [int(k.numel()) for k in report],
+                                     "kept": [k.cpu() for k in report]}]
+            return PruneStats(
+                method=method,
+                stage=IN_LLM if sess.origin is None else "pre-llm",
+                layer=first,
+                kept=[k.cpu() for k in report],
+                visual_before=base.counts(),
+                visual_after=[int(k.numel()) for k in report],
+                seq_len_before=[int(x) for x in before],
+                seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
+                contextual=prior.contextual if sess.origin is not None else None,
+                scores=scores,
+                per_image=[base.kept_per_image(b, k) for b, k in enumerate(report)],
+                stages=stages,
+            )
+
+        return build
 
     @staticmethod
     def _original(sess: Session, b: int, current: torch.Tensor) -> torch.Tensor:
@@ -316,9 +340,9 @@ class LLMStageHooks:
         return sess.stage_seqs[-1][0][b][current.to(sess.stage_seqs[-1][0].device)]
 
     def _select(self, hidden: torch.Tensor, lay: VisualLayout, j: int, layer: int,
-                keep) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-        """The scorer's signals from the pruning layer's output ``hidden`` [B, N_cur, D]; per sample the
-        selected indices into ``lay``'s visual tokens, the scores, and rows to overwrite after compaction
+                keep) -> tuple[Selection, list[torch.Tensor], dict]:
+        """The scorer's signals from the pruning layer's output ``hidden`` [B, N_cur, D]; the `Selection`
+        over ``lay``'s visual tokens, the scores, and rows to overwrite after compaction
         (``{sample: (indices into lay's visual tokens, [m, D] states)}``, recycling methods only)."""
         sess = self.state.session
         signals = Signals(layout=lay, stage=IN_LLM, layer=layer, keep=keep, extras=sess.extras, stage_index=j)
@@ -333,8 +357,8 @@ class LLMStageHooks:
         scores = self.state.scorer.score(signals)
         if self.stage_select is not None:
             picked, writes = self.stage_select(scores, signals, hidden)
-            return picked, scores, writes
-        return select_topk(scores, lay, keep), scores, {}
+            return Selection.from_kept(lay, picked), scores, writes
+        return select(scores, lay, keep, excludes=self.state.scorer.excludes), scores, {}
 
     # ---- layers after the first pruning point ---------------------------------------------------
     def _make_pre_after(self, i: int):
@@ -360,7 +384,7 @@ class LLMStageHooks:
             key = ("prefill", s, id(mask), id(rope), id(pos))
             if key not in sess.mask_cache:
                 gathered = {
-                    "attention_mask": prefill_mask(mask, keep_seq, filler, sess.llm_len),
+                    "attention_mask": prefill_mask(mask, keep_seq, filler, sess.llm_len, sess.stage_ragged[s]),
                     "position_ids": _gather_positions(pos, keep_seq),
                 }
                 if rope is not None:  # transformers 4.x layers without it rotate from position_ids
@@ -380,7 +404,8 @@ class LLMStageHooks:
                 sess.mask_cache = {"step": step, "inputs": mask}  # one step at a time
             key = ("decode", s)
             if key not in sess.mask_cache:
-                sess.mask_cache[key] = decode_mask(mask, keep_seq, filler, sess.llm_len, q_len, kv_len)
+                sess.mask_cache[key] = decode_mask(mask, keep_seq, filler, sess.llm_len, q_len, kv_len,
+                                                   sess.stage_ragged[s])
             kwargs["attention_mask"] = sess.mask_cache[key]
             return args, kwargs
         return None

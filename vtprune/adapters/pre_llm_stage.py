@@ -15,6 +15,7 @@ import torch
 
 from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host, vision_features
 from vtprune.kernels import compact
+from vtprune.layout import VisualLayout, last_true
 from vtprune.scorers.base import (
     HIDDEN_STATES,
     INSTRUCTION,
@@ -25,17 +26,12 @@ from vtprune.scorers.base import (
     Signals,
 )
 from vtprune.scorers.compose import innermost
-from vtprune.scorers.select import select_topk
+from vtprune.plan import padding_side, pre_llm_plan
+from vtprune.scorers.select import Selection, select
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
 if TYPE_CHECKING:
     from vtprune.adapters.base import Adapter, ImageInputs
-
-
-def _padding_side(mask2d: torch.Tensor | None) -> str:
-    if mask2d is not None and not bool(mask2d[:, -1].all()) and bool(mask2d[:, 0].all()):
-        return "right"
-    return "left"
 
 
 def shorten_prefill_inputs(
@@ -59,7 +55,7 @@ def shorten_prefill_inputs(
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = adapter.embed(input_ids)
-    embeds = adapter.merge_visual_features(images, embeds, sess.kinds)
+    embeds = adapter.merge_visual_features(images, embeds, sess.kinds, sess.host_kinds)
 
     with state.timer.part("score"):  # signals, scores and selection
         budget = state.pre_keep if state.pre_keep is not None else state.config.keep
@@ -79,37 +75,24 @@ def shorten_prefill_inputs(
         merging = _merging_host(state.scorer)
         if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
             kept, embeds, contextual = contextual_merge(adapter, state, images, signals, embeds)
+            sel = Selection.from_kept(lay, kept)
         elif merging is not None:  # VFlowOpt: selects and writes its recycled tokens into kept slots
             scores = state.scorer.score(signals)
             kept, embeds, contextual = merging.select_and_merge(scores, signals, embeds, budget)
+            sel = Selection.from_kept(lay, kept)
         else:
             scores = state.scorer.score(signals)
-            kept = select_topk(scores, lay, budget)
+            sel = select(scores, lay, budget, excludes=state.scorer.excludes)
 
     with state.timer.part("compact"):  # the shortened sequence, its mask and positions
-        bsz, n = visual.shape
-        dropped = visual.clone()
-        for b in range(bsz):
-            dropped[b, lay.positions[b][kept[b].to(visual.device)]] = False
-        keep_rows = ~dropped & sess.attention_2d if trim_padding else ~dropped
-        rows = [torch.nonzero(keep_rows[b]).flatten() for b in range(bsz)]
-        width = max(int(r.numel()) for r in rows)
         mask2d = kwargs.get("attention_mask")
-        side = _padding_side(mask2d)
-        index = torch.zeros(bsz, width, dtype=torch.long, device=visual.device)
-        valid = torch.zeros(bsz, width, dtype=torch.bool, device=visual.device)
-        for b, row in enumerate(rows):
-            sl = slice(width - row.numel(), width) if side == "left" else slice(0, row.numel())
-            index[b, sl] = row
-            valid[b, sl] = sess.attention_2d[b, row]
-            pad = width - row.numel()
-            if trim_padding and pad:  # padding slots take the row's own padding first (keep-all stays exact)
-                fill = torch.cat([torch.nonzero(~sess.attention_2d[b]).flatten(),
-                                  torch.nonzero(dropped[b]).flatten()])[:pad]
-                index[b, slice(0, pad) if side == "left" else slice(row.numel(), width)] = fill
-        ragged = any(int(r.numel()) != width for r in rows)
-
-        sess.pre_index, sess.pre_valid = index, valid
+        if trim_padding:
+            index, valid, dropped, ragged = _trimmed_rows(sess, sel, visual, mask2d)
+            lengths = [int(x) for x in valid.sum(1)]
+        else:
+            plan = pre_llm_plan(sel, visual, sess.attention_2d, sess.host_valid)
+            index, valid, dropped, ragged, lengths = plan.index, plan.valid, plan.dropped, plan.ragged, plan.lengths
+        sess.pre_index, sess.pre_valid, sess.pre_ragged = index, valid, ragged
         sess.pre_removed = dropped.sum(1)
         kwargs["inputs_embeds"] = compact(embeds, index)
         kwargs["input_ids"] = None
@@ -120,22 +103,52 @@ def shorten_prefill_inputs(
         adapter.strip_image_inputs(kwargs)
         adapter.after_shortening(state, images, visual, dropped)
 
-    before = sess.attention_2d.sum(1)
-    state.stats = PruneStats(
-        method=state.config.method,
+    before = sess.host_valid.sum(1).tolist()
+    method = state.config.method
+    state.stats = lambda: PruneStats(
+        method=method,
         stage=PRE_LLM,
         layer=None,
-        kept=[k.cpu() for k in kept],
+        kept=[k.cpu() for k in sel.kept()],
         visual_before=lay.counts(),
-        visual_after=[int(k.numel()) for k in kept],
+        visual_after=list(sel.counts),
         seq_len_before=[int(x) for x in before],
-        seq_len_after=[int(x) for x in valid.sum(1)],
+        seq_len_after=list(lengths),
         contextual=contextual,
         scores=scores,
-        per_image=[lay.kept_per_image(b, k) for b, k in enumerate(kept)],
+        per_image=[list(c) for c in sel.per_image],
     )
     if state.schedule:  # LLM stages follow: they run on the shortened sequence
-        continue_in_llm(sess, lay, kept, index, valid)
+        continue_in_llm(sess, lay, sel.kept(), index, valid)
+
+
+def _trimmed_rows(sess: Session, sel: Selection, visual: torch.Tensor, mask2d: torch.Tensor | None):
+    """Rows of the shortened sequence with the padding dropped as well, re-padded to the longest row (the
+    LLaVA repository's prompts, padded to their longest spliced row); padding slots take the row's own
+    padding first, so keep-all stays exact. Returns (index, valid, dropped, ragged)."""
+    lay = sess.layout
+    kept = sel.kept()
+    bsz, n = visual.shape
+    dropped = visual.clone()
+    for b in range(bsz):
+        dropped[b, lay.positions[b][kept[b].to(visual.device)]] = False
+    keep_rows = ~dropped & sess.attention_2d
+    rows = [torch.nonzero(keep_rows[b]).flatten() for b in range(bsz)]
+    width = max(int(r.numel()) for r in rows)
+    side = padding_side(sess.host_valid)
+    index = torch.zeros(bsz, width, dtype=torch.long, device=visual.device)
+    valid = torch.zeros(bsz, width, dtype=torch.bool, device=visual.device)
+    for b, row in enumerate(rows):
+        sl = slice(width - row.numel(), width) if side == "left" else slice(0, row.numel())
+        index[b, sl] = row
+        valid[b, sl] = sess.attention_2d[b, row]
+        pad = width - row.numel()
+        if pad:
+            fill = torch.cat([torch.nonzero(~sess.attention_2d[b]).flatten(),
+                              torch.nonzero(dropped[b]).flatten()])[:pad]
+            index[b, slice(0, pad) if side == "left" else slice(row.numel(), width)] = fill
+    ragged = any(int(r.numel()) != width for r in rows)
+    return index, valid, dropped, ragged
 
 
 def _merging_host(scorer: Any) -> Any:
@@ -151,8 +164,6 @@ def continue_in_llm(sess: Session, lay: Any, kept: list[torch.Tensor], index: to
     stages' selections back to the original visual tokens. ``seq_len`` stays N (decode steps map the
     full-length mask through ``pre_index``); ``llm_len`` becomes N'.
     """
-    from vtprune.adapters.base import last_true
-    from vtprune.layout import VisualLayout
 
     positions = []
     for b in range(lay.batch_size):
@@ -209,7 +220,7 @@ def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
             )
         head = compact(mask[:, :n], sess.pre_index).masked_fill(~sess.pre_valid, 0)
         kwargs["attention_mask"] = torch.cat([head, mask[:, n:]], dim=1)
-    elif not bool(sess.pre_valid.all()):
+    elif sess.pre_ragged:  # re-padded rows: the prefill had no mask, the decode steps need one
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         past = cache_length(sess.cache)
         extra = past + ref.shape[1] - sess.pre_valid.shape[1]

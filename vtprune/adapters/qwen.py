@@ -136,9 +136,13 @@ class _QwenFamily(Adapter):
     def record_geometry(self, modality: str, bound: dict[str, Any]) -> Any:
         return bound.get("video_grid_thw" if modality == "video" else "image_grid_thw")
 
+    def host_geometry(self, modality: str, bound: dict[str, Any]) -> Any:
+        grid = self.record_geometry(modality, bound)
+        return self.host_of(grid) if isinstance(grid, torch.Tensor) else grid
+
     def tiles_per_image(self, geometry: Any, n_images: int) -> list[int]:
         # one recorded score row per merged token
-        return [int(t * h * w) // self._merge() ** 2 for t, h, w in geometry.tolist()]
+        return [int(t * h * w) // self._merge() ** 2 for t, h, w in self.host_of(geometry).tolist()]
 
     def _item_tokens(self, grid: torch.Tensor, offset: int) -> ImageTokens:
         m = self._merge()
@@ -149,13 +153,13 @@ class _QwenFamily(Adapter):
         coords = torch.stack([r // (gh * gw), (r % (gh * gw)) // gw, r % gw], dim=1)
         return ImageTokens(offset + r, coords, torch.ones(n, dtype=torch.bool))
 
-    def build_layout(self, images: QwenInputs, kinds: torch.Tensor) -> VisualLayout:
+    def build_layout(self, images: QwenInputs, kinds: torch.Tensor, device: torch.device) -> VisualLayout:
         pools = {}
         offset = 0
         for kind, grid, name in ((IMAGE, images.image_grid_thw, "image"), (VIDEO, images.video_grid_thw, "video")):
             items = []
             if grid is not None:
-                for g in grid:
+                for g in self.host_of(torch.as_tensor(grid)):  # one host read of the grid (geometry)
                     items.append(self._item_tokens(g, offset))
                     offset += int(items[-1].source.numel())
             pools[kind] = (items, name)
@@ -184,7 +188,7 @@ class _QwenFamily(Adapter):
         for kind, (items, name) in pools.items():
             if used[kind] != len(items):
                 raise ValueError(f"{len(items)} {name}s were given but the prompts hold placeholders for {used[kind]}")
-        return build_layout(kinds > 0, ordered)
+        return build_layout(kinds > 0, ordered, device)
 
     # ---- encoding and features ------------------------------------------------------------------
     def ensure_encoded(self, state: PruneState, images: QwenInputs) -> None:
@@ -196,10 +200,11 @@ class _QwenFamily(Adapter):
             core.get_video_features(images.pixel_values_videos, images.video_grid_thw, return_dict=True)
             images.video_record = state.video_record
 
-    def merge_visual_features(self, images: QwenInputs, embeds: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    def merge_visual_features(self, images: QwenInputs, embeds: torch.Tensor, kinds: torch.Tensor,
+                              host_kinds: torch.Tensor | None = None) -> torch.Tensor:
         for kind, rec, name in ((IMAGE, images.record, "image"), (VIDEO, images.video_record, "video")):
             mask = kinds == kind
-            n_tokens = int(mask.sum())
+            n_tokens = int(((kinds if host_kinds is None else host_kinds) == kind).sum())
             if rec is None:
                 if n_tokens:
                     raise ValueError(f"the prompts hold {n_tokens} {name} tokens but no {name} input was given")
@@ -226,8 +231,14 @@ class _QwenFamily(Adapter):
     # ---- vision-side scores: attention received in full-attention blocks -------------------------
     def vision_score_row(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         hidden = args[0] if args else kwargs["hidden_states"]
-        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        return vit_received_attention(module, hidden, cu, kwargs["position_embeddings"])
+        grid = self.encoding_geometry
+        if grid is not None:  # the full-attention segments (frames) from the host grid: no device read
+            bounds = [0]
+            for t, h, w in grid.tolist():
+                bounds += [bounds[-1] + (f + 1) * h * w for f in range(t)]
+        else:
+            bounds = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        return vit_received_attention(module, hidden, bounds, kwargs["position_embeddings"])
 
     def finish_vision_scores(self, modality: str, summed: torch.Tensor, bound: dict[str, Any]) -> torch.Tensor:
         groups = summed.view(-1, self._merge() ** 2).mean(dim=1)  # one score per merged token
@@ -302,7 +313,8 @@ class Qwen25VLAdapter(_QwenFamily):
 
     def _to_raster(self, groups: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         vc = self.model.config.vision_config
-        order = window_order(grid, vc.spatial_merge_size, vc.window_size, vc.patch_size).to(groups.device)
+        order = window_order(self.host_of(grid), vc.spatial_merge_size, vc.window_size, vc.patch_size)
+        order = order.to(groups.device, non_blocking=True)
         out = torch.empty_like(groups)
         out[order] = groups
         return out

@@ -85,6 +85,8 @@ class Scorer:
     - ``stages``: where the scorer can run (``"pre-llm"``, ``"llm"``).
     - ``default_layer``: the in-LLM layer used when the config leaves ``layer`` as None
       (None: run pre-LLM by default).
+    - ``excludes``: whether `score` may return ``-inf`` to exclude tokens (then an image keeps at most its
+      finite-scored tokens; the selection reads those counts from the device once).
     - ``accepts_auto_keep``: whether an adaptive budget (``keep="auto:0.95"``) can be chosen from the
       scores: False for methods that place a fixed number of tokens themselves (a lattice, a merge plan).
 
@@ -97,6 +99,9 @@ class Scorer:
     stages: ClassVar[tuple[str, ...]] = (PRE_LLM, IN_LLM)
     default_layer: ClassVar[int | None] = None
     accepts_auto_keep: ClassVar[bool] = True
+    # whether `score` may return -inf for tokens it excludes (the selection then reads the finite counts
+    # once per prefill); scorers that always return finite scores leave it False and select without a read
+    excludes: ClassVar[bool] = False
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         """Return per sample a ``[n_b]`` float tensor: higher means keep."""

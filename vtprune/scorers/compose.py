@@ -51,6 +51,12 @@ class Wrapper(Scorer):
     def accepts_auto_keep(self) -> bool:  # type: ignore[override]
         return self.inner.accepts_auto_keep
 
+    own_excludes: ClassVar[bool] = False  # the wrapper itself may write -inf (debias's padding)
+
+    @property
+    def excludes(self) -> bool:  # type: ignore[override]
+        return self.own_excludes or self.inner.excludes
+
     def needs_signal(self, name: str) -> bool:
         return name in self.needs or self.inner.needs_signal(name)
 
@@ -257,6 +263,10 @@ class Ensemble(Scorer):
     @property
     def accepts_auto_keep(self) -> bool:  # type: ignore[override]
         return all(m.accepts_auto_keep for m in self.members)
+
+    @property
+    def excludes(self) -> bool:  # type: ignore[override]
+        return any(m.excludes for m in self.members)
 
     @property
     def vision_layer(self):

@@ -192,6 +192,7 @@ class Debias(Wrapper):
     """
 
     name = "debias"
+    own_excludes = True  # padding patches score -inf
     description = ("Attention debiasing: divide out the host's positional trend (calibrated or default); "
                    "LLaVA-1.5: exclude pad-to-square padding patches")
 

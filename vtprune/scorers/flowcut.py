@@ -227,6 +227,7 @@ class FlowCutScorer(Scorer):
     """
 
     accepts_auto_keep = False  # places a fixed number of tokens itself
+    excludes = True  # tokens pruned in the vision tower score -inf
     name = "flowcut"
     description = (
         "FlowCut: cumulative CLS-flow scores pruned in stages inside the vision tower "

@@ -63,7 +63,146 @@ def image_budget(keep: int | float | StageBudget, n_prunable: int) -> tuple[int,
     return min(keep, n_prunable), keep > n_prunable
 
 
-def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float | str) -> list[torch.Tensor]:
+@dataclass
+class Selection:
+    """The visual tokens a batch keeps, as one batched result (device tensors, host counts).
+
+    - ``layout``: the `VisualLayout` the selection indexes.
+    - ``mask``: ``[B, N_max]`` bool (device) over the padded visual tokens (`VisualLayout.padded`), True
+      on kept ones.
+    - ``counts``: kept visual tokens per sample (host ints, known before any device read).
+    - ``per_image``: per sample, the kept count of each image (host ints).
+    - ``scores``: the ``[B, N_max]`` float32 scores the selection ranked (None where none were used).
+    """
+
+    layout: VisualLayout
+    mask: torch.Tensor
+    counts: list[int]
+    per_image: list[list[int]]
+    scores: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return max(self.counts, default=0)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """``[B, K_max]`` long: per sample its kept visual indices in increasing order (row ``b`` valid up to
+        ``counts[b]``; the rest hold indices of dropped or padding slots)."""
+        m = self.mask
+        n = m.shape[1]
+        key = torch.where(m, torch.arange(n, device=m.device), n + torch.arange(n, device=m.device))
+        return torch.sort(key, dim=1).indices[:, : self.width]
+
+    def kept(self) -> list[torch.Tensor]:
+        """Per sample ``[k_b]`` sorted kept indices into its visual tokens (views of `indices`)."""
+        idx = self.indices
+        return [idx[b, :k] for b, k in enumerate(self.counts)]
+
+    @staticmethod
+    def from_kept(layout: VisualLayout, kept: list[torch.Tensor], scores: torch.Tensor | None = None) -> Selection:
+        """A selection from per-sample kept index lists (methods that select themselves; one host read
+        of the counts per image)."""
+        pad = layout.padded
+        dev = pad.positions.device
+        mask = torch.zeros(layout.batch_size, pad.width, dtype=torch.bool, device=dev)
+        for b, k in enumerate(kept):
+            mask[b, k.to(dev)] = True
+        return Selection(layout, mask, [int(k.numel()) for k in kept],
+                         [layout.kept_per_image(b, k) for b, k in enumerate(kept)], scores)
+
+
+def pad_scores(scores: list[torch.Tensor], layout: VisualLayout) -> torch.Tensor:
+    """Per-sample ``[n_b]`` scores -> ``[B, N_max]`` float32 on the layout's device, ``-inf`` on padding."""
+    pad = layout.padded
+    dev = pad.positions.device
+    for b, s in enumerate(scores):
+        if s.shape != layout.positions[b].shape:
+            raise ValueError(
+                f"scorer returned {tuple(s.shape)} scores for sample {b}, expected {tuple(layout.positions[b].shape)}"
+            )
+    if all(int(s.numel()) == pad.width for s in scores):
+        return torch.stack([s.to(dev, torch.float32) for s in scores]) if scores else \
+            torch.zeros(0, pad.width, device=dev)
+    out = torch.full((layout.batch_size, pad.width), float("-inf"), device=dev)
+    for b, s in enumerate(scores):
+        out[b, : s.numel()] = s.to(dev, torch.float32)
+    return out
+
+
+def select(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float | str | StageBudget,
+           excludes: bool = True) -> Selection:
+    """Keep the ``keep`` best prunable tokens of every image plus every non-prunable token, batched.
+
+    One stable descending sort over a padded ``[images, P_max]`` candidate matrix: ties go to the earlier
+    token, as a per-image sort would. Budgets come from the host-known candidate counts, so a fixed
+    budget reads no device memory.
+
+    Args:
+        scores: per sample ``[n_b]`` scores (higher = keep).
+        keep: per-image budget (see `image_budget`), or adaptive (``"auto:0.95"``, `mass_budget`).
+        excludes: whether the scorer may return ``-inf`` for tokens it excludes (`Scorer.excludes`): the
+            image then keeps at most its finite-scored tokens (at least one), which needs one host read
+            of the finite counts. Adaptive budgets read the scores once as well.
+    """
+    pad = layout.padded
+    s = pad_scores(scores, layout)
+    bsz, width = s.shape
+    flat = torch.cat([s.reshape(-1), s.new_full((1,), float("-inf"))])  # the dummy slot bsz * width
+    cand = flat[pad.candidates]  # [I, P_max]
+    cand = cand.masked_fill(~pad.candidate_valid, float("-inf"))
+    n_cand = pad.n_candidates
+    adaptive = auto_keep(keep)
+    clamped = []
+    if adaptive is not None:
+        host = cand.cpu()  # one read: the budgets depend on the score distribution
+        budgets = []
+        for i, n in enumerate(n_cand):
+            v = host[i, :n]
+            fin = v[v > float("-inf")]
+            budgets.append(mass_budget(fin if fin.numel() else v[:1].nan_to_num(0.0), adaptive) if n else 0)
+    else:
+        budgets = []
+        for n in n_cand:
+            k, was_clamped = image_budget(keep, n)
+            budgets.append(k)
+            if was_clamped:
+                clamped.append(n)
+        if excludes and n_cand:
+            finite = (cand > float("-inf")).sum(1).cpu().tolist()  # one read for the whole batch
+            budgets = [min(k, max(f, 1)) if n else 0 for k, f, n in zip(budgets, finite, n_cand)]
+    k_max = max(budgets, default=0)
+    mask = torch.zeros(bsz * width + 1, dtype=torch.bool, device=s.device)
+    if pad.fixed.numel():
+        mask[pad.fixed] = True
+    if k_max:
+        order = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :k_max]
+        picked = pad.candidates.gather(1, order)
+        if any(k != k_max for k in budgets):
+            rank_ok = torch.arange(k_max)[None] < torch.tensor(budgets)[:, None]
+            picked = picked.masked_fill(~rank_ok.to(s.device, non_blocking=True), bsz * width)
+        mask[picked.reshape(-1)] = True
+    mask = mask[: bsz * width].view(bsz, width)
+    per_image: list[list[int]] = [[] for _ in range(bsz)]
+    counts = [0] * bsz
+    i = 0
+    for b, spans in enumerate(layout.spans):
+        for sp in spans:
+            k = budgets[i] + (sp.length - sp.n_candidates)
+            per_image[b].append(k)
+            counts[b] += k
+            i += 1
+    if clamped:
+        warnings.warn(
+            f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
+            f"(smallest has {min(clamped)}); all their tokens are kept",
+            stacklevel=3,
+        )
+    return Selection(layout, mask, counts, per_image, s)
+
+
+def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float | str,
+                excludes: bool = True) -> list[torch.Tensor]:
     """Per sample, keep the ``keep`` best prunable tokens of every image plus every non-prunable token.
 
     A score of ``-inf`` excludes a token: the image then keeps at most its finite-scored tokens (at least
@@ -77,43 +216,7 @@ def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | fl
 
     Returns:
         Per sample a sorted ``[k_b]`` LongTensor of indices into that sample's visual tokens.
-        Ties are broken towards the earlier token, so the selection is deterministic.
+        Ties are broken towards the earlier token, so the selection is deterministic. (`select` returns
+        the same as one batched `Selection`.)
     """
-    kept: list[torch.Tensor] = []
-    clamped = []
-    adaptive = auto_keep(keep)
-    for b in range(layout.batch_size):
-        s = scores[b].float()
-        if s.shape != layout.positions[b].shape:
-            raise ValueError(
-                f"scorer returned {tuple(s.shape)} scores for sample {b}, expected {tuple(layout.positions[b].shape)}"
-            )
-        parts = []
-        for idx in layout.image_slices(b):
-            prunable = layout.prunable[b][idx]
-            cand = idx[prunable]
-            if adaptive is None:
-                k, was_clamped = image_budget(keep, int(cand.numel()))
-                if was_clamped:
-                    clamped.append(int(cand.numel()))
-            allowed = s[cand] > float("-inf")  # -inf: excluded by the scorer; the budget shrinks
-            if not bool(allowed.all()):
-                cand = cand[allowed] if bool(allowed.any()) else cand[:1]
-                if adaptive is None:
-                    k = min(k, int(cand.numel()))
-            if adaptive is not None:
-                k = mass_budget(s[cand], adaptive)
-            if k < cand.numel():
-                # stable descending sort: equal scores keep sequence order
-                order = torch.sort(s[cand], descending=True, stable=True).indices[:k]
-                cand = cand[order]
-            parts.append(cand)
-            parts.append(idx[~prunable])
-        kept.append(torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long))
-    if clamped:
-        warnings.warn(
-            f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
-            f"(smallest has {min(clamped)}); all their tokens are kept",
-            stacklevel=3,
-        )
-    return kept
+    return select(scores, layout, keep, excludes).kept()
