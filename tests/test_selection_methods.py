@@ -3,6 +3,8 @@ where the right answer is known. Exactness on every tiny model is in tests/test_
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import batch, get_model
@@ -13,12 +15,15 @@ from vtprune.layout import VisualLayout
 from vtprune.scorers import DivPrune
 from vtprune.scorers.base import Signals
 from vtprune.scorers.greedy import (
+    cosine_matrix,
     dpp_map,
     max_min_diversity,
+    minmax,
     order_scores,
+    per_image,
     sensitivity_diversity,
 )
-from vtprune.scorers.select import select_topk
+from vtprune.scorers.select import image_budget, select_topk
 from vtprune.scorers.zoo import ZOOScorer, projector_sensitivity
 
 
@@ -146,3 +151,228 @@ def test_zoo_options_are_checked(llava):
         vtprune.apply(llava, "zoo", keep=8, directions=0)
     with pytest.raises(ConfigError, match="prunes before the LLM"):
         vtprune.apply(llava, "zoo", keep=8, layer=1)
+
+
+# ---- device-resident greedy loops: same picks as plain host loops, no host syncs -------------------------
+
+
+def _ref_max_min(x: torch.Tensor, k: int) -> list[int]:
+    """DivPrune's max-min diversity, a plain host loop (the reference for `max_min_diversity`)."""
+    n = x.shape[0]
+    k = min(k, n)
+    if n == 1:
+        return [0]
+    z = torch.nn.functional.normalize(x.float(), dim=-1)
+    dist = 1.0 - z @ z.T
+    nn_dist = torch.topk(dist, 2, dim=0, largest=False).values[1]
+    picks = [int(torch.argmax(nn_dist).item())]
+    closest = dist[picks[0]].clone()
+    closest[picks[0]] = float("-inf")
+    for _ in range(k - 1):
+        j = int(torch.argmax(closest).item())
+        picks.append(j)
+        closest = torch.minimum(closest, dist[j])
+        for p in picks:
+            closest[p] = float("-inf")
+    return picks
+
+
+def _ref_sads(sensitivity: torch.Tensor, x: torch.Tensor, k: int) -> list[int]:
+    """ZOO's SADS, a plain host loop."""
+    k = min(k, x.shape[0])
+    s = sensitivity.float()
+    span = (s.max() - s.min()).item()
+    s = (s - s.min()) / span if span > 0 else torch.ones_like(s)
+    z = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = z @ z.T
+    picks = [int(torch.argmax(s).item())]
+    nearest = sim[picks[0]].clone()
+    for _ in range(k - 1):
+        gain = s * (1.0 - nearest)
+        for p in picks:
+            gain[p] = float("-inf")
+        j = int(torch.argmax(gain).item())
+        picks.append(j)
+        nearest = torch.maximum(nearest, sim[j])
+    return picks
+
+
+def _ref_dpp(kernel: torch.Tensor, k: int) -> list[int]:
+    """Greedy DPP MAP (incremental Cholesky), a plain host loop."""
+    n = kernel.shape[0]
+    k = min(k, n)
+    L = kernel.double()
+    d2 = torch.diagonal(L).clone()
+    rows = torch.zeros(k, n, dtype=L.dtype)
+    picks: list[int] = []
+    for t in range(k):
+        j = int(torch.argmax(d2).item())
+        picks.append(j)
+        if t == k - 1:
+            break
+        dj = torch.sqrt(torch.clamp(d2[j], min=1e-12))
+        e = (L[j] - rows[:t, j] @ rows[:t]) / dj
+        rows[t] = e
+        d2 = d2 - e * e
+        for p in picks:
+            d2[p] = float("-inf")
+    return picks
+
+
+def _random_case(seed: int, n: int, dim: int = 6):
+    """Features with many exact ties (rows from {-1, 0, 1}: duplicates and equal cosines), quantised
+    sensitivities (ties), and a DPP kernel over them."""
+    gen = torch.Generator().manual_seed(seed)
+    if seed % 2:
+        x = torch.randint(-1, 2, (n, dim), generator=gen).float()
+        x[x.abs().sum(1) == 0, 0] = 1.0
+    else:
+        x = torch.randn(n, dim, generator=gen)
+    s = torch.randint(0, 4, (n,), generator=gen).float()
+    z = torch.nn.functional.normalize(x, dim=-1)
+    q = torch.rand(n, generator=gen) + 0.1
+    return x, s, q[:, None] * (z @ z.T) * q[None, :]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_greedy_selectors_pick_as_plain_host_loops(seed):
+    for n, k in [(1, 1), (2, 1), (7, 3), (13, 13), (29, 11), (40, 50)]:
+        x, s, kernel = _random_case(seed * 100 + n, n)
+        assert max_min_diversity(x, k).tolist() == _ref_max_min(x, k), (n, k)
+        assert sensitivity_diversity(s, x, k).tolist() == _ref_sads(s, x, k), (n, k)
+        assert dpp_map(kernel, k).tolist() == _ref_dpp(kernel, k), (n, k)
+    const = torch.full((5,), 3.0)
+    torch.testing.assert_close(minmax(const), torch.ones(5))  # constant: all ones, no host read of the span
+
+
+def _multi_layout(images: list[list[tuple[int, list[int]]]]) -> VisualLayout:
+    """Per sample, per image ``(length, non-prunable offsets)``; host copies given, as `build_layout` does."""
+    pos, img, pr = [], [], []
+    for spans in images:
+        ids, p = [], []
+        for i, (length, fixed) in enumerate(spans):
+            ids += [i] * length
+            p += [j not in fixed for j in range(length)]
+        pos.append(torch.arange(len(ids)))
+        img.append(torch.tensor(ids, dtype=torch.long))
+        pr.append(torch.tensor(p, dtype=torch.bool))
+    n = [int(t.numel()) for t in pos]
+    return VisualLayout(pos, img, pr, [torch.arange(c) for c in n], [torch.zeros(c, 3, dtype=torch.long) for c in n],
+                        seq_len=max(n), host_image=[t.clone() for t in img], host_prunable=[t.clone() for t in pr])
+
+
+def _ref_per_image(lay: VisualLayout, keep, pick) -> list[torch.Tensor]:
+    """`per_image` from the token kinds directly (host loop): picks score k - j, other candidates -1,
+    non-prunable tokens 0."""
+    out = []
+    for b in range(lay.batch_size):
+        img, pr = lay.image[b], lay.prunable[b]
+        s = torch.zeros(img.numel())
+        for i in range(int(img.max().item()) + 1 if img.numel() else 0):
+            idx = [t for t in range(img.numel()) if int(img[t].item()) == i and bool(pr[t].item())]
+            k, _ = image_budget(keep, len(idx))
+            if k == 0:
+                continue
+            order = pick(b, torch.tensor(idx, dtype=torch.long), k).tolist()
+            for t in idx:
+                s[t] = -1.0
+            for j, o in enumerate(order):
+                s[idx[o]] = float(k - j)
+        out.append(s)
+    return out
+
+
+LAYOUT = [[(9, [0, 4]), (6, []), (5, [0, 1, 2, 3, 4])], [(12, [11])]]  # one image without candidates
+
+
+@pytest.mark.parametrize("keep", [3, 0.5, 100])
+def test_per_image_matches_a_host_loop(keep):
+    lay = _multi_layout(LAYOUT)
+    feats = [_random_case(b + 3, int(p.numel()))[0] for b, p in enumerate(lay.positions)]
+    sens = [_random_case(b + 3, int(p.numel()))[1] for b, p in enumerate(lay.positions)]
+    pickers = {
+        "divprune": lambda b, idx, k: max_min_diversity(feats[b][idx], k),
+        "sads": lambda b, idx, k: sensitivity_diversity(sens[b][idx], feats[b][idx], k),
+        "dpp": lambda b, idx, k: dpp_map(cosine_matrix(feats[b][idx]).clamp(min=0) + 0.1 * torch.eye(len(idx)), k),
+    }
+    for name, pick in pickers.items():
+        got = per_image(lay, keep, pick)
+        for g, e in zip(got, _ref_per_image(lay, keep, pick)):
+            assert torch.equal(g, e), name
+
+
+def test_greedy_selection_adds_no_host_syncs():
+    """The selectors, `per_image` and the three selection scorers read nothing back from the device: under
+    an `OpCounter` (which counts what would sync on a GPU: item / bool / nonzero / bool-mask indexing /
+    tolist / cpu) vtprune records no sync. The layout's spans are built before, once per prefill."""
+    from vtprune.eval.opcount import OpCounter
+    from vtprune.scorers import CDPruner
+
+    lay = _multi_layout(LAYOUT)
+    _ = [sp.candidates for spans in lay.spans for sp in spans]  # built once per prefill, from host copies
+    n = lay.counts()
+    feats = [_random_case(b + 5, c)[0] for b, c in enumerate(n)]
+    x, s, kernel = _random_case(1, 17)
+    proj = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU())
+    zoo = ZOOScorer(directions=4)
+    zoo.bind(None, _FakeAdapter(proj))
+    sig = Signals(layout=lay, stage="pre-llm", keep=4, vision_features=feats,
+                  hidden_states=[proj(f).detach() for f in feats],
+                  instruction_embeds=[torch.randn(3, 5), torch.randn(2, 5)])
+    with torch.no_grad(), OpCounter() as counter:
+        max_min_diversity(x, 9)
+        sensitivity_diversity(s, x, 9)
+        dpp_map(kernel, 9)
+        minmax(s)
+        per_image(lay, 4, lambda b, idx, k: max_min_diversity(feats[b][idx], k))
+        scores = [DivPrune().score(sig), zoo.score(sig), CDPruner().score(sig)]
+    res = counter.result()
+    assert res.vtprune_syncs == 0, res.format_sites()
+    assert res.vtprune_ops > 0
+    for per_sample in scores:
+        assert [int(t.numel()) for t in per_sample] == n
+
+
+@pytest.mark.gpu
+def test_greedy_selection_on_cuda_stays_there_without_syncs():
+    """On a GPU: the selectors and the three scorers run with CUDA's sync debug mode set to raise, keep
+    their results on the device, and pick as on the CPU."""
+    from vtprune.scorers import CDPruner
+
+    dev = torch.device("cuda")
+    cpu_lay = _multi_layout(LAYOUT)
+    lay = VisualLayout([t.to(dev) for t in cpu_lay.positions], [t.to(dev) for t in cpu_lay.image],
+                       [t.to(dev) for t in cpu_lay.prunable], [t.to(dev) for t in cpu_lay.source],
+                       [t.to(dev) for t in cpu_lay.coords], cpu_lay.seq_len, cpu_lay.host_image, cpu_lay.host_prunable)
+    _ = [sp.candidates for spans in lay.spans for sp in spans]
+    torch.manual_seed(0)  # Gaussian features (even seeds): no near-ties that float noise could flip
+    feats = [_random_case(2 * b + 4, c)[0] for b, c in enumerate(lay.counts())]
+    words = [torch.randn(3, 5), torch.randn(2, 5)]
+    x, _, kernel = _random_case(2, 17)
+    s = torch.rand(17)
+    proj = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU())
+
+    def run(device, layout):
+        p = copy.deepcopy(proj).to(device)
+        zoo = ZOOScorer(directions=4)
+        zoo.bind(None, _FakeAdapter(p))
+        with torch.no_grad():
+            sig = Signals(layout=layout, stage="pre-llm", keep=4, vision_features=[f.to(device) for f in feats],
+                          hidden_states=[p(f.to(device)) for f in feats],
+                          instruction_embeds=[w.to(device) for w in words])
+            args = [t.to(device) for t in (x, s, kernel)]
+            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = [max_min_diversity(args[0], 9), sensitivity_diversity(args[1], args[0], 9), dpp_map(args[2], 9),
+                       *DivPrune().score(sig), *zoo.score(sig), *CDPruner().score(sig)]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return out
+
+    on_gpu = run(dev, lay)
+    assert all(t.device.type == "cuda" for t in on_gpu)
+    on_cpu = run(torch.device("cpu"), cpu_lay)
+    for g, c in zip(on_gpu, on_cpu):  # picks, then scores (integers encoding the picks): exactly as on the CPU
+        assert torch.equal(g.cpu(), c)

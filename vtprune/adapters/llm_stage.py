@@ -23,9 +23,9 @@ import torch
 from vtprune.adapters.attention_rows import layer_rope, llm_query_attention, takes_seq_len
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
+from vtprune.plan import in_llm_plan
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.compose import innermost
-from vtprune.plan import in_llm_plan
 from vtprune.scorers.select import Selection, select
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
@@ -252,7 +252,6 @@ class LLMStageHooks:
 
     def _prune(self, j: int, output):
         sess = self.state.session
-        lay = sess.layout
         hidden = output[0] if isinstance(output, tuple) else output
         layer_k, keep_j = self.schedule[j]
         with self.state.timer.part("score"):

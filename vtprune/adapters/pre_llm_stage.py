@@ -16,6 +16,7 @@ import torch
 from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host, vision_features
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout, last_true
+from vtprune.plan import padding_side, pre_llm_plan
 from vtprune.scorers.base import (
     HIDDEN_STATES,
     INSTRUCTION,
@@ -26,7 +27,6 @@ from vtprune.scorers.base import (
     Signals,
 )
 from vtprune.scorers.compose import innermost
-from vtprune.plan import padding_side, pre_llm_plan
 from vtprune.scorers.select import Selection, select
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 

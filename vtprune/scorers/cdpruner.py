@@ -187,14 +187,14 @@ class CDPrunerScorer(Scorer):
     def score(self, signals: Signals) -> list[torch.Tensor]:
         signals.require(HIDDEN_STATES)
         signals.require(INSTRUCTION)
-        self.last_relevance = []
+        self.last_relevance = []  # per image, on the device (a debugging record; no host copy)
         texts: dict[int, torch.Tensor] = {}  # one CLIP text encoding per sample, shared by its images
 
         def pick(b: int, idx: torch.Tensor, k: int) -> torch.Tensor:
             if self.relevance == "clip" and b not in texts:
                 texts[b] = self._text(signals, b)
             r = minmax(self._relevance(signals, b, idx, texts.get(b)).float())
-            self.last_relevance.append(r.cpu())
+            self.last_relevance.append(r)
             sim = cosine_matrix(signals.hidden_states[b][idx.to(signals.hidden_states[b].device)])
             return dpp_map(dpp_kernel(sim, r.to(sim.device), self.theta), k)
 

@@ -4,6 +4,11 @@ Each of these builds its kept set one token at a time, and the first ``k`` picks
 more would follow, so a selection is turned into scores that `select_topk` reproduces exactly: the
 ``j``-th pick of ``k`` scores ``k - j``, every other token ``-1`` (finite, below every pick). The
 budget ``k`` per image comes from `image_budget`, as `select_topk` computes it.
+
+Everything runs on the device of its inputs without host syncs: the budget ``k`` (the loop length) is
+known on the host, each pick stays a one-element device tensor (an ``argmax`` result) that indexes and
+masks on the device, and picked tokens are tracked in a boolean mask (``masked_fill``, never ``x[mask]``).
+Ties go to the earlier token (``torch.argmax`` returns the first maximum).
 """
 
 from __future__ import annotations
@@ -15,37 +20,44 @@ import torch
 from vtprune.layout import VisualLayout
 from vtprune.scorers.select import image_budget
 
+_NEG_INF = float("-inf")
+
 
 def order_scores(order: torch.Tensor, n: int) -> torch.Tensor:
-    """``[n]`` float32 scores that rank ``order`` (``[k]`` indices, first pick first) on top, in that order."""
-    s = torch.full((n,), -1.0)
-    k = int(order.numel())
-    s[order.cpu()] = torch.arange(k, 0, -1, dtype=torch.float32)
-    return s
+    """``[n]`` float32 scores (on ``order``'s device) that rank ``order`` (``[k]`` indices, first pick
+    first) on top, in that order."""
+    k = int(order.numel())  # a shape: no device read
+    s = torch.full((n,), -1.0, device=order.device)
+    return s.scatter_(0, order.long(), torch.arange(k, 0, -1, dtype=torch.float32, device=order.device))
 
 
 def per_image(layout: VisualLayout, keep, pick: Callable[[int, torch.Tensor, int], torch.Tensor]) -> list[torch.Tensor]:
-    """Run ``pick(b, idx, k)`` on each image's prunable tokens ``idx`` (indices into sample ``b``'s visual
-    tokens) with its budget ``k``; ``pick`` returns positions into ``idx`` in pick order. Per sample ``[n_b]``
-    scores (non-prunable tokens score 0: `select_topk` keeps them anyway)."""
+    """Run ``pick(b, idx, k)`` on each image's prunable tokens ``idx`` (``[n_candidates]`` long indices into
+    sample ``b``'s visual tokens, on the layout's device) with its budget ``k`` (a host int); ``pick``
+    returns positions into ``idx`` in pick order. Per sample ``[n_b]`` float32 scores on the device of the
+    picks (the layout's where an image has none); non-prunable tokens score 0 (`select_topk` keeps them
+    anyway). Image structure and budgets come from the host-known `VisualLayout.spans`: no device read."""
     out = []
-    for b in range(layout.batch_size):
-        s = torch.zeros(int(layout.positions[b].numel()))
-        for idx in layout.image_slices(b):
-            idx = idx[layout.prunable[b][idx].cpu()]
-            k, _ = image_budget(keep, int(idx.numel()))
+    for b, spans in enumerate(layout.spans):
+        n_b = int(layout.positions[b].numel())
+        s: torch.Tensor | None = None
+        for span in spans:
+            k, _ = image_budget(keep, span.n_candidates)
             if k == 0:
                 continue
-            order = pick(b, idx, k).cpu()
-            s[idx] = order_scores(order, int(idx.numel()))
-        out.append(s)
+            order = pick(b, span.candidates, k)
+            if s is None:
+                s = torch.zeros(n_b, device=order.device)
+            s.index_copy_(0, span.candidates.to(s.device), order_scores(order.to(s.device), span.n_candidates))
+        out.append(s if s is not None else torch.zeros(n_b, device=layout.positions[b].device))
     return out
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
-    """``x`` mapped to [0, 1] by its minimum and maximum; all ones when it is constant."""
-    span = x.max() - x.min()
-    return (x - x.min()) / span if float(span) > 0 else torch.ones_like(x)
+    """``x`` mapped to [0, 1] by its minimum and maximum; all ones when it is constant (on the device)."""
+    lo = x.min()
+    span = x.max() - lo
+    return torch.where(span > 0, (x - lo) / span, torch.ones_like(x))
 
 
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +66,17 @@ def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     return z @ z.T
 
 
+def _row(m: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Row ``j`` (a one-element device index) of ``m``, without reading ``j`` on the host."""
+    return m.index_select(0, j).squeeze(0)
+
+
+def _empty(device: torch.device) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long, device=device)
+
+
 def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
-    """DivPrune's max-min diversity: ``[k]`` row indices of ``x`` ``[n, D]`` in pick order.
+    """DivPrune's max-min diversity: ``[k]`` row indices of ``x`` ``[n, D]`` in pick order (on ``x``'s device).
 
     With D = 1 - cos, the first pick has the largest nearest-neighbour distance (the second-smallest entry
     of its column, the smallest being its own 0); each next pick maximises its distance to the nearest
@@ -63,60 +84,68 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     n = x.shape[0]
     k = min(k, n)
-    dist = 1.0 - cosine_matrix(x)
+    if k <= 0:
+        return _empty(x.device)
     if n == 1:
-        return torch.zeros(1, dtype=torch.long)
+        return torch.zeros(1, dtype=torch.long, device=x.device)
+    dist = 1.0 - cosine_matrix(x)
     nn_dist = torch.topk(dist, 2, dim=0, largest=False).values[1]  # [n] nearest-neighbour distance
-    first = int(torch.argmax(nn_dist))
-    picks = [first]
-    closest = dist[first].clone()
-    closest[first] = float("-inf")
+    j = torch.argmax(nn_dist, dim=0, keepdim=True)  # [1], stays on the device
+    picks = [j]
+    taken = torch.zeros(n, dtype=torch.bool, device=dist.device).index_fill_(0, j, True)
+    closest = _row(dist, j).masked_fill(taken, _NEG_INF)
     for _ in range(k - 1):
-        j = int(torch.argmax(closest))
+        j = torch.argmax(closest, dim=0, keepdim=True)
         picks.append(j)
-        closest = torch.minimum(closest, dist[j])
-        closest[picks] = float("-inf")
-    return torch.tensor(picks, dtype=torch.long, device=x.device)
+        taken.index_fill_(0, j, True)
+        closest = torch.minimum(closest, _row(dist, j)).masked_fill_(taken, _NEG_INF)
+    return torch.cat(picks)
 
 
 def sensitivity_diversity(sensitivity: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
     """ZOO's SADS: ``[k]`` indices in pick order from sensitivities ``[n]`` (min-max normalised here) and
     features ``z`` ``[n, D]``: first the most sensitive token, then repeatedly
-    ``argmax_i  S_i * (1 - max_{p picked} cos(z_i, z_p))``."""
+    ``argmax_i  S_i * (1 - max_{p picked} cos(z_i, z_p))``. On ``z``'s device."""
     n = z.shape[0]
     k = min(k, n)
-    s = minmax(sensitivity.float())
+    if k <= 0:
+        return _empty(z.device)
+    s = minmax(sensitivity.float().to(z.device))
     sim = cosine_matrix(z)
-    first = int(torch.argmax(s))
-    picks = [first]
-    nearest = sim[first].clone()
+    j = torch.argmax(s, dim=0, keepdim=True)
+    picks = [j]
+    taken = torch.zeros(n, dtype=torch.bool, device=z.device).index_fill_(0, j, True)
+    nearest = _row(sim, j)
     for _ in range(k - 1):
-        gain = s * (1.0 - nearest)
-        gain[picks] = float("-inf")
-        j = int(torch.argmax(gain))
+        gain = (s * (1.0 - nearest)).masked_fill_(taken, _NEG_INF)
+        j = torch.argmax(gain, dim=0, keepdim=True)
         picks.append(j)
-        nearest = torch.maximum(nearest, sim[j])
-    return torch.tensor(picks, dtype=torch.long, device=z.device)
+        taken.index_fill_(0, j, True)
+        nearest = torch.maximum(nearest, _row(sim, j))
+    return torch.cat(picks)
 
 
 def dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy MAP inference of a DPP with kernel ``L`` ``[n, n]`` (incremental Cholesky, Chen et al. 2018):
-    ``[k]`` indices in pick order. Each step picks the largest marginal gain ``d_j^2`` and updates the
-    others by the new Cholesky row."""
+    ``[k]`` indices in pick order (on ``kernel``'s device). Each step picks the largest marginal gain
+    ``d_j^2`` and updates the others by the new Cholesky row."""
     n = kernel.shape[0]
     k = min(k, n)
+    if k <= 0:
+        return _empty(kernel.device)
     L = kernel.double()
     d2 = torch.diagonal(L).clone()
     rows = torch.zeros(k, n, dtype=L.dtype, device=L.device)
-    picks: list[int] = []
+    taken = torch.zeros(n, dtype=torch.bool, device=L.device)
+    picks = []
     for t in range(k):
-        j = int(torch.argmax(d2))
+        j = torch.argmax(d2, dim=0, keepdim=True)
         picks.append(j)
         if t == k - 1:
             break
-        dj = torch.sqrt(torch.clamp(d2[j], min=1e-12))
-        e = (L[j] - rows[:t, j] @ rows[:t]) / dj
+        taken.index_fill_(0, j, True)
+        dj = torch.sqrt(torch.clamp(d2.index_select(0, j), min=1e-12))  # [1]
+        e = (_row(L, j) - rows[:t].index_select(1, j).squeeze(1) @ rows[:t]) / dj
         rows[t] = e
-        d2 = d2 - e * e
-        d2[picks] = float("-inf")
-    return torch.tensor(picks, dtype=torch.long, device=kernel.device)
+        d2 = (d2 - e * e).masked_fill_(taken, _NEG_INF)
+    return torch.cat(picks)

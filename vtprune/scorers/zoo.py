@@ -90,14 +90,15 @@ class ZOOScorer(Scorer):
             raise RuntimeError("zoo: the scorer was not bound to a model (use vtprune.apply)")
         dim = feats[0].shape[-1] if feats else 0
         gen = torch.Generator().manual_seed(self.seed)
-        bank = torch.nn.functional.normalize(torch.randn(self.directions, dim, generator=gen), dim=-1)
-        self.last_sensitivity = []
+        self.last_sensitivity = []  # per image, on the projector's device (a debugging record; no host copy)
         proj_device = next(self._projector.parameters()).device
+        bank = torch.nn.functional.normalize(torch.randn(self.directions, dim, generator=gen), dim=-1).to(
+            proj_device, non_blocking=True)  # host-to-device only
 
         def pick(b: int, idx: torch.Tensor, k: int) -> torch.Tensor:
             x = feats[b][idx.to(feats[b].device)].to(proj_device, torch.float32)
-            s = projector_sensitivity(self._projector, x, bank.to(proj_device), self.h, self.chunk)
-            self.last_sensitivity.append(s.cpu())
+            s = projector_sensitivity(self._projector, x, bank, self.h, self.chunk)
+            self.last_sensitivity.append(s)
             return sensitivity_diversity(s, hidden[b][idx.to(hidden[b].device)].to(proj_device), k)
 
         return per_image(signals.layout, signals.keep, pick)
