@@ -183,17 +183,42 @@ def test_transformers5_adapters_say_so_on_transformers4(llava, monkeypatch):
     assert not hasattr(llava, "_vtprune_state")
 
 
-def test_non_dynamic_cache_is_refused(llava, processor):
+def test_static_cache_is_refused_for_in_llm_pruning(llava, processor):
     from transformers import StaticCache
 
     inputs = batch(processor, [1])
     vtprune.apply(llava, method="fastv", keep=8, layer=1)
     cache = StaticCache(config=llava.config, max_cache_len=700)
-    with pytest.raises(UnsupportedModelError, match="only DynamicCache.*StaticCache"):
+    with pytest.raises(UnsupportedModelError, match="only DynamicCache.*StaticCache.*before the LLM only"):
         with torch.no_grad():
             llava(**inputs, past_key_values=cache)
     with pytest.raises(UnsupportedModelError, match="only DynamicCache"):
         llava.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.parametrize("method", ["cls", "random", "divprune"])
+@pytest.mark.parametrize("n_images,side", [([1], "left"), ([1, 1], "left"), ([1, 2], "right")])
+def test_static_cache_generates_like_the_dynamic_cache_for_pre_llm_methods(llava, processor, method, n_images, side):
+    """Pre-LLM pruning leaves every layer the same length: generate(cache_implementation="static") gives the
+    tokens of the default (dynamic) cache, batch 1, left-padded and right-padded ragged batches."""
+    inputs = batch(processor, n_images, padding_side=side)
+    vtprune.apply(llava, method=method, keep=8)
+    ref = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
+    out = llava.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
+    assert vtprune.stats(llava).visual_after == [8 * n for n in n_images]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "next"])
+def test_static_cache_on_qwen_and_next(kind, next_processor):
+    from conftest import get_model, qwen_batch
+
+    model = get_model(kind)
+    inputs = qwen_batch(kind, "left_padded_2") if kind.startswith("qwen") else batch(next_processor, [1, 1])
+    vtprune.apply(model, method="cls", keep=8)
+    ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
 
 
 def test_text_only_prompt_passes_through(llava, processor):

@@ -461,3 +461,120 @@ def test_qwen25_group_keys_come_back_in_raster_order():
     raster[index] = groups
     assert not torch.equal(index, torch.arange(index.numel()))  # the order really differs
     torch.testing.assert_close(torch.cat(got), raster, atol=1e-6, rtol=0)
+
+
+# ---- no host syncs in VisionZip's planning and merge -------------------------------------------------
+_VZ_FILES = ("vtprune/scorers/visionzip.py", "vtprune/adapters/visionzip_stage.py")
+_SYNC_OPS = {"nonzero", "_local_scalar_dense", "is_nonzero", "item", "masked_select"}
+
+
+def _vz_frame(frame) -> str | None:
+    """``file:line`` when the innermost frame outside torch is in one of VisionZip's two files."""
+    import os
+
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(torch_dir):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    path = frame.f_code.co_filename.replace(os.sep, "/")
+    hit = next((f for f in _VZ_FILES if path.endswith(f)), None)
+    return f"{hit}:{frame.f_lineno}" if hit else None
+
+
+class _VisionZipSyncs:
+    """Would-be GPU host syncs issued from VisionZip's files: dispatched sync ops (``nonzero``, ``.item()`` /
+    ``int(t)`` / ``bool(t)``, ``unique``, bool-mask indexing) and ``Tensor.tolist`` / ``Tensor.cpu`` calls."""
+
+    def __init__(self):
+        self.sites: list[tuple[str, str]] = []
+
+    def __enter__(self):
+        import sys
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        sites = self.sites
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.overloadpacket.__name__
+                is_sync = name in _SYNC_OPS or name.startswith(("unique", "_unique"))
+                if name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1:
+                    is_sync = any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                  for i in (args[1] or ()))
+                if is_sync:
+                    where = _vz_frame(sys._getframe(1))
+                    if where:
+                        sites.append((f"aten::{name}", where))
+                return func(*args, **kwargs)
+
+        self._saved = {m: torch.Tensor.__dict__.get(m) for m in ("tolist", "cpu")}
+        for method in self._saved:
+            original = getattr(torch.Tensor, method)
+
+            def wrapper(t, *a, _original=original, _method=method, **kw):
+                where = _vz_frame(sys._getframe(1))
+                if where:
+                    sites.append((f"Tensor.{_method}", where))
+                return _original(t, *a, **kw)
+
+            setattr(torch.Tensor, method, wrapper)
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for method, previous in self._saved.items():
+            if previous is None:
+                delattr(torch.Tensor, method)
+            else:
+                setattr(torch.Tensor, method, previous)
+
+
+def test_plan_reads_the_host_only_for_excluding_scores():
+    lay = _layout([30, 25, 8], fixed={1: 24})
+    torch.manual_seed(1)
+    scores, keys = torch.rand(63), torch.randn(63, 4)
+    _ = lay.spans  # built once per prefill from the host copies, outside VisionZip
+    with _VisionZipSyncs() as syncs, pytest.warns(UserWarning, match="exceeds the prunable"):  # image 2: 8 < 12
+        plans = plan_visionzip([scores], [keys], lay, keep=12, excludes=False)
+    assert syncs.sites == []
+    (plan,) = plans
+    assert plan.per_image == lay.kept_per_image(0, plan.kept) == [12, 13, 8]  # newline included; 8 < 12: all
+    excluded = scores.clone()
+    excluded[[0, 5, 40]] = float("-inf")
+    excluded[55:] = float("-inf")  # image 2: no finite score, keeps one token
+    with _VisionZipSyncs() as syncs, pytest.warns(UserWarning, match="exceeds the prunable"):
+        (ex,) = plan_visionzip([excluded], [keys], lay, keep=12, excludes=True)
+    assert len(syncs.sites) == 1 and syncs.sites[0][0] == "Tensor.tolist"  # one read for the whole batch
+    assert ex.per_image == lay.kept_per_image(0, ex.kept) == [12, 13, 1]
+    assert not set(ex.kept.tolist()) & {0, 5, 40} and ex.kept.tolist()[-1] == 55
+    assert not set(ex.members.tolist()) & {0, 5, 40, *range(55, 63)}
+    # with finite scores both paths plan the same
+    with pytest.warns(UserWarning, match="exceeds the prunable"):
+        (same,) = plan_visionzip([scores], [keys], lay, keep=12, excludes=True)
+    for a, b in zip((plan.kept, plan.targets, plan.members, plan.slot), (same.kept, same.targets, same.members,
+                                                                         same.slot)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["llava", "next", "qwen2_5_vl"])
+def test_visionzip_prefill_issues_no_host_sync_from_its_files(kind, processor, next_processor):
+    """A pruned prefill: VisionZip's scoring glue, plan and merge add no host read; an excluding wrapper
+    (debias) adds exactly one (the finite counts of the batch)."""
+    model = get_model(kind)
+    inputs = inputs_for(kind, "mixed" if kind.startswith("qwen") else "left_padded_2", processor, next_processor)
+    for method, want in (("visionzip", 0), ("debias+visionzip", 1)):
+        vtprune.apply(model, method=method, keep=12)
+        try:
+            assert model._vtprune_state.scorer.excludes == (want == 1)
+            with torch.no_grad(), _VisionZipSyncs() as syncs:
+                model(**inputs)
+            st = vtprune.stats(model)
+        finally:
+            vtprune.remove(model)
+        assert len(syncs.sites) == want, syncs.sites
+        assert st.contextual and all(c > 0 for c in st.contextual)

@@ -98,6 +98,7 @@ class Session:
     """State of one prefill and the decode steps that follow it (reset at every new prefill)."""
 
     phase: str = "off"  # "off" | "prefill" | "decode"
+    decoded: int = 0  # tokens fed after the prefill (host count: a static cache's own length is on the device)
     cache: Any = None  # the cache the next decode step must pass (identity check): the DynamicCache this
     # prefill filled, or on transformers 4.x with legacy tuples the tuple the model returned last
     step_cache: Any = None  # the cache object the decoder layers of the current call update
@@ -124,7 +125,8 @@ class Session:
     stage_hidden: list = field(default_factory=list)
     stage_ragged: list = field(default_factory=list)  # per applied stage: whether its plan has fillers
     stage_rope: Any = None  # (cos, sin) of the current pruning layer's call, for scorers reading layer K + 1
-    mask_cache: dict = field(default_factory=dict)
+    mask_cache: dict = field(default_factory=dict)  # prefill: gathered masks/RoPE per stage
+    step_masks: dict = field(default_factory=dict)  # decode: per stage the current step's mask (reset per step)
     # pre-LLM
     pre_index: torch.Tensor | None = None  # [B, N'] kept positions of the shortened sequence
     pre_valid: torch.Tensor | None = None  # [B, N'] bool, False on padding slots
@@ -211,6 +213,11 @@ class PruneState:
     # (layer, config.keep) for single-stage methods, several for staged ones (Scorer.schedule)
     schedule: list = field(default_factory=list)
     pre_keep: Any = None  # the pre-LLM selection's budget when LLM stages follow it (None: config.keep)
+
+    @property
+    def uniform_cache(self) -> bool:
+        """Whether every decoder layer caches the same tokens (pre-LLM pruning only), so a StaticCache fits."""
+        return self.stage == "pre-llm" and not self.schedule
 
     @property
     def stats(self) -> PruneStats | None:

@@ -444,7 +444,7 @@ class Adapter:
             cache = cache_of(kwargs)
             sess.step_cache = cache
             if sess.phase == "prefill" and cache is not None:
-                check_cache(cache)
+                check_cache(cache, uniform=state.uniform_cache)
                 sess.cache = cache
             return None
 
@@ -479,21 +479,24 @@ class Adapter:
     def _on_forward(self, state: PruneState, kwargs: dict[str, Any]):
         cache = cache_of(kwargs)
         sess = state.session
-        past = cache_length(cache)
-        if past > 0:
+        if self._continues(sess, cache, kwargs):
             if sess.cache is not cache or sess.phase == "off":
-                check_cache(cache)
+                check_cache(cache, uniform=state.uniform_cache)
                 state.session = Session()  # a cache vtprune did not prune: pass through
                 return None
             if state.stage == PRE_LLM or sess.keep_seq is not None:
                 sess.phase = "decode"
+            sess.step_masks = {}
+            step = _query_length(kwargs)
             if state.stage == PRE_LLM and sess.pre_index is not None:
                 shorten_decode_inputs(sess, kwargs)
                 self.decode_positions(sess, kwargs)
+                sess.decoded += step
                 return (), kwargs
+            sess.decoded += step
             return None
         # a new prefill
-        check_cache(cache)
+        check_cache(cache, uniform=state.uniform_cache)
         sess = state.session = Session()
         input_ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
@@ -502,6 +505,11 @@ class Adapter:
             return None
         mask2d = kwargs.get("attention_mask")
         kinds = self.token_kinds(input_ids, embeds)
+        if isinstance(mask2d, dict) or (mask2d is not None and mask2d.dim() == 4):
+            if is_static_cache(cache) and state.uniform_cache:  # generate() built the masks of a static cache
+                mask2d = kwargs["attention_mask"] = validity_from_4d(full_attention_mask(mask2d), ref.shape[1])
+            elif isinstance(mask2d, dict):
+                mask2d = full_attention_mask(mask2d)
         if mask2d is not None and mask2d.dim() != 2:
             if not bool(kinds.any()):
                 state.stats = None
@@ -525,6 +533,27 @@ class Adapter:
             shorten_prefill_inputs(self, state, kwargs, images, kinds > 0)
             return (), kwargs
         return None
+
+    @staticmethod
+    def _continues(sess: Session, cache: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether this forward continues a cached sequence (a decode step) rather than starting one.
+
+        Dynamic and legacy caches tell by their (host-known) shapes. A static cache keeps its length on the
+        device, so for the cache this session filled the answer comes from host facts instead: no new
+        image inputs, and a 2D mask as long as the prompt plus the tokens decoded since.
+        """
+        if cache is None:
+            return False
+        if not is_static_cache(cache):
+            return cache_length(cache) > 0
+        if cache is sess.cache and sess.phase in ("prefill", "decode"):
+            if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")):
+                return False
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                return int(mask.shape[1]) == sess.seq_len + sess.decoded + _query_length(kwargs)
+            return True
+        return bool(cache_length(cache) > 0)  # a cache this session did not fill: read its length once
 
     def begin_prefill(self, sess: Session, valid: torch.Tensor, kinds: torch.Tensor, images: Any,
                       host_kinds: torch.Tensor | None = None, host_valid: torch.Tensor | None = None) -> None:
@@ -596,9 +625,9 @@ def build_layout(visual: torch.Tensor, images: list[ImageTokens], device: torch.
     packed = torch.cat([torch.stack([p, i, r.long(), s, *c.long().T]) if p.numel() else torch.zeros(7, 0, dtype=torch.long)
                         for p, i, r, s, c in zip(host_pos, host_img, host_prunable, host_src, host_coords)], dim=1)
     dev = torch.device(device)
-    if dev.type != "cpu":
-        packed = packed.pin_memory() if torch.cuda.is_available() else packed
-        packed = packed.to(dev, non_blocking=True)
+    if dev.type == "cuda":
+        packed = packed.pin_memory()  # an asynchronous copy: the host does not wait for the device
+    packed = packed.to(dev, non_blocking=True)
     flags = packed[2].bool()
     positions, image, prunable, source, coords = [], [], [], [], []
     off = 0
@@ -614,8 +643,39 @@ def build_layout(visual: torch.Tensor, images: list[ImageTokens], device: torch.
                         host_image=host_img, host_prunable=host_prunable)
 
 
-def check_cache(cache: Any) -> None:
-    """Only a plain DynamicCache (full-attention layers) can hold layers of different lengths."""
+def full_attention_mask(mask: Any) -> torch.Tensor:
+    """The full-attention entry of a per-attention-type mask dict (Qwen-VL under a static cache), or ``mask``."""
+    if isinstance(mask, dict):
+        return mask.get("full_attention", next(iter(mask.values())))
+    return mask
+
+
+def validity_from_4d(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, n]`` long validity of a prefill from generate()'s 4D mask ``[B, 1, n, L]`` (a static cache's): the
+    last prompt row attends exactly to the real tokens before it (bool: True attends; float: 0 attends)."""
+    row = mask[:, 0, n - 1, :n]
+    return (row if row.dtype == torch.bool else row == 0).long()
+
+
+def _query_length(kwargs: dict[str, Any]) -> int:
+    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    return int(ref.shape[1]) if ref is not None else 0
+
+
+def is_static_cache(cache: Any) -> bool:
+    """Whether ``cache`` is a transformers-5 cache whose layers are all full-attention static layers."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return False
+    from transformers.cache_utils import StaticLayer
+
+    return all(type(layer) is StaticLayer for layer in layers)
+
+
+def check_cache(cache: Any, uniform: bool = False) -> None:
+    """Only a plain DynamicCache (full-attention layers) can hold layers of different lengths; when every
+    layer keeps the same tokens (``uniform``: pruning before the LLM only) a full-attention StaticCache works
+    too."""
     if cache is None:
         return
     from transformers.cache_utils import DynamicCache
@@ -628,13 +688,16 @@ def check_cache(cache: Any) -> None:
         from transformers.cache_utils import DynamicLayer
 
         ok = isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+        ok = ok or (uniform and is_static_cache(cache))
     if not ok:
         kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+        static = ("a full-attention StaticCache (cache_implementation='static') works with methods that prune "
+                  "before the LLM only (cls, random, uniform, visionzip, divprune, ...); " if not uniform else "")
         raise UnsupportedModelError(
             f"vtprune supports only DynamicCache with full-attention layers, got {type(cache).__name__} "
             f"(layers: {kinds or 'n/a'}). Pruned layers cache fewer entries than unpruned ones, which "
-            "static, quantized, offloaded and sliding-window caches cannot hold. Use the default cache "
-            "(do not pass cache_implementation=...) or pass a DynamicCache()."
+            "static, quantized, offloaded and sliding-window caches cannot hold; "
+            f"{static}otherwise use the default cache (do not pass cache_implementation=...) or pass a DynamicCache()."
         )
 
 

@@ -398,14 +398,11 @@ class LLMStageHooks:
             q_len = hidden.shape[1]
             # layer 0 has already cached this step's tokens, so its length is the full key length
             kv_len = mask.shape[-1] if mask is not None else cache_length(sess.step_cache, 0)
-            step = ("decode", id(mask), q_len, kv_len)
-            if sess.mask_cache.get("step") != step:
-                sess.mask_cache = {"step": step, "inputs": mask}  # one step at a time
-            key = ("decode", s)
-            if key not in sess.mask_cache:
-                sess.mask_cache[key] = decode_mask(mask, keep_seq, filler, sess.llm_len, q_len, kv_len,
-                                                   sess.stage_ragged[s])
-            kwargs["attention_mask"] = sess.mask_cache[key]
+            # one mask per stage and step: the core's pre-hook starts each step with an empty `step_masks`
+            if s not in sess.step_masks:
+                sess.step_masks[s] = decode_mask(mask, keep_seq, filler, sess.llm_len, q_len, kv_len,
+                                                 sess.stage_ragged[s])
+            kwargs["attention_mask"] = sess.step_masks[s]
             return args, kwargs
         return None
 

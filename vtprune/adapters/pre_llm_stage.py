@@ -28,7 +28,7 @@ from vtprune.scorers.base import (
 )
 from vtprune.scorers.compose import innermost
 from vtprune.scorers.select import Selection, select
-from vtprune.state import PruneState, PruneStats, Session, cache_length
+from vtprune.state import PruneState, PruneStats, Session
 
 if TYPE_CHECKING:
     from vtprune.adapters.base import Adapter, ImageInputs
@@ -66,7 +66,7 @@ def shorten_prefill_inputs(
             signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
         if state.scorer.needs_signal(INSTRUCTION):
             signals.instruction_embeds, signals.instruction_ids = instruction_tokens(
-                embeds, input_ids, sess.attention_2d, lay.positions)
+                embeds, input_ids, sess.host_valid, sess.host_kinds)
         if state.scorer.needs_signal(VISION_FEATURES):
             signals.vision_features = vision_features(adapter, images, lay.source)
         if state.scorer.needs_signal(PIXEL_VALUES):
@@ -74,8 +74,8 @@ def shorten_prefill_inputs(
         contextual, scores = None, None
         merging = _merging_host(state.scorer)
         if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
-            kept, embeds, contextual = contextual_merge(adapter, state, images, signals, embeds)
-            sel = Selection.from_kept(lay, kept)
+            kept, embeds, contextual, per_image = contextual_merge(adapter, state, images, signals, embeds)
+            sel = Selection.from_kept(lay, kept, per_image=per_image)
         elif merging is not None:  # VFlowOpt: selects and writes its recycled tokens into kept slots
             scores = state.scorer.score(signals)
             kept, embeds, contextual = merging.select_and_merge(scores, signals, embeds, budget)
@@ -182,15 +182,20 @@ def continue_in_llm(sess: Session, lay: Any, kept: list[torch.Tensor], index: to
     sess.llm_len = int(index.shape[1])
 
 
-def instruction_tokens(embeds: torch.Tensor, input_ids: torch.Tensor | None, valid: torch.Tensor,
-                       positions: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Per sample the real tokens after its last visual token: embeddings ``[T_b, D]`` and ids ``[T_b]``."""
+def instruction_tokens(embeds: torch.Tensor, input_ids: torch.Tensor | None, host_valid: torch.Tensor,
+                       host_kinds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per sample the real tokens after its last visual token: embeddings ``[T_b, D]`` and ids ``[T_b]``.
+
+    Which rows those are comes from the host copies of the validity and the token kinds (``[B, N]``), so
+    only a gather runs on the device.
+    """
     embs, ids = [], []
-    n = embeds.shape[1]
-    for b, pos in enumerate(positions):
-        after = torch.arange(n, device=valid.device) > (int(pos.max()) if pos.numel() else -1)
-        rows = torch.nonzero(after & valid[b]).flatten()
-        embs.append(embeds[b, rows.to(embeds.device)])
+    n = host_kinds.shape[1]
+    for b in range(host_kinds.shape[0]):
+        vis = torch.nonzero(host_kinds[b] > 0).flatten()  # host tensors
+        after = torch.arange(n) > (int(vis[-1]) if vis.numel() else -1)
+        rows = torch.nonzero(after & host_valid[b]).flatten().to(embeds.device, non_blocking=True)
+        embs.append(embeds[b, rows])
         if input_ids is not None:
             ids.append(input_ids[b, rows.to(input_ids.device)])
     return embs, (ids if input_ids is not None else None)
@@ -213,16 +218,33 @@ def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
     """Map a decode step's full-length attention mask onto the shortened sequence (positions: the adapter)."""
     mask = kwargs.get("attention_mask")
     n = sess.seq_len
+    if isinstance(mask, dict) or (mask is not None and mask.dim() == 4):  # generate()'s masks of a static cache
+        kwargs["attention_mask"] = static_decode_mask(sess, mask, _query_len(kwargs))
+        return
     if mask is not None:
         if mask.dim() != 2:
             raise ValueError(
-                f"after pre-LLM pruning vtprune needs a 2D attention_mask at decode, got {tuple(mask.shape)}"
+                f"after pre-LLM pruning vtprune needs a 2D or 4D attention_mask at decode, got {tuple(mask.shape)}"
             )
         head = compact(mask[:, :n], sess.pre_index).masked_fill(~sess.pre_valid, 0)
         kwargs["attention_mask"] = torch.cat([head, mask[:, n:]], dim=1)
     elif sess.pre_ragged:  # re-padded rows: the prefill had no mask, the decode steps need one
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-        past = cache_length(sess.cache)
+        past = sess.pre_valid.shape[1] + sess.decoded  # host count: a static cache's length is on the device
         extra = past + ref.shape[1] - sess.pre_valid.shape[1]
         tail = torch.ones(ref.shape[0], extra, dtype=torch.long, device=ref.device)
         kwargs["attention_mask"] = torch.cat([sess.pre_valid.long(), tail], dim=1)
+
+
+def _query_len(kwargs: dict[str, Any]) -> int:
+    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    return int(ref.shape[1])
+
+
+def static_decode_mask(sess: Session, mask: Any, q_len: int) -> torch.Tensor:
+    """A decode step's 2D mask ``[B, W + decoded + q]`` over the shortened prompt (``sess.pre_valid``) and the
+    tokens decoded since, in place of the 4D mask generate() built for the unshortened sequence of a static
+    cache (the model builds its own 4D mask from it)."""
+    dev = sess.pre_valid.device
+    tail = torch.ones(sess.pre_valid.shape[0], sess.decoded + q_len, dtype=torch.long, device=dev)
+    return torch.cat([sess.pre_valid.long(), tail], dim=1)

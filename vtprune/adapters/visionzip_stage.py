@@ -132,8 +132,12 @@ def vision_features(adapter: Adapter, images: Any, source: list[torch.Tensor]) -
 
 def contextual_merge(
     adapter: Adapter, state: PruneState, images: Any, signals: Signals, embeds: torch.Tensor
-) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+) -> tuple[list[torch.Tensor], torch.Tensor, list[int], list[list[int]]]:
     """Plan VisionZip's selection and write the contextual tokens into the embeddings.
+
+    No host read on the way: sizes come from the layout's host-known spans and the budgets; only a scorer
+    that may exclude tokens (``state.scorer.excludes``, e.g. ``debias+visionzip``) costs one read of the
+    batch's finite counts (`plan_visionzip`).
 
     Args:
         signals: the pre-LLM signals (layout, CLS attention) of the prefill.
@@ -141,14 +145,15 @@ def contextual_merge(
 
     Returns:
         Per sample the kept visual-token indices ``[k_b]`` (sorted), the embeddings with every contextual
-        token's features at its target's slot (``embeds`` itself when nothing merged), and per sample the
-        number of contextual tokens (included in the kept ones).
+        token's features at its target's slot (``embeds`` itself when nothing merged), per sample the
+        number of contextual tokens (included in the kept ones), and per sample the kept count of each
+        image (host ints; contextual targets and non-prunable tokens included).
     """
     host = recycling_host(state.scorer)
     lay = signals.layout
     scores = state.scorer.score(signals)  # wrappers (sink, debias) act on the dominance scores
     keys = [k.to(p.device) for k, p in zip(token_keys(adapter, images, lay.source), lay.positions)]
-    plans = host.plan(scores, keys, lay, state.config.keep)
+    plans = host.plan(scores, keys, lay, state.config.keep, excludes=state.scorer.excludes)
     if adapter.vision_family == "qwen":
         feats = [embeds[b, p] for b, p in enumerate(lay.positions)]
         project: Callable[[torch.Tensor], torch.Tensor] = nn.Identity()  # merger outputs: already LLM features
@@ -161,9 +166,11 @@ def contextual_merge(
             continue
         dev = feats[b].device
         ctx, merged = contextual_tokens(feats[b], plan.targets.to(dev), plan.members.to(dev), plan.slot.to(dev))
-        rows = plan.targets[merged.to(plan.targets.device)]
         if out is embeds:
             out = embeds.clone()
-        pos = lay.positions[b][rows.to(lay.positions[b].device)].to(out.device)
-        out[b, pos] = project(ctx[merged]).to(out.device, out.dtype)
-    return [p.kept for p in plans], out, [int(p.targets.numel()) for p in plans]
+        pos = lay.positions[b][plan.targets.to(lay.positions[b].device)].to(out.device)
+        # every target is written (a host-known count): the merged ones get their projected contextual
+        # token, the others keep their embedding bit-exact
+        new = project(ctx).to(out.device, out.dtype)
+        out[b, pos] = torch.where(merged.to(out.device)[:, None], new, out[b, pos])
+    return [p.kept for p in plans], out, [int(p.targets.numel()) for p in plans], [p.per_image for p in plans]

@@ -100,16 +100,19 @@ class Selection:
         return [idx[b, :k] for b, k in enumerate(self.counts)]
 
     @staticmethod
-    def from_kept(layout: VisualLayout, kept: list[torch.Tensor], scores: torch.Tensor | None = None) -> Selection:
-        """A selection from per-sample kept index lists (methods that select themselves; one host read
-        of the counts per image)."""
+    def from_kept(layout: VisualLayout, kept: list[torch.Tensor], scores: torch.Tensor | None = None,
+                  per_image: list[list[int]] | None = None) -> Selection:
+        """A selection from per-sample kept index lists (methods that select themselves). ``per_image``: the
+        kept count of each image per sample, when the method knows it on the host; otherwise it is read
+        from the device (one read)."""
         pad = layout.padded
         dev = pad.positions.device
         mask = torch.zeros(layout.batch_size, pad.width, dtype=torch.bool, device=dev)
         for b, k in enumerate(kept):
             mask[b, k.to(dev)] = True
-        return Selection(layout, mask, [int(k.numel()) for k in kept],
-                         [layout.kept_per_image(b, k) for b, k in enumerate(kept)], scores)
+        if per_image is None:
+            per_image = [layout.kept_per_image(b, k) for b, k in enumerate(kept)]
+        return Selection(layout, mask, [int(k.numel()) for k in kept], per_image, scores)
 
 
 def pad_scores(scores: list[torch.Tensor], layout: VisualLayout) -> torch.Tensor:

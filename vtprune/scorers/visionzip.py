@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,6 +64,7 @@ def contextual_assign(keys: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, tor
     Returns:
         ``targets [C']`` and ``members [R - C']``, indices into the ``R`` tokens (ascending), and
         ``slot [R - C']``: for each member, the index into ``targets`` of the target of highest cosine.
+        Every shape follows from ``R`` and ``n_ctx`` on the host: nothing is read from the device.
     """
     r = keys.shape[0]
     dev = keys.device
@@ -71,11 +72,10 @@ def contextual_assign(keys: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, tor
     if c <= 0:  # no contextual token: the remaining tokens are simply dropped
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty, empty
-    step = max(1, r // c)
-    targets = torch.arange(0, r, step, device=dev)[:c]
-    is_target = torch.zeros(r, dtype=torch.bool, device=dev)
-    is_target[targets] = True
-    members = torch.nonzero(~is_target).flatten()
+    step = max(1, r // c)  # c * step <= r: row j of the grid is target j * step, then its step - 1 followers
+    grid = torch.arange(c * step, device=dev).view(c, step)
+    targets = grid[:, 0].contiguous()
+    members = torch.cat([grid[:, 1:].flatten(), torch.arange(c * step, r, device=dev)])  # ascending
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     cos = unit[members] @ unit[targets].T  # [R - C, C]
     slot = cos.argmax(dim=1) if members.numel() else torch.zeros(0, dtype=torch.long, device=dev)
@@ -116,12 +116,15 @@ class ZipPlan:
     - ``kept``: ``[k]`` sorted, the tokens the LLM sees (dominant, contextual targets, non-prunable).
     - ``targets``: ``[C]`` the contextual tokens (their features are replaced).
     - ``members``: ``[M]`` the tokens merged into them; ``slot``: ``[M]`` index into ``targets``.
+    - ``per_image``: per image of the sample, how many of its tokens ``kept`` holds (host ints; dominant,
+      contextual targets and non-prunable tokens).
     """
 
     kept: torch.Tensor
     targets: torch.Tensor
     members: torch.Tensor
     slot: torch.Tensor
+    per_image: list[int] = field(default_factory=list)
 
 
 def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -134,49 +137,69 @@ def plan_visionzip(
     layout: VisualLayout,
     keep: int | float,
     contextual_ratio: float = CONTEXTUAL_RATIO,
+    excludes: bool = True,
 ) -> list[ZipPlan]:
     """Dominant and contextual tokens of every image of the batch.
 
     Args:
         scores: per sample ``[n_b]`` dominance scores (CLS attention; ``-inf`` excludes a token from both
-            roles and from merging).
+            roles and from merging: the image keeps at most its finite-scored tokens, at least one).
         keys: per sample ``[n_b, d]`` keys for the contextual matching.
         layout: the batch's `VisualLayout`; the budget applies per image to its prunable tokens, and
             non-prunable tokens (LLaVA-NeXT newlines) are always kept and never merged.
         keep: per-image budget (see `image_budget`), split by `split_budget`.
+        excludes: whether ``scores`` may hold ``-inf`` (`Scorer.excludes`). Then the finite counts of all
+            images are read in one host read for the batch; with False nothing is read (every score is
+            taken as finite). All other sizes come from the layout's host-known spans, so the plan
+            issues device work of host-known shapes only.
     """
-    plans, clamped = [], []
+    spans = layout.spans
+    vals: list[list[torch.Tensor]] = []  # per sample, per image: the scores of its candidates
     for b in range(layout.batch_size):
         s = scores[b].float()
         if s.shape != layout.positions[b].shape:
             raise ValueError(
                 f"scorer returned {tuple(s.shape)} scores for sample {b}, expected {tuple(layout.positions[b].shape)}"
             )
-        kept, targets, members, slot = [], [], [], []
-        for idx in layout.image_slices(b):
-            prunable = layout.prunable[b][idx]
-            kept.append(idx[~prunable])
-            cand = idx[prunable]
-            k, was_clamped = image_budget(keep, int(cand.numel()))
+        vals.append([s[sp.candidates] for sp in spans[b]])
+    allowed = [[sp.n_candidates for sp in spans[b]] for b in range(layout.batch_size)]
+    if excludes:
+        finite = [(v > float("-inf")).sum() for vs in vals for v in vs if v.numel()]
+        if finite:
+            host = iter(torch.stack(finite).tolist())  # the one host read, for the whole batch
+            allowed = [[next(host) if n else 0 for n in ns] for ns in allowed]
+    plans, clamped = [], []
+    for b in range(layout.batch_size):
+        kept, targets, members, slot, per_image = [], [], [], [], []
+        n_targets = 0
+        for sp, v, n_ok in zip(spans[b], vals[b], allowed[b]):
+            n = sp.n_candidates
+            kept.append(sp.fixed)
+            k, was_clamped = image_budget(keep, n)
             if was_clamped:
-                clamped.append(int(cand.numel()))
-            allowed = s[cand] > float("-inf")
-            if not bool(allowed.all()):
-                cand = cand[allowed] if bool(allowed.any()) else cand[:1]
-                k = min(k, int(cand.numel()))
+                clamped.append(n)
+            cand = sp.candidates
+            if n_ok < n:  # excluded tokens: keep the finite-scored ones (the first token when none is)
+                n_ok = max(n_ok, 1)
+                ok = torch.sort((~(v > float("-inf"))).to(torch.uint8), stable=True).indices[:n_ok]  # sequence order
+                cand, v = cand[ok], v[ok]
+                k = min(k, n_ok)
             n_dom, n_ctx = split_budget(k, contextual_ratio)
-            order = torch.sort(s[cand], descending=True, stable=True).indices
-            is_dom = torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
-            is_dom[order[:n_dom]] = True
-            rest = cand[~is_dom]  # sequence order
-            t, m, sl = contextual_assign(keys[b][rest], n_ctx)
-            kept += [cand[is_dom], rest[t]]
-            slot.append(sl + sum(int(x.numel()) for x in targets))
-            targets.append(rest[t])
-            members.append(rest[m])
+            n_ctx_kept = 0
+            if k:
+                order = torch.sort(v, descending=True, stable=True).indices
+                rest = cand[torch.sort(order[n_dom:]).values]  # the non-dominant tokens, sequence order
+                t, m, sl = contextual_assign(keys[b][rest], n_ctx)
+                n_ctx_kept = int(t.numel())  # a shape: host-known
+                kept += [cand[order[:n_dom]], rest[t]]
+                slot.append(sl + n_targets)
+                targets.append(rest[t])
+                members.append(rest[m])
+                n_targets += n_ctx_kept
+            per_image.append(sp.length - n + n_dom + n_ctx_kept)
         dev = layout.positions[b].device
         plans.append(ZipPlan(torch.sort(_cat(kept, dev)).values, _cat(targets, dev), _cat(members, dev),
-                             _cat(slot, dev)))
+                             _cat(slot, dev), per_image))
     if clamped:
         warnings.warn(
             f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
@@ -239,6 +262,9 @@ class VisionZipScorer(Scorer):
         return list(signals.require(VISION_CLS_ATTENTION))
 
     def plan(self, scores: list[torch.Tensor], keys: list[torch.Tensor], layout: VisualLayout,
-             keep: int | float) -> list[ZipPlan]:
-        """The per-sample `ZipPlan` for dominance ``scores`` and matching ``keys`` (see `plan_visionzip`)."""
-        return plan_visionzip(scores, keys, layout, keep, self.contextual_ratio)
+             keep: int | float, excludes: bool = True) -> list[ZipPlan]:
+        """The per-sample `ZipPlan` for dominance ``scores`` and matching ``keys`` (see `plan_visionzip`).
+
+        ``excludes``: whether ``scores`` may hold ``-inf`` (the scoring wrapper's `Scorer.excludes`); only
+        then is the batch's finite count read (once)."""
+        return plan_visionzip(scores, keys, layout, keep, self.contextual_ratio, excludes)
