@@ -18,7 +18,7 @@ import time
 import torch
 
 import vtprune
-from vtprune.cli import _synthetic_image
+from vtprune.loading import synthetic_image
 from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
 from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
 
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    images = [_synthetic_image(i) for i in range(args.batch)]
+    images = [synthetic_image(i) for i in range(args.batch)]
     if args.arch == "qwen2-vl":
         model = tiny_qwen("qwen2_vl", **QWEN_SIZES[args.size]).to(args.device, dtype)
         proc = tiny_qwen_processor("qwen2_vl", max_pixels=672 * 672)

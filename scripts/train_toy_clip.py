@@ -48,7 +48,7 @@ def patch_embeddings(clip, feats: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     import open_clip
 
-    from vtprune.cli import load_model
+    from vtprune.loading import load_model
     from vtprune.toy import shapes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

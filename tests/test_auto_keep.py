@@ -10,9 +10,9 @@ from conftest import batch, get_model
 from oracle import dropped_positions, masked_logits
 
 import vtprune
-from vtprune.cli import load_model, toy_weights_dir
 from vtprune.config import AutoKeep, ConfigError, PruneConfig, parse_auto_keep
 from vtprune.layout import VisualLayout
+from vtprune.loading import load_model, toy_weights_dir
 from vtprune.scorers.select import mass_budget, select_topk
 
 
@@ -102,7 +102,7 @@ def test_auto_on_the_trained_toy_adapts_per_image():
     model, processor = load_model("toy-llava")
     task = load_task("toy-shapes", limit=12)
     processor.tokenizer.padding_side = "left"
-    from vtprune.cli import default_prompt
+    from vtprune.loading import default_prompt
 
     inputs = processor(images=[s.load_image() for s in task.samples], return_tensors="pt", padding=True,
                        text=[default_prompt(model, processor, s.question) for s in task.samples])

@@ -115,7 +115,7 @@ def test_toy_llava_own_clip(tmp_path):
     on its image's object patches than on the background (CLIP's known "opposite visualisation" of patch
     tokens, the reason the reference negates the cosine), so -cos ranks the objects first. And cdpruner's
     CLIP relevance runs with it on the toy."""
-    from vtprune.cli import default_prompt, load_model, toy_weights_dir
+    from vtprune.loading import default_prompt, load_model, toy_weights_dir
     from vtprune.scorers.cdpruner import ClipText, toy_clip_dir
     from vtprune.toy import shapes
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vtprune.cli import load_model
 from vtprune.demo import DemoEngine, DemoInputError, load_image, parse_keep
 from vtprune.demo import engine as engine_mod
+from vtprune.loading import load_model
 
 CHROMIUM = os.environ.get("VTPRUNE_CHROMIUM", "/usr/bin/chromium")
 

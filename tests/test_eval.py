@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vtprune import cli
+from vtprune import loading
 from vtprune.cli import main
 from vtprune.eval.metrics import choice_correct, exact_match, format_choices, normalise, parse_choice
 from vtprune.eval.runner import Cell, CellRun, SampleRecord
@@ -220,8 +220,8 @@ def test_eval_saves_overlays_of_the_kept_tokens(tmp_path, capsys):
     res = json.loads(out)
     assert res["overlays"] == {"dir": str(tmp_path / "overlays"), "written": 6}
     from vtprune import viz
-    from vtprune.cli import load_model
     from vtprune.eval.tasks import load_task
+    from vtprune.loading import load_model
 
     model, processor = load_model("tiny-qwen2-vl")
     samples = {s.index: s for s in load_task("toy-shapes", 3).samples}
@@ -284,8 +284,8 @@ def test_eval_jsonl_task_with_failing_samples(tmp_path, capsys):
 
 def test_a_failing_batch_is_retried_sample_by_sample(monkeypatch):
     """A sample that makes the model raise fails alone: its batch-mate is rerun and scored."""
-    from vtprune.cli import default_prompt, load_model
     from vtprune.eval import Runner, build_cells, load_task, validate_cells
+    from vtprune.loading import default_prompt, load_model
 
     original = Runner._run_batch
 
@@ -316,7 +316,7 @@ def test_a_failing_batch_is_retried_sample_by_sample(monkeypatch):
 def test_toy_model_loads_from_package_weights(tmp_path, monkeypatch, capsys):
     from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
 
-    monkeypatch.setattr(cli, "toy_weights_dir", lambda name: tmp_path / "weights" / name)
+    monkeypatch.setattr(loading, "toy_weights_dir", lambda name: tmp_path / "weights" / name)
     code, _, err = _eval(capsys, "--model", "toy-llava", "--out", str(tmp_path / "o"))
     assert code == 2 and "vtprune: error:" in err and "not built yet" in err and "scripts/train_toy.py" in err
     where = tmp_path / "weights" / "toy-llava"

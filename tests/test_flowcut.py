@@ -18,9 +18,9 @@ from conftest import batch, get_model, qwen_batch
 from oracle import dropped_positions
 
 import vtprune
-from vtprune.adapters import flowcut_stage as fs
 from vtprune.adapters.qwen import window_order
 from vtprune.config import ConfigError
+from vtprune.runtime import flowcut as fs
 from vtprune.scorers.flowcut import (
     FlowTracker,
     cls_flow_scores,

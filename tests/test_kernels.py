@@ -20,6 +20,7 @@ import torch
 
 from vtprune.kernels import (
     ENV_BACKEND,
+    ENV_TRITON_MIN_ELEMENTS,
     KernelUnsupportedError,
     RecycleOutput,
     compact,
@@ -28,7 +29,10 @@ from vtprune.kernels import (
     recycle,
     recycle_torch,
     triton_available,
+    triton_min_elements,
+    use_triton,
 )
+from vtprune.kernels._common import TRITON_MIN_ELEMENTS
 
 pytestmark = pytest.mark.transformers4  # pure torch: runs in the transformers 4.37 environment too
 
@@ -221,6 +225,77 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv(ENV_BACKEND, "torch")
     assert torch.equal(compact(x, keep), compact_torch(x, keep))
     assert torch.equal(compact(x, keep, backend="auto"), compact_torch(x, keep))  # CPU: torch
+
+
+def test_auto_threshold_decision(monkeypatch):
+    monkeypatch.delenv(ENV_TRITON_MIN_ELEMENTS, raising=False)
+    assert TRITON_MIN_ELEMENTS == {"compact": 1 << 20, "recycle": 1 << 16}
+    assert triton_min_elements() == triton_min_elements("compact") == 1 << 20
+    assert triton_min_elements("recycle") == 1 << 16
+    # a position-id vector stays on torch, a LLaVA-sized hidden-state gather goes to Triton
+    assert not use_triton(100)
+    assert not use_triton((1 << 20) - 1)
+    assert use_triton(1 << 20) and use_triton(8 * 576 * 4096)
+    assert not use_triton((1 << 16) - 1, op="recycle") and use_triton(1 << 16, op="recycle")
+    # an input the kernel cannot take never goes to Triton, however large
+    assert not use_triton(1 << 30, "triton cannot be imported")
+    assert use_triton(5, min_elements=5) and not use_triton(4, min_elements=5)
+    with pytest.raises(ValueError, match="no Triton threshold for op 'gather'"):
+        use_triton(1 << 30, op="gather")
+
+
+def test_auto_threshold_env_override(monkeypatch):
+    monkeypatch.setenv(ENV_TRITON_MIN_ELEMENTS, "1000")
+    assert triton_min_elements() == triton_min_elements("recycle") == 1000  # one value for both ops
+    assert use_triton(1000) and not use_triton(999, op="recycle")
+    monkeypatch.setenv(ENV_TRITON_MIN_ELEMENTS, "0")  # every fitting CUDA input
+    assert use_triton(1) and use_triton(0, op="recycle")
+    monkeypatch.setenv(ENV_TRITON_MIN_ELEMENTS, " ")  # blank: the default
+    assert triton_min_elements() == 1 << 20
+    assert use_triton(2000, min_elements=2000)  # an explicit argument wins over the environment
+    for bad in ("many", "-1", "1.5e6"):
+        monkeypatch.setenv(ENV_TRITON_MIN_ELEMENTS, bad)
+        with pytest.raises(ValueError, match="VTPRUNE_TRITON_MIN_ELEMENTS must be a non-negative integer"):
+            triton_min_elements()
+
+
+def test_auto_dispatch_follows_the_threshold(monkeypatch):
+    """The dispatchers route by output size: pretend the inputs fit the kernel and stand in a fake
+    Triton module that records its calls (no GPU needed)."""
+    import importlib
+    import types
+
+    compact_mod = importlib.import_module("vtprune.kernels.compact")  # the package's `compact` is the function
+    recycle_mod = importlib.import_module("vtprune.kernels.recycle")
+
+    calls = []
+    fake = types.ModuleType("vtprune.kernels.triton_compact")
+    fake.triton_compact = lambda x, index, **kw: calls.append("compact") or compact_torch(x, index, **kw)
+    fake.triton_recycle = lambda *a, **kw: calls.append("recycle") or recycle_torch(*a, **kw)
+    monkeypatch.setitem(sys.modules, "vtprune.kernels.triton_compact", fake)
+    monkeypatch.setattr(compact_mod, "_triton_compact_reason", lambda *a: None)
+    monkeypatch.setattr(recycle_mod, "_triton_recycle_reason", lambda *a: None)
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
+    x, keep, pruned, _, g = _inputs(2, torch.float32)  # compact output 2 x 13 x 80 = 2080 elements
+    slot = torch.randint(0, R, pruned.shape, generator=g)
+    w = torch.rand(pruned.shape, generator=g)
+    monkeypatch.delenv(ENV_TRITON_MIN_ELEMENTS, raising=False)
+    assert torch.equal(compact(x, keep), compact_torch(x, keep))
+    recycle(x, keep, pruned, slot, w, num_slots=R)
+    assert calls == []  # below both defaults: torch
+    monkeypatch.setenv(ENV_TRITON_MIN_ELEMENTS, str(2 * K * D))
+    compact(x, keep)
+    recycle(x, keep, pruned, slot, w, num_slots=R)  # [2, K + R, D]: above
+    recycle(x, keep, pruned, slot % K, w, into="kept")  # [2, K, D]: exactly at the threshold
+    assert calls == ["compact", "recycle", "recycle"]
+    monkeypatch.setenv(ENV_TRITON_MIN_ELEMENTS, str(2 * K * D + 1))
+    compact(x, keep)
+    recycle(x, keep, pruned, slot % K, w, into="kept")
+    recycle(x, keep, pruned, slot, w, num_slots=R)
+    assert calls == ["compact", "recycle", "recycle", "recycle"]
+    compact(x, keep, backend="triton")  # a forced backend ignores the threshold
+    compact(x, keep, backend="torch")
+    assert calls[-1] == "compact" and len(calls) == 5
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")

@@ -137,7 +137,7 @@ def _lmms_eval(tmp_path: Path, tasks: Path, model: str, model_args: str) -> dict
 
 @pytest.mark.parametrize("toy", ["toy-llava"])
 def test_lmms_eval_command_on_a_local_task_with_the_toy_model(toy, tmp_path):
-    from vtprune.cli import toy_weights_dir
+    from vtprune.loading import toy_weights_dir
 
     where = toy_weights_dir(toy)
     if not where.is_dir():

@@ -116,8 +116,8 @@ def test_training_script_smoke(tmp_path, arch):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64  # one token per 28 px cell
     assert os.path.getsize(out / "model.safetensors") < 20e6
     # the prompt the training script uses is the one `vtprune eval` builds for the same question
-    from vtprune.cli import default_prompt
     from vtprune.eval.tasks import ONE_WORD
+    from vtprune.loading import default_prompt
 
     assert default_prompt(model, proc, f"{s.question} {ONE_WORD}") == mod.RECIPES[arch]().prompt(s.question)
 

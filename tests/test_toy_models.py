@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.cli import TOY_MODELS, default_prompt, load_model, toy_weights_dir
 from vtprune.eval.tasks import ONE_WORD, load_task
+from vtprune.loading import TOY_MODELS, default_prompt, load_model, toy_weights_dir
 
 N = 48
 

@@ -10,8 +10,9 @@ import torch
 from conftest import get_model, make_image
 
 import vtprune
-from vtprune.cli import main, toy_weights_dir
+from vtprune.cli import main
 from vtprune.config import ConfigError, PruneConfig
+from vtprune.loading import toy_weights_dir
 from vtprune.toy.tiny import tiny_llava_processor
 from vtprune.tune import (
     Param,

@@ -435,7 +435,7 @@ def test_qwen25_group_keys_come_back_in_raster_order():
     """Keys recorded in Qwen2.5-VL's window order are pooled per merge group and mapped back to raster order."""
     from transformers.vision_utils import get_vision_window_index
 
-    from vtprune.adapters.visionzip_stage import token_keys
+    from vtprune.runtime.visionzip import token_keys
 
     model = get_model("qwen2_5_vl")
     inputs = qwen_batch("qwen2_5_vl", "left_padded_2")  # two images of different sizes
@@ -464,7 +464,7 @@ def test_qwen25_group_keys_come_back_in_raster_order():
 
 
 # ---- no host syncs in VisionZip's planning and merge -------------------------------------------------
-_VZ_FILES = ("vtprune/scorers/visionzip.py", "vtprune/adapters/visionzip_stage.py")
+_VZ_FILES = ("vtprune/scorers/visionzip.py", "vtprune/runtime/visionzip.py")
 _SYNC_OPS = {"nonzero", "_local_scalar_dense", "is_nonzero", "item", "masked_select"}
 
 

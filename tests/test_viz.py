@@ -9,7 +9,7 @@ from PIL import Image
 
 import vtprune
 from vtprune import viz
-from vtprune.cli import default_prompt, load_model
+from vtprune.loading import default_prompt, load_model
 
 
 def _grid(rows=2, cols=3, cell=4, seed=0) -> viz.TokenGrid:

@@ -9,11 +9,11 @@ from typing import Any
 from torch import nn
 
 from vtprune.adapters import adapter_for
-from vtprune.config import ConfigError, PruneConfig, auto_keep
+from vtprune.config import ConfigError, PruneConfig, auto_keep, is_config_path, load_config
+from vtprune.runtime import install
 from vtprune.scorers import IN_LLM, PRE_LLM, Scorer, build_scorer, method_string, registry
 from vtprune.scorers.compose import scorer_config_options
 from vtprune.state import STATE_ATTR, PruneState, PruneStats
-from vtprune.tune import is_config_path, load_config
 
 
 def apply(
@@ -105,7 +105,7 @@ def apply(
     remove(model)
     state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer,
                        schedule=schedule, pre_keep=pre_keep)
-    state.handles = adapter.install(state)
+    state.handles = install(adapter, state)
     setattr(model, STATE_ATTR, state)
     return model
 

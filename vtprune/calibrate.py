@@ -183,7 +183,7 @@ def calibrate(
     if not images:
         raise CalibrationError("no calibration images given")
     if prompts is None:
-        from vtprune.cli import default_prompt
+        from vtprune.loading import default_prompt
 
         prompts = [default_prompt(model, processor)]
     adapter = adapter_for(model)

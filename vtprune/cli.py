@@ -11,23 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-BUILTIN_MODELS = {
-    "tiny-llava": dict(next_=False),
-    "small-llava": dict(next_=False, hidden=512, layers=8, heads=8, vision_hidden=64, vision_layers=4),
-    "tiny-llava-next": dict(next_=True),
-    "tiny-qwen2-vl": dict(qwen="qwen2_vl"),
-    "tiny-qwen2.5-vl": dict(qwen="qwen2_5_vl"),
-    "tiny-qwen3-vl": dict(qwen="qwen3_vl"),
-}
-
-# trained built-ins: weights shipped as package data in vtprune/toy/weights/<name>/ (built by scripts/train_toy.py)
-TOY_MODELS = ("toy-llava", "toy-qwen2vl")
-
-QUESTION = "What is in the picture?"
-
-
-class ModelNotFoundError(ValueError):
-    """``--model`` names no built-in model, no built toy model and no local checkpoint directory."""
+from vtprune.loading import (
+    BUILTIN_MODELS,
+    TOY_MODELS,
+    ModelNotFoundError,
+    default_prompt,
+    load_model,
+    parse_options,
+    synthetic_image,
+)
 
 
 def _parse_keep(text: str) -> int | float | str:
@@ -48,104 +40,6 @@ def _parse_keep(text: str) -> int | float | str:
                 f"--keep must be an int (tokens per image), a float in (0, 1] or auto:<mass> (e.g. auto:0.95), "
                 f"got {text!r}"
             ) from None
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"vtprune: --option expects NAME=VALUE, got {pair!r}")
-        name, value = pair.split("=", 1)
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return options
-
-
-def toy_weights_dir(name: str) -> Path:
-    """Where the trained toy model ``name`` (one of `TOY_MODELS`) is shipped: ``vtprune/toy/weights/<name>/``."""
-    return Path(__file__).resolve().parent / "toy" / "weights" / name
-
-
-def resolve_model(name: str) -> tuple[str, str | dict]:
-    """``("builtin", spec)``, ``("toy", directory)`` or ``("dir", path)`` for a ``--model`` value.
-
-    Raises `ModelNotFoundError` (with the fix) for an unknown name, a toy model whose weights are not
-    built yet, or a path that is not a directory.
-    """
-    if name in BUILTIN_MODELS:
-        return "builtin", dict(BUILTIN_MODELS[name])
-    if name in TOY_MODELS:
-        where = toy_weights_dir(name)
-        if not where.is_dir():
-            raise ModelNotFoundError(
-                f"the trained toy model {name!r} is not built yet: its weights belong in {where}; "
-                "build them with `python scripts/train_toy.py`, or use a tiny random model "
-                f"({', '.join(BUILTIN_MODELS)}) or a local checkpoint directory"
-            )
-        return "toy", str(where)
-    if os.path.isdir(name):
-        return "dir", name
-    raise ModelNotFoundError(
-        f"--model {name!r} is neither a built-in model ({', '.join((*TOY_MODELS, *BUILTIN_MODELS))}) "
-        "nor a local checkpoint directory (no downloads are made)"
-    )
-
-
-def load_model(name: str, attn: str = "sdpa", dtype=None):
-    """A built-in model by name (tiny random, or a trained toy model), or a checkpoint directory saved
-    with ``save_pretrained``. ``dtype`` (a ``torch.dtype``) is passed to ``from_pretrained``."""
-    from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
-    from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
-
-    try:
-        kind, where = resolve_model(name)
-    except ModelNotFoundError as err:
-        raise SystemExit(f"vtprune: {err}") from None
-    if kind == "builtin":
-        spec = where
-        if "qwen" in spec:
-            model, processor = tiny_qwen(spec["qwen"], attn_implementation=attn), tiny_qwen_processor(spec["qwen"])
-        else:
-            next_ = spec.pop("next_")
-            model = tiny_llava(next_=next_, attn_implementation=attn, **spec)
-            processor = tiny_llava_processor(next_=next_)
-        model.config.name_or_path = name  # names its calibration file (vtprune.calibration)
-        if dtype is not None:
-            model = model.to(dtype)
-        return model, processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    extra = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForImageTextToText.from_pretrained(where, attn_implementation=attn, **extra).eval()
-    if kind == "toy":
-        model.config.name_or_path = name
-    return model, AutoProcessor.from_pretrained(where)
-
-
-def default_prompt(model, processor, question: str = QUESTION) -> str:
-    """A one-image question in the model's own format (its chat template when the processor has one)."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if model.config.model_type.startswith("qwen"):
-        return (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
-                "<|im_start|>assistant\n")
-    return f"USER: <image>\n{question} ASSISTANT:"
-
-
-def _synthetic_image(seed: int = 0):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    h, w = 400, 500
-    img = np.zeros((h, w, 3), dtype=np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-    for _ in range(6):  # a few coloured rectangles on a plain background
-        y, x = rng.integers(0, h - 60), rng.integers(0, w - 60)
-        img[y:y + rng.integers(20, 120), x:x + rng.integers(20, 120)] = rng.integers(0, 255, 3)
-    return Image.fromarray(img)
 
 
 def _time_prefill(model, inputs, repeats: int) -> float:
@@ -169,10 +63,10 @@ def cmd_run(args) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, processor = load_model(args.model)
-    image = _synthetic_image(args.seed)
+    image = synthetic_image(args.seed)
     prompt = args.prompt or default_prompt(model, processor)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-    vtprune.apply(model, method=args.method, keep=args.keep, layer=args.layer, **_parse_options(args.option))
+    vtprune.apply(model, method=args.method, keep=args.keep, layer=args.layer, **parse_options(args.option))
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     st = vtprune.stats(model)
@@ -228,7 +122,7 @@ def cmd_tune(args) -> int:
         print(f"  {mark:<10} {value:.6f}  {json.dumps(point, sort_keys=True)}")
 
     result = tune(model, batches, args.method, args.keep, trials=args.trials, seed=args.seed, layer=args.layer,
-                  options=_parse_options(args.option), progress=show)
+                  options=parse_options(args.option), progress=show)
     keep = str(args.keep).replace(":", "").replace(",", "_").replace("=", "")
     out = result.save(args.out or Path("vtprune-tuned") / f"{args.method.replace('+', '_')}-keep{keep}.json")
     cfg = result.config
@@ -274,7 +168,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     result = run(arch=args.arch, size=args.size, method=args.method, keep=args.keep, layer=args.layer,
                  device=args.device, dtype=args.dtype, batch=args.batch, repeats=args.repeats,
-                 new_tokens=args.new_tokens, options=_parse_options(args.option))
+                 new_tokens=args.new_tokens, options=parse_options(args.option))
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 

@@ -1,12 +1,21 @@
-"""`PruneConfig`: everything that defines one pruning setup, with a JSON round trip."""
+"""`PruneConfig`: everything that defines one pruning setup, with a JSON round trip, and config files.
+
+`load_config` reads a file written by `vtprune tune` (``TuneResult.save``, format `TUNED_FORMAT`) or by
+``PruneConfig.to_json``; `is_config_path` tells such a path from a method name. Both live here, below
+`vtprune.api`, so ``vtprune.apply(model, config="tuned.json")`` needs nothing from the tuner.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+TUNED_FORMAT = "vtprune-tuned/1"  # the "format" of a file written by `vtprune tune` (vtprune.tune.TuneResult)
 
 
 class ConfigError(ValueError):
@@ -171,3 +180,26 @@ class PruneConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help string."""
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def load_config(path: str | os.PathLike) -> PruneConfig:
+    """A `PruneConfig` from a tuned file (`TuneResult.save`) or a plain ``PruneConfig.to_json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; write one with `vtprune tune ... --out FILE`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not JSON ({exc})") from None
+    if isinstance(data, dict) and data.get("format") == TUNED_FORMAT:
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} holds no PruneConfig object")
+    return PruneConfig.from_dict(data)
+
+
+def is_config_path(value: Any) -> bool:
+    """Whether a string passed as ``config`` names a file rather than a method (methods hold no '/' or '.json')."""
+    if isinstance(value, os.PathLike):
+        return True
+    return isinstance(value, str) and (value.endswith(".json") or os.sep in value or os.path.isfile(value))

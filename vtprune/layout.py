@@ -184,3 +184,10 @@ def last_true(mask: torch.Tensor) -> torch.Tensor:
     n = mask.shape[1]
     idx = torch.arange(n, device=mask.device).expand_as(mask)
     return torch.where(mask, idx, torch.full_like(idx, -1)).max(dim=1).values.clamp(min=0)
+
+
+def slots_of(keep_seq: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """Where original sequence ``positions`` ``[B, ...]`` sit in a compacted row ``keep_seq`` ``[B, N']``."""
+    inv = torch.full((keep_seq.shape[0], n), -1, dtype=torch.long, device=keep_seq.device)
+    inv.scatter_(1, keep_seq, torch.arange(keep_seq.shape[1], device=keep_seq.device).expand_as(keep_seq))
+    return inv.gather(1, positions.to(keep_seq.device))

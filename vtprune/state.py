@@ -134,7 +134,7 @@ class Session:
     pre_ragged: bool = False  # whether the shortened rows were re-padded (host flag)
     deepstack: Any = None  # Qwen3-VL pre-LLM: (visual mask [B, N'], per-level features of kept tokens)
     extras: dict = field(default_factory=dict)  # method-specific per-prefill values (FlowCut's, see
-    # adapters/flowcut_stage.py), offered to the scorer as `Signals.extras`
+    # runtime/flowcut.py), offered to the scorer as `Signals.extras`
 
 
 @dataclass
@@ -154,7 +154,7 @@ class VisionRecord:
     features: list = field(default_factory=list)  # the per-image feature tensors as returned (not expanded)
     pixel_values: Any = None  # the pixel input of the encoder call, as given (a reference, not a copy)
     extras: dict = field(default_factory=dict)  # method-specific tensors recorded during the call
-    # (VisionZip's keys, see adapters/visionzip_stage.py)
+    # (VisionZip's keys, see runtime/visionzip.py)
 
 
 class PartTimer:

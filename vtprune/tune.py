@@ -17,7 +17,6 @@ The result is saved as a JSON file holding the `PruneConfig` and the search reco
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -27,34 +26,12 @@ from typing import Any
 
 import torch
 
-from vtprune.config import ConfigError, PruneConfig
+from vtprune.config import TUNED_FORMAT, ConfigError, PruneConfig, is_config_path, load_config
+from vtprune.tunable import Param
 
-TUNED_FORMAT = "vtprune-tuned/1"
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched hyperparameter: ``kind`` ``"int"`` / ``"float"`` (uniform in [low, high]), ``"log"``
-    (log-uniform), or ``"choice"`` (one of ``choices``)."""
-
-    kind: str
-    low: float = 0.0
-    high: float = 1.0
-    choices: tuple = ()
-
-    def sample(self, rng: random.Random) -> Any:
-        if self.kind == "choice":
-            return rng.choice(list(self.choices))
-        if self.kind == "int":
-            return rng.randint(int(self.low), int(self.high))
-        if self.kind == "log":
-            return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
-        return float(rng.uniform(self.low, self.high))
-
-    def contains(self, value: Any) -> bool:
-        if self.kind == "choice":
-            return value in self.choices
-        return self.low <= value <= self.high
+# Param (vtprune.tunable), load_config and is_config_path (vtprune.config) live lower down: re-exported here
+__all__ = ["Param", "TuneResult", "calibration_batches", "fidelity", "is_config_path", "load_config",
+           "random_search", "search_space", "tune"]
 
 
 @dataclass
@@ -76,29 +53,6 @@ class TuneResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
-
-
-def load_config(path: str | os.PathLike) -> PruneConfig:
-    """A `PruneConfig` from a tuned file (`TuneResult.save`) or a plain ``PruneConfig.to_json`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; write one with `vtprune tune ... --out FILE`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not JSON ({exc})") from None
-    if isinstance(data, dict) and data.get("format") == TUNED_FORMAT:
-        data = data["config"]
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} holds no PruneConfig object")
-    return PruneConfig.from_dict(data)
-
-
-def is_config_path(value: Any) -> bool:
-    """Whether a string passed as ``config`` names a file rather than a method (methods hold no '/' or '.json')."""
-    if isinstance(value, os.PathLike):
-        return True
-    return isinstance(value, str) and (value.endswith(".json") or os.sep in value or os.path.isfile(value))
 
 
 def search_space(model: Any, method: str, options: dict[str, Any] | None = None,
@@ -242,7 +196,7 @@ def calibration_batches(model: Any, processor: Any, images: Sequence[Any], quest
                         batch_size: int = 8) -> list[dict]:
     """Left-padded processor batches of one-image prompts in the model's format (``questions`` cycle; default:
     a generic question)."""
-    from vtprune.cli import QUESTION, default_prompt
+    from vtprune.loading import QUESTION, default_prompt
 
     if not images:
         raise ConfigError("tune needs at least one calibration image")

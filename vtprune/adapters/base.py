@@ -1,15 +1,14 @@
-"""Adapter base class and registry: what a model family must tell vtprune, and the shared hook logic.
+"""Adapter base class and registry: what a model family must tell vtprune.
 
-An adapter names the model's parts (the core module whose ``forward`` receives ``input_ids`` and
-``pixel_values``, the decoder layers, the vision attention modules) and describes the visual tokens of
-each image (`ImageTokens`). Everything else, per-call phase tracking, pre-LLM shortening and the
-in-LLM layer hooks, is shared.
+An adapter describes the model: its parts (the core module whose ``forward`` receives ``input_ids`` and
+``pixel_values``, the decoder layers, the vision attention modules), the visual tokens of each image
+(`ImageTokens`) and the layout they make (`build_layout`), how positions follow a shortened prompt, and
+how to collect the signals a method declares (vision-side score rows, features). It installs nothing
+itself: the runtime (`vtprune.runtime`) does, through this description.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,15 +17,10 @@ import torch
 from torch import nn
 
 from vtprune.adapters.attention_rows import vit_cls_attention
-from vtprune.adapters.flowcut_stage import flowcut_hooks
-from vtprune.adapters.llm_stage import LLMStageHooks
-from vtprune.adapters.pre_llm_stage import shorten_decode_inputs, shorten_prefill_inputs
-from vtprune.adapters.visionzip_stage import recycling_hooks
 from vtprune.config import ConfigError
 from vtprune.kernels import compact
-from vtprune.layout import VisualLayout, last_true
-from vtprune.scorers.base import IN_LLM, PRE_LLM, VISION_CLS_ATTENTION
-from vtprune.state import PruneState, Session, VisionRecord, cache_length, cache_of
+from vtprune.layout import VisualLayout
+from vtprune.state import PruneState, Session, VisionRecord
 
 
 class UnsupportedModelError(TypeError):
@@ -124,28 +118,6 @@ def _expanded_record(state: PruneState, rec: VisionRecord, enc: Any) -> VisionRe
     return VisionRecord(enc, sizes, rec.strategy, len(idx), cls, list(enc.pooler_output))
 
 
-class _InstanceWrap:
-    """Shadow a bound method on one instance with ``wrapper(original, *args, **kwargs)``; ``remove()`` undoes it."""
-
-    def __init__(self, obj: Any, name: str, wrapper) -> None:
-        self.obj, self.name = obj, name
-        original = getattr(obj, name)
-        self.had_instance_attr = name in vars(obj)
-        self.previous = vars(obj).get(name)
-
-        @functools.wraps(original)  # keeps the signature: generate() inspects it to route pixel inputs
-        def wrapped(*args, **kwargs):
-            return wrapper(original, *args, **kwargs)
-
-        object.__setattr__(obj, name, wrapped)
-
-    def remove(self) -> None:
-        if self.had_instance_attr:
-            object.__setattr__(self.obj, self.name, self.previous)
-        else:
-            vars(self.obj).pop(self.name, None)
-
-
 class Adapter:
     """Base class of model adapters, registered by ``config.model_type``.
 
@@ -239,8 +211,14 @@ class Adapter:
         """Patch grid side of a square single-crop image (LLaVA-1.5: 24) where padding detection applies."""
         return None
 
+    # capabilities a method may require (`Scorer.requires`) that this family lacks: name -> why (the error)
+    lacks: ClassVar[dict[str, str]] = {}
+
     def check_scorer(self, scorer: Any) -> None:
         """Raise `ConfigError` for a method this model family cannot run (before the scorer binds)."""
+        for need in sorted(scorer.requires):
+            if need in self.lacks:
+                raise ConfigError(self.lacks[need])
 
     def min_layer(self) -> int:
         """The smallest decoder layer after which in-LLM pruning may drop tokens."""
@@ -340,8 +318,9 @@ class Adapter:
         for key in ("pixel_values", "image_sizes", "mm_encoder_outputs"):
             kwargs.pop(key, None)
 
-    def extra_hooks(self, state: PruneState) -> list:
-        """Family-specific hooks (handles with ``remove()``)."""
+    def extra_hooks(self, state: PruneState, features: bool = False) -> list:
+        """Family-specific hooks (handles with ``remove()``). ``features``: the method merges in the
+        projector's input space, so the vision features entering the projector must be recorded."""
         return []
 
     # ---- vision-side scores ---------------------------------------------------------------------
@@ -353,223 +332,6 @@ class Adapter:
     def finish_vision_scores(self, modality: str, summed: torch.Tensor, bound: dict[str, Any]) -> torch.Tensor:
         """Turn the summed rows of one encoder call into the recorded ``cls_attention``."""
         return summed
-
-    # ---- shared machinery ---------------------------------------------------------------------
-    def install(self, state: PruneState) -> list:
-        """Register every hook ``state`` needs; returns their handles (all or none are installed)."""
-        core = self.core()
-        cls_modules = []
-        if state.scorer.needs_signal(VISION_CLS_ATTENTION):
-            cls_modules = [self.vision_attention(layer) for layer in self.cls_layers(state)]  # validates first
-        handles: list = []
-        try:
-            handles.append(core.register_forward_pre_hook(self._make_pre_hook(state), with_kwargs=True))
-            # the cache the LLM fills may be created inside its forward: record it at the first layer
-            handles.append(self.decoder_layers()[0].register_forward_pre_hook(
-                self._make_cache_hook(state), with_kwargs=True))
-            handles.append(core.register_forward_hook(self._make_post_hook(state), with_kwargs=True))
-            for modality, name in self.encoders.items():
-                handles.append(_InstanceWrap(self.encoder_owner(), name, self._make_vision_wrapper(state, modality)))
-            if state.stage == IN_LLM or state.schedule:  # in-LLM, or LLM stages after a pre-LLM one
-                handles += LLMStageHooks(state, self.decoder_layers()).install()
-            for module in cls_modules:
-                handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
-            handles += self.extra_hooks(state)
-            handles += state.scorer.model_hooks(self, state)
-            handles += recycling_hooks(self, state)  # VisionZip's key recording (no hook otherwise)
-            handles += flowcut_hooks(self, state)  # FlowCut's vision and LLM stages (no hook otherwise)
-        except Exception:
-            for handle in reversed(handles):
-                handle.remove()
-            raise
-        return handles
-
-    def cls_layers(self, state: PruneState) -> list[int]:
-        chosen = getattr(state.scorer, "vision_layer", None)
-        if chosen is None:
-            chosen = self.default_vision_layer()
-        return [chosen] if isinstance(chosen, int) else list(chosen)
-
-    def _make_cls_hook(self, state: PruneState):
-        def hook(module, args, kwargs):
-            if state.enabled:
-                with state.timer.part("score"):
-                    row = self.vision_score_row(module, args, kwargs)
-                    acc = state.cls_accumulator
-                    state.cls_accumulator = row if acc is None else acc + row
-            return None
-
-        return hook
-
-    def _make_vision_wrapper(self, state: PruneState, modality: str):
-        def wrapper(original, *args, **kwargs):
-            if state.encoding:  # nested call (Qwen3-VL's video encoder runs the image encoder)
-                return original(*args, **kwargs)
-            state.cls_accumulator = None
-            state.vision_extras = {}
-            state.encoding = True
-            bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
-            bound.update(bound.pop("kwargs", {}) or {})
-            self.encoding_geometry = self.host_geometry(modality, bound)
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                state.encoding = False
-                self.encoding_geometry = None
-            pooled = self.encoder_features(modality, out, bound)
-            scores = state.cls_accumulator
-            if scores is not None:
-                scores = self.finish_vision_scores(modality, scores, bound)
-            record = VisionRecord(
-                output=out,
-                geometry=self.record_geometry(modality, bound),
-                strategy=bound.get("vision_feature_select_strategy"),
-                n_images=len(pooled),
-                cls_attention=scores,
-                features=list(pooled),
-                pixel_values=self.encoder_pixels(modality, bound),
-                extras=state.vision_extras or {},
-            )
-            setattr(state, "video_record" if modality == "video" else "vision_record", record)
-            state.cls_accumulator = None
-            state.vision_extras = None
-            return out
-
-        return wrapper
-
-    @staticmethod
-    def _make_cache_hook(state: PruneState):
-        def hook(module, args, kwargs):
-            sess = state.session
-            cache = cache_of(kwargs)
-            sess.step_cache = cache
-            if sess.phase == "prefill" and cache is not None:
-                check_cache(cache, uniform=state.uniform_cache)
-                sess.cache = cache
-            return None
-
-        return hook
-
-    @staticmethod
-    def _make_post_hook(state: PruneState):
-        """Remember the cache the core returned: transformers 4.x returns a new legacy tuple every call."""
-        def hook(module, args, kwargs, output):
-            sess = state.session
-            returned = cache_of(output) if isinstance(output, dict) else None
-            if sess.phase in ("prefill", "decode") and isinstance(returned, (tuple, list)):
-                sess.cache = returned
-            return None
-
-        return hook
-
-    def _make_pre_hook(self, state: PruneState):
-        signature = inspect.signature(self.core().forward)
-
-        def hook(module, args, kwargs):
-            if not state.enabled:
-                state.session = Session()
-                return None
-            if args:
-                kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
-                kwargs.update(kwargs.pop("kwargs", {}) or {})
-            return self._on_forward(state, kwargs)
-
-        return hook
-
-    def _on_forward(self, state: PruneState, kwargs: dict[str, Any]):
-        cache = cache_of(kwargs)
-        sess = state.session
-        if self._continues(sess, cache, kwargs):
-            if sess.cache is not cache or sess.phase == "off":
-                check_cache(cache, uniform=state.uniform_cache)
-                state.session = Session()  # a cache vtprune did not prune: pass through
-                return None
-            if state.stage == PRE_LLM or sess.keep_seq is not None:
-                sess.phase = "decode"
-            sess.step_masks = {}
-            step = _query_length(kwargs)
-            if state.stage == PRE_LLM and sess.pre_index is not None:
-                shorten_decode_inputs(sess, kwargs)
-                self.decode_positions(sess, kwargs)
-                sess.decoded += step
-                return (), kwargs
-            sess.decoded += step
-            return None
-        # a new prefill
-        check_cache(cache, uniform=state.uniform_cache)
-        sess = state.session = Session()
-        input_ids = kwargs.get("input_ids")
-        embeds = kwargs.get("inputs_embeds")
-        ref = input_ids if input_ids is not None else embeds
-        if ref is None:
-            return None
-        mask2d = kwargs.get("attention_mask")
-        kinds = self.token_kinds(input_ids, embeds)
-        if isinstance(mask2d, dict) or (mask2d is not None and mask2d.dim() == 4):
-            if is_static_cache(cache) and state.uniform_cache:  # generate() built the masks of a static cache
-                mask2d = kwargs["attention_mask"] = validity_from_4d(full_attention_mask(mask2d), ref.shape[1])
-            elif isinstance(mask2d, dict):
-                mask2d = full_attention_mask(mask2d)
-        if mask2d is not None and mask2d.dim() != 2:
-            if not bool(kinds.any()):
-                state.stats = None
-                return None
-            raise ValueError(
-                "vtprune needs a 2D attention_mask [batch, seq] (or None) at prefill, got shape "
-                f"{tuple(mask2d.shape)}; pass the tokenizer's attention_mask"
-            )
-        valid = (mask2d.bool() if mask2d is not None
-                 else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device))
-        # the prefill's one read of device memory: token kinds and validity, from which every count is known
-        host = torch.stack([kinds, valid.to(kinds.dtype)]).cpu()
-        host_kinds, host_valid = host[0], host[1].bool()
-        if not bool(host_kinds.any()):
-            state.stats = None
-            return None
-        images = self.image_inputs(state, kwargs)
-        self.begin_prefill(sess, valid, kinds, images, host_kinds, host_valid)
-        sess.cache = cache
-        if state.stage == PRE_LLM:
-            shorten_prefill_inputs(self, state, kwargs, images, kinds > 0)
-            return (), kwargs
-        return None
-
-    @staticmethod
-    def _continues(sess: Session, cache: Any, kwargs: dict[str, Any]) -> bool:
-        """Whether this forward continues a cached sequence (a decode step) rather than starting one.
-
-        Dynamic and legacy caches tell by their (host-known) shapes. A static cache keeps its length on the
-        device, so for the cache this session filled the answer comes from host facts instead: no new
-        image inputs, and a 2D mask as long as the prompt plus the tokens decoded since.
-        """
-        if cache is None:
-            return False
-        if not is_static_cache(cache):
-            return cache_length(cache) > 0
-        if cache is sess.cache and sess.phase in ("prefill", "decode"):
-            if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")):
-                return False
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                return int(mask.shape[1]) == sess.seq_len + sess.decoded + _query_length(kwargs)
-            return True
-        return bool(cache_length(cache) > 0)  # a cache this session did not fill: read its length once
-
-    def begin_prefill(self, sess: Session, valid: torch.Tensor, kinds: torch.Tensor, images: Any,
-                      host_kinds: torch.Tensor | None = None, host_valid: torch.Tensor | None = None) -> None:
-        """Fill a new prefill's session: ``valid`` ``[B, N]`` real tokens, ``kinds`` ``[B, N]`` (`token_kinds`),
-        and their host copies (read here when not given)."""
-        if host_kinds is None or host_valid is None:
-            host = torch.stack([kinds, valid.to(kinds.dtype)]).cpu()
-            host_kinds, host_valid = host[0], host[1].bool()
-        sess.attention_2d = valid
-        sess.host_valid = host_valid
-        sess.query_pos = last_true(valid)
-        sess.seq_len = sess.llm_len = int(valid.shape[1])
-        sess.phase = "prefill"
-        sess.kinds = kinds
-        sess.host_kinds = host_kinds
-        sess.layout = self.build_layout(images, host_kinds, kinds.device)
 
     def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         """``[B, N]`` long: 0 for text, ``i + 1`` for the ``i``-th id of `visual_token_ids`."""
@@ -641,64 +403,6 @@ def build_layout(visual: torch.Tensor, images: list[ImageTokens], device: torch.
         off += n
     return VisualLayout(positions, image, prunable, source, coords, seq_len=visual.shape[1],
                         host_image=host_img, host_prunable=host_prunable)
-
-
-def full_attention_mask(mask: Any) -> torch.Tensor:
-    """The full-attention entry of a per-attention-type mask dict (Qwen-VL under a static cache), or ``mask``."""
-    if isinstance(mask, dict):
-        return mask.get("full_attention", next(iter(mask.values())))
-    return mask
-
-
-def validity_from_4d(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """``[B, n]`` long validity of a prefill from generate()'s 4D mask ``[B, 1, n, L]`` (a static cache's): the
-    last prompt row attends exactly to the real tokens before it (bool: True attends; float: 0 attends)."""
-    row = mask[:, 0, n - 1, :n]
-    return (row if row.dtype == torch.bool else row == 0).long()
-
-
-def _query_length(kwargs: dict[str, Any]) -> int:
-    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    return int(ref.shape[1]) if ref is not None else 0
-
-
-def is_static_cache(cache: Any) -> bool:
-    """Whether ``cache`` is a transformers-5 cache whose layers are all full-attention static layers."""
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return False
-    from transformers.cache_utils import StaticLayer
-
-    return all(type(layer) is StaticLayer for layer in layers)
-
-
-def check_cache(cache: Any, uniform: bool = False) -> None:
-    """Only a plain DynamicCache (full-attention layers) can hold layers of different lengths; when every
-    layer keeps the same tokens (``uniform``: pruning before the LLM only) a full-attention StaticCache works
-    too."""
-    if cache is None:
-        return
-    from transformers.cache_utils import DynamicCache
-
-    if isinstance(cache, (tuple, list)):  # transformers 4.x legacy cache: one (key, value) pair per layer
-        ok = all(isinstance(entry, (tuple, list)) and len(entry) == 2 for entry in cache)
-    elif not hasattr(cache, "layers"):  # transformers 4.x DynamicCache: per-layer key/value lists
-        ok = type(cache) is DynamicCache
-    else:
-        from transformers.cache_utils import DynamicLayer
-
-        ok = isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
-        ok = ok or (uniform and is_static_cache(cache))
-    if not ok:
-        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
-        static = ("a full-attention StaticCache (cache_implementation='static') works with methods that prune "
-                  "before the LLM only (cls, random, uniform, visionzip, divprune, ...); " if not uniform else "")
-        raise UnsupportedModelError(
-            f"vtprune supports only DynamicCache with full-attention layers, got {type(cache).__name__} "
-            f"(layers: {kinds or 'n/a'}). Pruned layers cache fewer entries than unpruned ones, which "
-            "static, quantized, offloaded and sliding-window caches cannot hold; "
-            f"{static}otherwise use the default cache (do not pass cache_implementation=...) or pass a DynamicCache()."
-        )
 
 
 _ADAPTERS: dict[str, type[Adapter]] = {}

@@ -10,10 +10,10 @@ vtprune wraps that method on the instance (no fork, no source change) and calls 
 text tokens get label 0, and the method itself marks every spliced feature row ``IGNORE_INDEX``, so
 the rows it returns as ``IGNORE_INDEX`` on real (unpadded) positions are exactly the visual tokens,
 whatever the padding side, the truncation to ``tokenizer_model_max_length`` or the number of images.
-The caller's own labels, if any, are moved to their new positions. Everything after that (pre-LLM
-shortening, in-LLM dropping after layer K, the decode steps) is the shared machinery of
-`vtprune.adapters.base`, running on the repository's ``LlamaModel`` under transformers 4.37 (its pin)
-or 5.x.
+The caller's own labels, if any, are moved to their new positions. That wrapping is the runtime's
+(`vtprune.runtime.llava_repo`); everything after it (pre-LLM shortening, in-LLM dropping after layer K,
+the decode steps) is the shared runtime, running on the repository's ``LlamaModel`` under transformers
+4.37 (its pin) or 5.x. This module only describes the model.
 
 Supported: LLaVA-1.5-style checkpoints (``mm_patch_merge_type="flat"``, ``mm_vision_select_feature``
 ``"patch"`` or ``"cls_patch"``, any number of images per prompt), every method but FlowCut (VisionZip
@@ -35,17 +35,12 @@ from vtprune.adapters.base import (
     ImageInputs,
     ImageTokens,
     UnsupportedModelError,
-    _InstanceWrap,
-    check_cache,
     register_adapter,
     transformers_version,
 )
 from vtprune.adapters.llava import clip_layer_attention
-from vtprune.adapters.pre_llm_stage import shorten_prefill_inputs
-from vtprune.config import ConfigError
-from vtprune.kernels import compact
-from vtprune.scorers.base import PRE_LLM, VISION_FEATURES
-from vtprune.state import PruneState, Session, VisionRecord, cache_of
+from vtprune.signals import VISION_FEATURES
+from vtprune.state import PruneState, VisionRecord
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX
@@ -175,22 +170,16 @@ class LlavaRepoAdapter(Adapter):
     def _grid(self) -> int:
         return int(self._tower().num_patches_per_side)
 
-    def check_scorer(self, scorer: Any) -> None:
-        from vtprune.adapters.flowcut_stage import flowcut_host
-        from vtprune.scorers.compose import innermost
-
-        if hasattr(innermost(scorer), "select_and_merge"):
-            raise ConfigError(
-                "vflowopt is not supported on the original LLaVA codebase yet (its LLM stages after the pre-LLM "
-                "one need the shortened prompt re-based inside the repository's generate); use it with "
-                "LlavaForConditionalGeneration"
-            )
-        if flowcut_host(scorer) is not None:
-            raise ConfigError(
-                "flowcut is not supported on the original LLaVA codebase yet (its vision stage masks keys "
-                "inside transformers' LLaVA vision tower); use it with LlavaForConditionalGeneration, or pick "
-                "cls, vtc-cls, visionzip, fastv, random, uniform, debias, sink or ensemble here"
-            )
+    lacks = {
+        "pre_llm_then_llm": (
+            "vflowopt is not supported on the original LLaVA codebase yet (its LLM stages after the pre-LLM "
+            "one need the shortened prompt re-based inside the repository's generate); use it with "
+            "LlavaForConditionalGeneration"),
+        "vision_tower_masking": (
+            "flowcut is not supported on the original LLaVA codebase yet (its vision stage masks keys "
+            "inside transformers' LLaVA vision tower); use it with LlavaForConditionalGeneration, or pick "
+            "cls, vtc-cls, visionzip, fastv, random, uniform, debias, sink or ensemble here"),
+    }
 
     # ---- VisionZip's merge space: the tower's feature layer, before mm_projector -------------------
     def merge_features(self, images: Any) -> torch.Tensor:
@@ -222,65 +211,11 @@ class LlavaRepoAdapter(Adapter):
     def encoder_pixels(self, modality: str, bound: dict[str, Any]) -> Any:
         return bound.get("images")
 
-    # ---- the prefill inputs -----------------------------------------------------------------
-    def extra_hooks(self, state: PruneState) -> list:
-        from vtprune.adapters.visionzip_stage import recycling_host
-
-        handles = [_InstanceWrap(self.model, "prepare_inputs_labels_for_multimodal", self._make_prepare(state))]
-        if recycling_host(state.scorer) is not None or state.scorer.needs_signal(VISION_FEATURES):
-            handles.append(self._tower().vision_tower.register_forward_hook(self._feature_hook(state), with_kwargs=True))
-        return handles
-
-    def _make_prepare(self, state: PruneState):
-        adapter = self
-
-        def wrapper(original, input_ids, position_ids, attention_mask, past_key_values, labels, images,
-                    image_sizes=None):
-            args = (input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
-            if (not state.enabled or images is None or input_ids is None or input_ids.shape[1] == 1
-                    or adapter._tower() is None):
-                return original(*args)
-            mask_in = (attention_mask.bool() if attention_mask is not None
-                       else torch.ones_like(input_ids, dtype=torch.bool))
-            probe = torch.zeros_like(input_ids)  # text: 0; the method marks spliced features IGNORE_INDEX
-            state.vision_record = None
-            _, pos, mask_out, cache, embeds, probe_out = original(
-                input_ids, position_ids, mask_in, past_key_values, probe, images, image_sizes)
-            valid = mask_out.bool()
-            visual = (probe_out == IGNORE_INDEX) & valid
-            prefill = RepoPrefill(embeds, visual, tiles_per_image(images), state.vision_record)
-            new_labels = None if labels is None else moved_labels(labels, input_ids, mask_in, probe_out, valid)
-            mask_ret = None if attention_mask is None else mask_out.to(attention_mask.dtype)
-            if state.stage == PRE_LLM and bool(visual.any()):
-                return adapter._shorten(state, prefill, valid, pos, mask_ret, cache, new_labels)
-            adapter._pending = prefill  # in-LLM pruning: the LLM forward that follows picks it up
-            return None, pos, mask_ret, cache, embeds, new_labels
-
-        return wrapper
-
-    def _shorten(self, state: PruneState, prefill: RepoPrefill, valid: torch.Tensor, pos: Any, mask: Any,
-                 cache: Any, labels: torch.Tensor | None) -> tuple:
-        """Pre-LLM pruning, done where the repository builds the LLM input.
-
-        The shortened ``inputs_embeds``, mask, positions and labels go back to the caller (``forward`` or
-        ``generate``), so everything downstream (transformers 4.37's generate, which sizes decode inputs
-        from the cache length, included) sees one consistent, shorter prompt and needs no remapping.
-        """
-        sess = state.session = Session()
-        images = ImageInputs(None, prefill.tiles, None, None, prefill.record)
-        self.begin_prefill(sess, valid, prefill.visual.long(), images)
-        kwargs = {"inputs_embeds": prefill.embeds, "attention_mask": mask, "position_ids": pos}
-        shorten_prefill_inputs(self, state, kwargs, images, prefill.visual, trim_padding=True)
-        if labels is not None:
-            labels = compact(labels, sess.pre_index).masked_fill(~sess.pre_valid, IGNORE_INDEX)
-        state.session = Session()  # nothing to remap later: the LLM runs a plain, shorter prompt
-        return None, kwargs.get("position_ids"), kwargs.get("attention_mask"), cache, kwargs["inputs_embeds"], labels
-
-    def _on_forward(self, state: PruneState, kwargs: dict[str, Any]):
-        if state.stage == PRE_LLM:  # pruned in prepare_inputs_labels_for_multimodal already
-            check_cache(cache_of(kwargs))
-            return None
-        return super()._on_forward(state, kwargs)
+    # ---- the prefill inputs ----------------------------------------------------------------------
+    def extra_hooks(self, state: PruneState, features: bool = False) -> list:
+        if features or state.scorer.needs_signal(VISION_FEATURES):
+            return [self._tower().vision_tower.register_forward_hook(self._feature_hook(state), with_kwargs=True)]
+        return []
 
     def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         ref = input_ids if input_ids is not None else embeds

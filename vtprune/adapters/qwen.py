@@ -364,7 +364,7 @@ class Qwen3VLAdapter(_QwenFamily):
         short_visual = compact(visual & ~dropped, sess.pre_index) & sess.pre_valid
         sess.deepstack = (short_visual, embeds)
 
-    def extra_hooks(self, state: PruneState) -> list:
+    def extra_hooks(self, state: PruneState, features: bool = False) -> list:
         def hook(module, args, kwargs):
             sess = state.session
             pending = sess.deepstack

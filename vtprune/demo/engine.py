@@ -135,7 +135,7 @@ class DemoEngine:
     model instance, so two requests must never interleave."""
 
     def __init__(self, model, processor, *, max_new_tokens: int = 8, repeats: int = 3, name: str = "model"):
-        from vtprune.cli import default_prompt
+        from vtprune.loading import default_prompt
 
         self.model, self.processor, self.name = model.eval(), processor, name
         self.max_new_tokens, self.repeats = max_new_tokens, repeats

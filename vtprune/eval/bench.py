@@ -68,13 +68,13 @@ class BenchError(ValueError):
 
 def build(arch: str, size: str, device: torch.device, dtype: torch.dtype, batch: int):
     """``(model, inputs)``: a random-weight model of ``arch`` at ``size`` and a ``batch`` of prompts."""
-    from vtprune.cli import _synthetic_image, default_prompt
+    from vtprune.loading import default_prompt, synthetic_image
 
     if arch not in ARCHS:
         raise BenchError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if size not in SIZES:
         raise BenchError(f"unknown --size {size!r}; choose one of {', '.join(SIZES)}")
-    images = [_synthetic_image(i) for i in range(batch)]  # 500 x 400
+    images = [synthetic_image(i) for i in range(batch)]  # 500 x 400
     with torch.device(device):
         if arch in ("llava", "llava-next"):
             from vtprune.toy.tiny import tiny_llava, tiny_llava_processor

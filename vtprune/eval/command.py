@@ -49,7 +49,7 @@ def resolve_dtype(name: str, device):
 def load_eval_model(name: str, device, dtype):
     """The model (on ``device``, in ``dtype``, eval mode) and its processor; a checkpoint directory that
     cannot be loaded raises `EvalError`."""
-    from vtprune.cli import load_model
+    from vtprune.loading import load_model
 
     try:
         model, processor = load_model(name, dtype=dtype)
@@ -103,8 +103,8 @@ def save_overlays(runs, task, model, processor, where: Path) -> dict[str, Any]:
 
 def config_cells(paths: list[str]) -> list:
     """One cell per config file (`vtprune tune --out`, or ``PruneConfig.to_json``), labelled with its name."""
+    from vtprune.config import load_config
     from vtprune.eval.runner import Cell
-    from vtprune.tune import load_config
 
     cells = []
     for path in paths:
@@ -117,12 +117,12 @@ def run_eval(args) -> int:
     """Run ``vtprune eval`` for parsed ``args`` (see `vtprune.cli.build_parser`)."""
     import torch
 
-    from vtprune.cli import _parse_options, default_prompt, resolve_model
     from vtprune.eval import report
     from vtprune.eval.distributed import finish, gather_to_main, init_process_group, launched_shard
     from vtprune.eval.memory import memory_measure
     from vtprune.eval.runner import Runner, build_cells, merge_runs, validate_cells
     from vtprune.eval.tasks import load_task
+    from vtprune.loading import default_prompt, parse_options, resolve_model
 
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -135,7 +135,7 @@ def run_eval(args) -> int:
 
     task = load_task(args.task, args.limit, args.seed)
     resolve_model(args.model)
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     cells = build_cells(args.method, args.keep, args.layer, options)
     cells += config_cells(configs)
     shard = launched_shard()

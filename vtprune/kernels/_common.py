@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +73,51 @@ def requested_backend(backend: str | None) -> str:
             "imported; install it (pip install 'vtprune[triton]') or use backend='torch'"
         )
     return backend
+
+
+ENV_TRITON_MIN_ELEMENTS = "VTPRUNE_TRITON_MIN_ELEMENTS"
+
+# Smallest output (elements) for which backend="auto" launches Triton; smaller outputs run on torch,
+# where one index_select beats a kernel launch plus its argument checks. PROVISIONAL, not yet measured
+# as a crossover on a GPU. The H100 table in docs/kernels.md has compact at 0.95-1.04x for B=1
+# outputs of 0.26-0.79M elements and 1.9x at 2.1M (B=8, K=64), so 1 << 20 sits between them.
+# recycle has a lower default: torch's reference is a dozen launches (gather, scatter_add, cat),
+# and Triton beat it 3.5x even at the smallest measured output (B=1, K=64 + R=16, D=4096: 0.33M).
+TRITON_MIN_ELEMENTS = {"compact": 1 << 20, "recycle": 1 << 16}
+
+
+def triton_min_elements(op: str = "compact") -> int:
+    """The threshold of ``op`` (``"compact"`` or ``"recycle"``): ``$VTPRUNE_TRITON_MIN_ELEMENTS`` when set
+    (one value for both ops; 0 sends every fitting CUDA input to Triton), else `TRITON_MIN_ELEMENTS`."""
+    if op not in TRITON_MIN_ELEMENTS:
+        raise ValueError(f"vtprune.kernels: no Triton threshold for op {op!r}; ops: {sorted(TRITON_MIN_ELEMENTS)}")
+    text = os.environ.get(ENV_TRITON_MIN_ELEMENTS, "").strip()
+    if not text:
+        return TRITON_MIN_ELEMENTS[op]
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f"vtprune.kernels: environment variable {ENV_TRITON_MIN_ELEMENTS} must be a non-negative integer "
+            f"(output elements, e.g. 1048576), got {text!r}"
+        )
+    return value
+
+
+def use_triton(numel: int, unsupported: str | None = None, *, op: str = "compact",
+               min_elements: int | None = None) -> bool:
+    """Whether ``backend="auto"`` runs the Triton kernel for an output of ``numel`` elements.
+
+    False when the kernel cannot take the inputs (``unsupported``: the reason, e.g. CPU tensors or
+    triton missing) or the output is smaller than ``min_elements`` (default `triton_min_elements`
+    of ``op``); True otherwise. A pure decision: forced backends never consult it.
+    """
+    if unsupported is not None:
+        return False
+    threshold = triton_min_elements(op) if min_elements is None else min_elements
+    return numel >= threshold
 
 
 def _check_index(name: str, op: str, t: torch.Tensor, batch: int, x: torch.Tensor, width: int | None = None):
@@ -198,3 +244,52 @@ def as_3d(x: torch.Tensor) -> torch.Tensor | None:
     if d > 1 and v.stride(2) != 1:
         return None
     return v
+
+
+class RecycleOutput(NamedTuple):
+    """Result of :func:`recycle`.
+
+    Attributes:
+        out: ``[B, K + R, ...]`` (``into="new"``) or ``[B, K, ...]`` (``into="kept"``), ``x.dtype``.
+        lengths: ``[B]`` int64, number of valid (prefix) rows of ``out`` per sample.
+    """
+
+    out: torch.Tensor
+    lengths: torch.Tensor
+
+
+def slot_validity(merge_slot: torch.Tensor, num_slots: int, into: str, lengths: torch.Tensor | None):
+    """``(slot, valid)``: ``merge_slot`` as int64 and whether each entry targets a real slot (see `recycle`)."""
+    slot = merge_slot.long()
+    valid = (slot >= 0) & (slot < num_slots)
+    if into == "kept" and lengths is not None:
+        valid &= slot < lengths.long().unsqueeze(1)
+    return slot, valid
+
+
+def build_slot_csr(
+    merge_index: torch.Tensor,
+    merge_slot: torch.Tensor,
+    merge_weight: torch.Tensor,
+    num_slots: int,
+    into: str,
+    lengths: torch.Tensor | None,
+):
+    """Group merged tokens by slot (compressed rows), on the tensors' device, without a host sync.
+
+    Returns ``members [B, M]`` int64 token ids and ``weights [B, M]`` float32 sorted by slot (stable),
+    and ``offsets [B, S + 1]`` int32: slot ``s`` of sample ``b`` owns ``members[b, offsets[b, s]:
+    offsets[b, s + 1]]``. Ignored entries sort past ``offsets[b, S]``.
+    """
+    B, M = merge_index.shape
+    slot, valid = slot_validity(merge_slot, num_slots, into, lengths)
+    if M == 0:
+        zeros = torch.zeros(B, num_slots + 1, dtype=torch.int32, device=merge_index.device)
+        return merge_index.long(), merge_weight.float(), zeros
+    key = torch.where(valid, slot, num_slots)
+    sorted_key, order = torch.sort(key, dim=1, stable=True)
+    members = merge_index.long().gather(1, order)
+    weights = merge_weight.float().gather(1, order)
+    bounds = torch.arange(num_slots + 1, device=key.device).expand(B, -1).contiguous()
+    offsets = torch.searchsorted(sorted_key.contiguous(), bounds, out_int32=True)
+    return members, weights, offsets

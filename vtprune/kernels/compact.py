@@ -13,6 +13,8 @@ and ``pad_value`` in rows ``lengths[b]:``; the entries of ``index`` past ``lengt
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vtprune.kernels._common import (
@@ -23,6 +25,7 @@ from vtprune.kernels._common import (
     needs_grad,
     requested_backend,
     triton_available,
+    use_triton,
 )
 
 
@@ -94,9 +97,11 @@ def compact(
     whichever backend runs. See :func:`compact_torch` for the arguments and the ragged layout.
 
     Args:
-        backend: ``"auto"`` (Triton for CUDA tensors when triton imports and the layout allows it,
-            else torch), ``"torch"`` or ``"triton"`` (raises ``KernelUnsupportedError`` when the
-            inputs don't fit the kernel). None reads ``$VTPRUNE_KERNEL_BACKEND`` (default "auto").
+        backend: ``"auto"`` (Triton for CUDA tensors when triton imports, the layout allows it and the
+            output has at least ``triton_min_elements("compact")`` elements (default 1 << 20, env
+            ``$VTPRUNE_TRITON_MIN_ELEMENTS``); else torch), ``"torch"`` or ``"triton"`` (raises
+            ``KernelUnsupportedError`` when the inputs don't fit the kernel). None reads
+            ``$VTPRUNE_KERNEL_BACKEND`` (default "auto").
 
     Autograd: supported through the torch path. ``"auto"`` sends inputs that require grad to torch;
     ``"triton"`` refuses them.
@@ -105,7 +110,8 @@ def compact(
     if choice == "torch":
         return compact_torch(x, index, lengths=lengths, pad_value=pad_value)
     check_compact_args(x, index, lengths)
-    if choice == "auto" and _triton_compact_reason(x, index, lengths) is not None:
+    numel = index.numel() * math.prod(x.shape[2:])  # of the output [B, N', ...]
+    if choice == "auto" and not use_triton(numel, _triton_compact_reason(x, index, lengths)):
         return compact_torch(x, index, lengths=lengths, pad_value=pad_value)
     from vtprune.kernels.triton_compact import triton_compact
 

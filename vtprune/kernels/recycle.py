@@ -29,39 +29,25 @@ choice; gather the kept ones with :func:`vtprune.kernels.compact`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
 
 import torch
 
 from vtprune.kernels._common import (
     TRITON_RECYCLE_DTYPES,
+    RecycleOutput,
     as_3d,
+    build_slot_csr,
     check_recycle_args,
     needs_grad,
     requested_backend,
+    slot_validity,
     triton_available,
+    use_triton,
 )
 from vtprune.kernels.compact import compact_torch
 
-
-class RecycleOutput(NamedTuple):
-    """Result of :func:`recycle`.
-
-    Attributes:
-        out: ``[B, K + R, ...]`` (``into="new"``) or ``[B, K, ...]`` (``into="kept"``), ``x.dtype``.
-        lengths: ``[B]`` int64, number of valid (prefix) rows of ``out`` per sample.
-    """
-
-    out: torch.Tensor
-    lengths: torch.Tensor
-
-
-def _slot_validity(merge_slot: torch.Tensor, num_slots: int, into: str, lengths: torch.Tensor | None):
-    slot = merge_slot.long()
-    valid = (slot >= 0) & (slot < num_slots)
-    if into == "kept" and lengths is not None:
-        valid &= slot < lengths.long().unsqueeze(1)
-    return slot, valid
+__all__ = ["RecycleOutput", "build_slot_csr", "recycle", "recycle_torch"]  # the first two live in _common
 
 
 def recycle_torch(
@@ -88,7 +74,7 @@ def recycle_torch(
     batch = torch.arange(B, device=x.device).unsqueeze(1)
     rows = xb[batch, merge_index.long()].reshape(B, merge_index.shape[1], D).to(acc_dtype)
 
-    slot, valid = _slot_validity(merge_slot, S, into, lengths)
+    slot, valid = slot_validity(merge_slot, S, into, lengths)
     key = torch.where(valid, slot, S)  # invalid entries land in a spare slot S that is dropped
     w = torch.where(valid, merge_weight.to(acc_dtype), 0)
     acc = torch.zeros(B, S + 1, D, dtype=acc_dtype, device=x.device)
@@ -118,34 +104,6 @@ def recycle_torch(
             out = out.scatter(1, pos.unsqueeze(2).expand(-1, -1, D), slots)
             out_len = lengths.long() + S
     return RecycleOutput(out.reshape(B, out.shape[1], *trailing), out_len)
-
-
-def build_slot_csr(
-    merge_index: torch.Tensor,
-    merge_slot: torch.Tensor,
-    merge_weight: torch.Tensor,
-    num_slots: int,
-    into: str,
-    lengths: torch.Tensor | None,
-):
-    """Group merged tokens by slot (compressed rows), on the tensors' device, without a host sync.
-
-    Returns ``members [B, M]`` int64 token ids and ``weights [B, M]`` float32 sorted by slot (stable),
-    and ``offsets [B, S + 1]`` int32: slot ``s`` of sample ``b`` owns ``members[b, offsets[b, s]:
-    offsets[b, s + 1]]``. Ignored entries sort past ``offsets[b, S]``.
-    """
-    B, M = merge_index.shape
-    slot, valid = _slot_validity(merge_slot, num_slots, into, lengths)
-    if M == 0:
-        zeros = torch.zeros(B, num_slots + 1, dtype=torch.int32, device=merge_index.device)
-        return merge_index.long(), merge_weight.float(), zeros
-    key = torch.where(valid, slot, num_slots)
-    sorted_key, order = torch.sort(key, dim=1, stable=True)
-    members = merge_index.long().gather(1, order)
-    weights = merge_weight.float().gather(1, order)
-    bounds = torch.arange(num_slots + 1, device=key.device).expand(B, -1).contiguous()
-    offsets = torch.searchsorted(sorted_key.contiguous(), bounds, out_int32=True)
-    return members, weights, offsets
 
 
 def _triton_recycle_reason(x: torch.Tensor, *tensors: torch.Tensor | None) -> str | None:
@@ -191,7 +149,8 @@ def recycle(
         keep_weight: ``[B, K]`` float weight of each kept token in its own mean (``into="kept"``).
         lengths: ``[B]`` int number of kept tokens per sample (ragged batch), else all K.
         pad_value: fill of padded output rows.
-        backend: as in :func:`vtprune.kernels.compact`.
+        backend: as in :func:`vtprune.kernels.compact`; ``"auto"`` takes Triton from
+            ``triton_min_elements("recycle")`` output elements (default 1 << 16).
 
     Returns:
         :class:`RecycleOutput` ``(out, lengths)``; layout in the module docstring.
@@ -204,8 +163,10 @@ def recycle(
     kwargs = dict(into=into, num_slots=num_slots, keep_weight=keep_weight, lengths=lengths, pad_value=pad_value)
     if choice == "torch":
         return recycle_torch(*args, **kwargs)
-    check_recycle_args(*args, into, num_slots, keep_weight, lengths)
-    if choice == "auto" and _triton_recycle_reason(*args, keep_weight, lengths) is not None:
+    slots = check_recycle_args(*args, into, num_slots, keep_weight, lengths)
+    rows = keep_index.shape[1] + (slots if into == "new" else 0)
+    numel = keep_index.shape[0] * rows * math.prod(x.shape[2:])
+    if choice == "auto" and not use_triton(numel, _triton_recycle_reason(*args, keep_weight, lengths), op="recycle"):
         return recycle_torch(*args, **kwargs)
     from vtprune.kernels.triton_compact import triton_recycle
 

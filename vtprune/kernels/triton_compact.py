@@ -3,7 +3,8 @@
 Layers: ``*_kernel`` (``@triton.jit``), launchers :func:`triton_compact` / :func:`triton_recycle`
 that check shapes, dtypes, devices and layout before launching, and the public dispatchers in
 :mod:`vtprune.kernels.compact` / :mod:`vtprune.kernels.recycle` (whose torch implementations are
-the references). Import this module only when triton is installed.
+the references). This module imports only :mod:`vtprune.kernels._common` from the package (the
+dispatchers import it, lazily, never the reverse). Import it only when triton is installed.
 
 Both kernels treat ``x`` as ``[Bx, N, D]`` with unit stride along D (trailing dims flattened) and any
 batch/token strides; ``Bx == 1`` broadcasts through a zero batch stride. Rows whose token id lies
@@ -26,12 +27,13 @@ from vtprune.kernels._common import (
     TRITON_COMPACT_DTYPES,
     TRITON_RECYCLE_DTYPES,
     KernelUnsupportedError,
+    RecycleOutput,
     as_3d,
+    build_slot_csr,
     check_compact_args,
     check_recycle_args,
     needs_grad,
 )
-from vtprune.kernels.recycle import RecycleOutput, build_slot_csr
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -215,7 +217,7 @@ BUCKET_MAX_S = 4096
 
 
 def bucket_slots(merge_index, merge_slot, merge_weight, num_slots: int, into: str, lengths, bucket_warps=None):
-    """Triton equivalent of :func:`vtprune.kernels.recycle.build_slot_csr` (one launch)."""
+    """Triton equivalent of :func:`vtprune.kernels._common.build_slot_csr` (one launch)."""
     B, M = merge_index.shape
     if M == 0 or M > BUCKET_MAX_M or num_slots + 1 > BUCKET_MAX_S:
         return build_slot_csr(merge_index, merge_slot, merge_weight, num_slots, into, lengths)

@@ -8,73 +8,22 @@ scorers that read it.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from vtprune.layout import VisualLayout
-
-# Signal names a scorer may list in `needs`.
-VISION_CLS_ATTENTION = "vision_cls_attention"
-LLM_ATTENTION = "llm_attention"
-HIDDEN_STATES = "hidden_states"
-PIXEL_VALUES = "pixel_values"
-VISION_FEATURES = "vision_features"
-INSTRUCTION = "instruction"
-SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES, VISION_FEATURES, INSTRUCTION)
-
-PRE_LLM = "pre-llm"
-IN_LLM = "llm"
-
-
-@dataclass
-class Signals:
-    """What a scorer can read. Per-sample lists hold one entry per sample of the batch.
-
-    - ``layout``: where the visual tokens are (`VisualLayout`).
-    - ``stage``: ``"pre-llm"`` or ``"llm"``; ``layer``: the decoder layer for ``"llm"``.
-    - ``keep``: the per-image budget of the config (for scorers that place tokens themselves).
-    - ``vision_cls_attention``: per sample ``[n_b]`` float32, head-mean attention of the vision encoder's
-      CLS query to each visual token (0 for tokens the encoder did not produce). On Qwen-VL, whose
-      towers have no CLS token: the attention each merged token's 2x2 patch group receives in a
-      full-attention block (mean over heads and queries of its image or frame).
-    - ``llm_attention``: per sample ``[n_b]`` float32, head-mean attention of the last prompt token at
-      decoder layer ``layer`` to each visual token (softmax over all keys).
-    - ``hidden_states``: per sample ``[n_b, D]``, visual token states at the pruning point (projected
-      image features pre-LLM, layer output in-LLM).
-    - ``pixel_values``: the pixel input of the call's image encoding, as the processor gave it (all
-      images of the call; LLaVA: ``[images or tiles, 3, H, W]``, Qwen-VL: flattened patches).
-    - ``vision_features``: pre-LLM, per sample ``[n_b, C]`` float, each visual token's vision feature as
-      it enters the projector (the encoder's feature layer; LLaVA-family models only), so that
-      ``projector(vision_features)`` gives the token's embedding.
-    - ``instruction`` (pre-LLM): per sample the real text tokens after the sample's last visual token:
-      ``instruction_embeds`` ``[T_b, D]`` (LLM input embeddings) and ``instruction_ids`` ``[T_b]`` (None
-      where the model was given embeddings only, as in the LLaVA repository).
-    - ``stage_index``: for staged in-LLM methods, which of the method's stages is selecting (0 first).
-    - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
-      (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
-    """
-
-    layout: VisualLayout
-    stage: str
-    layer: int | None = None
-    keep: int | float = 1.0
-    vision_cls_attention: list[torch.Tensor] | None = None
-    llm_attention: list[torch.Tensor] | None = None
-    hidden_states: list[torch.Tensor] | None = None
-    pixel_values: torch.Tensor | None = None
-    vision_features: list[torch.Tensor] | None = None
-    instruction_embeds: list[torch.Tensor] | None = None
-    instruction_ids: list[torch.Tensor] | None = None
-    stage_index: int = 0
-    extras: dict = field(default_factory=dict)
-
-    def require(self, name: str) -> Any:
-        value = getattr(self, "instruction_embeds" if name == INSTRUCTION else name)
-        if value is None:
-            raise RuntimeError(f"signal {name!r} was not provided by the adapter at stage {self.stage!r}")
-        return value
+from vtprune.signals import (  # noqa: F401  (the signal vocabulary, re-exported for scorers)
+    HIDDEN_STATES,
+    IN_LLM,
+    INSTRUCTION,
+    LLM_ATTENTION,
+    PIXEL_VALUES,
+    PRE_LLM,
+    SIGNALS,
+    VISION_CLS_ATTENTION,
+    VISION_FEATURES,
+    Signals,
+)
 
 
 class Scorer:
@@ -102,6 +51,10 @@ class Scorer:
     # whether `score` may return -inf for tokens it excludes (the selection then reads the finite counts
     # once per prefill); scorers that always return finite scores leave it False and select without a read
     excludes: ClassVar[bool] = False
+    # model capabilities the method needs beyond the signals (an adapter lacking one refuses the method,
+    # see `Adapter.lacks`): "vision_tower_masking" (pruning inside the vision tower), "pre_llm_then_llm"
+    # (LLM stages on a sequence shortened before the LLM)
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         """Return per sample a ``[n_b]`` float tensor: higher means keep."""
@@ -127,8 +80,26 @@ class Scorer:
         """Hooks a method installs on the model itself (handles with ``remove()``); default none."""
         return []
 
+    # ---- the method's own stage work (called by the runtime's default `MethodStage`) -------------
+    def stage_signals(self, signals: Signals, hooks: Any, hidden: torch.Tensor, layer: int) -> None:
+        """At an in-LLM pruning layer, add the method's own signals to ``signals`` (``hidden``: the layer's
+        output ``[B, N_cur, D]``; ``hooks``: the runtime's LLM-stage hooks, for the stage's RoPE and mask).
+        Default: nothing (the declared `needs` are enough)."""
+
+    def stage_select(self, scores: list[torch.Tensor], signals: Signals,
+                     hidden: torch.Tensor) -> tuple[list[torch.Tensor], dict] | None:
+        """At an in-LLM pruning layer, select itself: ``(kept indices per sample, {sample: (indices, [m, D]
+        rows written into kept slots)})``. Default None: the runtime's batched top-k."""
+        return None
+
+    def select_and_merge(self, scores: list[torch.Tensor], signals: Signals, embeds: torch.Tensor,
+                         budget: Any) -> tuple[list[torch.Tensor], torch.Tensor, list[int]] | None:
+        """Before the LLM, select and write merged features into kept slots: ``(kept per sample, embeds,
+        merged count per sample)``. Default None: the runtime's batched top-k, no merge."""
+        return None
+
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        """Options `vtprune tune` may search on this model: name -> ``(vtprune.tune.Param, current value)``.
+        """Options `vtprune tune` may search on this model: name -> ``(vtprune.tunable.Param, current value)``.
 
         Only this component's own options (wrappers' hosts declare theirs); called after `bind`.
         Default: none.

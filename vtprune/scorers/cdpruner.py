@@ -127,7 +127,7 @@ class CDPrunerScorer(Scorer):
         return name in self.needs or (name == VISION_FEATURES and self.relevance == "clip")
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         return {"theta": (Param("float", 0.0, 0.95), self.theta)}
 

@@ -42,7 +42,7 @@ class CLSScorer(Scorer):
         return list(signals.require(VISION_CLS_ATTENTION))
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         candidates = vision_layer_candidates(adapter)
         current = self.vision_layer if self.vision_layer is not None else int(adapter.default_vision_layer())
@@ -127,7 +127,7 @@ class VTCCLSScorer(CLSScorer):
         self._resolved = None
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         if self._requested is not None:  # explicit layers: nothing to search
             return {}

@@ -57,6 +57,10 @@ class Wrapper(Scorer):
     def excludes(self) -> bool:  # type: ignore[override]
         return self.own_excludes or self.inner.excludes
 
+    @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        return self.inner.requires
+
     def needs_signal(self, name: str) -> bool:
         return name in self.needs or self.inner.needs_signal(name)
 
@@ -267,6 +271,10 @@ class Ensemble(Scorer):
     @property
     def excludes(self) -> bool:  # type: ignore[override]
         return any(m.excludes for m in self.members)
+
+    @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(m.requires for m in self.members))
 
     @property
     def vision_layer(self):

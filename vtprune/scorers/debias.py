@@ -234,7 +234,7 @@ class Debias(Wrapper):
         return self._trend.source
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         return {"pad_theta": (Param("float", 0.05, 1.0), self.pad_theta)} if self._pad else {}
 

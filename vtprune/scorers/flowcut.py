@@ -3,7 +3,7 @@
 Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models"
 (NeurIPS 2025). This module holds the model-independent part as pure functions of q/k/v tensors: the
 per-layer vision scores, the cumulative score and the entropy-adaptive schedule (`FlowTracker`), and the
-LLM-stage score. `vtprune.adapters.flowcut_stage` runs them inside the vision tower and at the LLM layer.
+LLM-stage score. `vtprune.runtime.flowcut` runs them inside the vision tower and at the LLM layer.
 
 Vision stage, LLaVA family (per tile, ``T`` target patches, CLS kept apart). At every vision layer ``l``
 up to the last pruning layer ``L``, while the tile has more than ``T`` live patches, from that layer's
@@ -223,11 +223,12 @@ class FlowCutScorer(Scorer):
     one before the layer whose output feeds the projector (CLIP: 21 of 24 in LLaVA-1.5, 0 in a 3-layer toy
     tower), or the last block (Qwen-VL). Pruned patches stay in the tower, hidden from later vision layers
     by masking their key columns (exactly what dropping them gives the kept patches), so the vision tower
-    runs at full length: the saving is on the LLM side. See `vtprune.adapters.flowcut_stage`.
+    runs at full length: the saving is on the LLM side. See `vtprune.runtime.flowcut`.
     """
 
     accepts_auto_keep = False  # places a fixed number of tokens itself
     excludes = True  # tokens pruned in the vision tower score -inf
+    requires = frozenset({"vision_tower_masking"})
     name = "flowcut"
     description = (
         "FlowCut: cumulative CLS-flow scores pruned in stages inside the vision tower "

@@ -139,7 +139,7 @@ class Sink(Wrapper):
         self.last_sinks: list[torch.Tensor] = []
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         top = max(2.0, math.sqrt(text_hidden_size(model.config)))  # phi <= sqrt(D)
         return {"tau": (Param("float", 1.0, top), min(float(self.tau), top))}

@@ -130,7 +130,7 @@ class SparseVLMScorer(Scorer):
 
     def stage_signals(self, signals: Signals, hooks: Any, hidden: torch.Tensor, layer: int) -> None:
         from vtprune.adapters.attention_rows import llm_rows_attention
-        from vtprune.adapters.llm_stage import slots_of
+        from vtprune.layout import slots_of
 
         sess = hooks.state.session
         raters = sess.extras[RATERS]

@@ -111,7 +111,7 @@ class TransPruneScorer(Scorer):
     def stage_signals(self, signals: Signals, hooks: Any, hidden: torch.Tensor, layer: int) -> None:
         """TTV of the current visual tokens and the instruction's attention at layer ``layer + 1``."""
         from vtprune.adapters.attention_rows import llm_rows_attention
-        from vtprune.adapters.llm_stage import slots_of
+        from vtprune.layout import slots_of
 
         sess = hooks.state.session
         lay = signals.layout  # current coordinates

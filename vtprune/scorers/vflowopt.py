@@ -78,6 +78,7 @@ class VFlowOptScorer(Scorer):
     attention map of a CLIP-style module to read).
     """
 
+    requires = frozenset({"pre_llm_then_llm"})
     name = "vflowopt"
     description = "VFlowOpt: vision-flow importance, pruned before the LLM with recycling and at two LLM layers"
     stages = (PRE_LLM,)
@@ -121,7 +122,7 @@ class VFlowOptScorer(Scorer):
         return plan[0][1], plan[1:]
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         return {"t": (Param("float", 0.0, 50.0), self.t), "cell": (Param("float", 3.0, 24.0), self.cell),
                 "vision_ratio": (Param("float", 0.25, 0.375), self.vision_ratio),

@@ -2,7 +2,7 @@
 
 Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (CVPR 2025).
 This module holds the model-independent part: the budget split, the selection plan and the merge rule,
-as pure functions of scores, keys and features. `vtprune.adapters.visionzip_stage` records the keys
+as pure functions of scores, keys and features. `vtprune.runtime.visionzip` records the keys
 while the vision tower runs and applies the plan to the model's features before the LLM.
 
 Per image with budget ``k`` (a float ``keep`` is first converted to a count, see `image_budget`):
@@ -215,7 +215,7 @@ class VisionZipScorer(Scorer):
 
     See the module docstring for the algorithm and the two layout deviations. Pre-LLM only. The score is
     the dominance criterion (so wrappers such as ``debias+visionzip`` act on it); the merge is carried
-    out by `vtprune.adapters.visionzip_stage` in each model's feature space:
+    out by `vtprune.runtime.visionzip` in each model's feature space:
 
     - LLaVA-1.5 / NeXT: CLS row and raw ``k_proj`` keys (head mean) of the feature layer (CLIP layer 22,
       ``hidden_states[-2]``); contextual tokens are merged on the vision features *before* the projector
@@ -245,7 +245,7 @@ class VisionZipScorer(Scorer):
     recycles = True  # the pre-LLM stage calls `plan` and merges features instead of a plain top-k
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         return {"contextual_ratio": (Param("float", 0.0, 0.5), self.contextual_ratio)}
 

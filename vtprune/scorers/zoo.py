@@ -66,7 +66,7 @@ class ZOOScorer(Scorer):
         self.last_sensitivity: list[torch.Tensor] = []
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
-        from vtprune.tune import Param
+        from vtprune.tunable import Param
 
         return {"h": (Param("log", 1e-4, 1.0), self.h)}
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vtprune.runtime.stages import MethodStage, register_stage
 from vtprune.scorers.base import Scorer, Signals
 from vtprune.scorers.compose import host_of
 from vtprune.scorers.visionzip import VisionZipScorer, contextual_tokens
@@ -39,17 +40,35 @@ if TYPE_CHECKING:
 KEYS = "vision_keys"
 
 
+ENSEMBLE_ERROR = ("visionzip merges features into its contextual tokens, so it cannot be an ensemble member; "
+                  "use it alone or under wrappers (e.g. 'debias+visionzip'), or use 'cls' inside the ensemble")
+
+
 def recycling_host(scorer: Scorer) -> VisionZipScorer | None:
     """The VisionZip host under any wrappers (``debias+visionzip``), or None for every other scorer.
 
     Raises `ConfigError` for an ensemble with a VisionZip member: an ensemble only ranks tokens, so the
     member would silently lose its merge.
     """
-    return host_of(
-        scorer, VisionZipScorer,
-        "visionzip merges features into its contextual tokens, so it cannot be an ensemble member; "
-        "use it alone or under wrappers (e.g. 'debias+visionzip'), or use 'cls' inside the ensemble",
-    )
+    return host_of(scorer, VisionZipScorer, ENSEMBLE_ERROR)
+
+
+@register_stage(VisionZipScorer)
+class VisionZipStage(MethodStage):
+    """VisionZip's runtime work: record the key layer's head-mean keys while the images are encoded, then
+    select dominant + contextual tokens and merge before the LLM (`contextual_merge`)."""
+
+    ensemble_error = ENSEMBLE_ERROR
+    records_merge_features = True
+
+    def hooks(self, adapter: Adapter, state: PruneState) -> list:
+        return recycling_hooks(adapter, state)
+
+    def pre_llm(self, adapter, state, images, signals, embeds, budget):
+        from vtprune.scorers.select import Selection
+
+        kept, embeds, contextual, per_image = contextual_merge(adapter, state, images, signals, embeds)
+        return Selection.from_kept(signals.layout, kept, per_image=per_image), embeds, contextual, None
 
 
 def _key_layer(adapter: Adapter, host: VisionZipScorer) -> int:

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vtprune.adapters.visionzip_stage import contextual_merge, recycling_host, vision_features
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout, last_true
 from vtprune.plan import padding_side, pre_llm_plan
+from vtprune.runtime.stages import stage_for
+from vtprune.runtime.visionzip import vision_features
 from vtprune.scorers.base import (
     HIDDEN_STATES,
     INSTRUCTION,
@@ -26,8 +27,8 @@ from vtprune.scorers.base import (
     VISION_FEATURES,
     Signals,
 )
-from vtprune.scorers.compose import innermost
 from vtprune.scorers.select import Selection, select
+from vtprune.signals import cls_scores
 from vtprune.state import PruneState, PruneStats, Session
 
 if TYPE_CHECKING:
@@ -72,14 +73,9 @@ def shorten_prefill_inputs(
         if state.scorer.needs_signal(PIXEL_VALUES):
             signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
         contextual, scores = None, None
-        merging = _merging_host(state.scorer)
-        if recycling_host(state.scorer) is not None:  # VisionZip: merged features at its contextual targets
-            kept, embeds, contextual, per_image = contextual_merge(adapter, state, images, signals, embeds)
-            sel = Selection.from_kept(lay, kept, per_image=per_image)
-        elif merging is not None:  # VFlowOpt: selects and writes its recycled tokens into kept slots
-            scores = state.scorer.score(signals)
-            kept, embeds, contextual = merging.select_and_merge(scores, signals, embeds, budget)
-            sel = Selection.from_kept(lay, kept)
+        own = stage_for(state.scorer).pre_llm(adapter, state, images, signals, embeds, budget)
+        if own is not None:  # the method selects itself (VisionZip's merge, VFlowOpt's recycling)
+            sel, embeds, contextual, scores = own
         else:
             scores = state.scorer.score(signals)
             sel = select(scores, lay, budget, excludes=state.scorer.excludes)
@@ -151,11 +147,6 @@ def _trimmed_rows(sess: Session, sel: Selection, visual: torch.Tensor, mask2d: t
     return index, valid, dropped, ragged
 
 
-def _merging_host(scorer: Any) -> Any:
-    host = innermost(scorer)
-    return host if hasattr(host, "select_and_merge") else None
-
-
 def continue_in_llm(sess: Session, lay: Any, kept: list[torch.Tensor], index: torch.Tensor, valid: torch.Tensor) -> None:
     """Re-base the session on the shortened sequence so that in-LLM stages can prune it further.
 
@@ -199,19 +190,6 @@ def instruction_tokens(embeds: torch.Tensor, input_ids: torch.Tensor | None, hos
         if input_ids is not None:
             ids.append(input_ids[b, rows.to(input_ids.device)])
     return embs, (ids if input_ids is not None else None)
-
-
-def cls_scores(cls_rows: torch.Tensor, source: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Map CLS attention rows ``[T, P + 1]`` (all tiles of the call) onto tokens via ``source``.
-
-    Returns per sample ``[n_b]`` float32; tokens without a source (newlines) get 0.
-    """
-    flat = cls_rows.flatten().float()
-    out = []
-    for src in source:
-        src = src.to(flat.device)
-        out.append(torch.where(src >= 0, flat[src.clamp(min=0)], torch.zeros((), device=flat.device)))
-    return out
 
 
 def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:

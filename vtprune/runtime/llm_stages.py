@@ -22,10 +22,10 @@ import torch
 
 from vtprune.adapters.attention_rows import layer_rope, llm_query_attention, takes_seq_len
 from vtprune.kernels import compact
-from vtprune.layout import VisualLayout
+from vtprune.layout import VisualLayout, slots_of
 from vtprune.plan import in_llm_plan
+from vtprune.runtime.stages import stage_for
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
-from vtprune.scorers.compose import innermost
 from vtprune.scorers.select import Selection, select
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
@@ -144,13 +144,6 @@ def _gather_positions(position_ids: torch.Tensor | None, keep_seq: torch.Tensor)
     raise ValueError(f"unsupported position_ids shape {tuple(position_ids.shape)}")
 
 
-def slots_of(keep_seq: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
-    """Where original sequence ``positions`` ``[B, ...]`` sit in a compacted row ``keep_seq`` ``[B, N']``."""
-    inv = torch.full((keep_seq.shape[0], n), -1, dtype=torch.long, device=keep_seq.device)
-    inv.scatter_(1, keep_seq, torch.arange(keep_seq.shape[1], device=keep_seq.device).expand_as(keep_seq))
-    return inv.gather(1, positions.to(keep_seq.device))
-
-
 class LLMStageHooks:
     """Installs and runs the decoder-layer hooks of in-LLM pruning at the layers of ``state.schedule``.
 
@@ -167,9 +160,7 @@ class LLMStageHooks:
         self.stage_at = {k: j for j, (k, _) in enumerate(self.schedule)}
         self.k = self.schedule[0][0]
         self.last = len(layers) - 1
-        host = innermost(state.scorer)  # under wrappers, the host computes its own stage signals
-        self.stage_signals = getattr(host, "stage_signals", None)  # TransPrune's, SparseVLM's
-        self.stage_select = getattr(host, "stage_select", None)  # SparseVLM's selection with recycling
+        self.method = stage_for(state.scorer)  # the method's own stage work (signals, selection), if any
 
     def stage_of_layer(self, i: int) -> int:
         """Index of the stage whose kept tokens layer ``i`` (> K_0) sees: the last with K_j < i."""
@@ -235,7 +226,7 @@ class LLMStageHooks:
                     rope = layer_rope(module, hidden, kwargs)
                     sess.stage_rope = rope
                     sess.llm_attention = llm_query_attention(module, hidden, rope, query, valid)
-            elif len(self.schedule) > 1 or self.stage_signals is not None:
+            elif len(self.schedule) > 1 or self.method.has_llm_signals:
                 sess.stage_rope = layer_rope(module, hidden, kwargs)
             return None
 
@@ -351,11 +342,11 @@ class LLMStageHooks:
             signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
             signals.pixel_values = self.state.vision_record.pixel_values
-        if self.stage_signals is not None:  # staged methods' own signals (TransPrune's, SparseVLM's)
-            self.stage_signals(signals, self, hidden, layer)
+        self.method.llm_signals(signals, self, hidden, layer)  # staged methods' own (TransPrune's, SparseVLM's)
         scores = self.state.scorer.score(signals)
-        if self.stage_select is not None:
-            picked, writes = self.stage_select(scores, signals, hidden)
+        own = self.method.llm_select(scores, signals, hidden)  # SparseVLM's selection with recycling
+        if own is not None:
+            picked, writes = own
             return Selection.from_kept(lay, picked), scores, writes
         return select(scores, lay, keep, excludes=self.state.scorer.excludes), scores, {}
 

@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from vtprune.adapters.attention_rows import _head_norm, _rotate_half
-from vtprune.adapters.pre_llm_stage import cls_scores
 from vtprune.config import ConfigError
+from vtprune.runtime.stages import MethodStage, register_stage
 from vtprune.scorers.base import IN_LLM, Scorer
 from vtprune.scorers.compose import host_of
 from vtprune.scorers.flowcut import (
@@ -70,6 +70,7 @@ from vtprune.scorers.flowcut import (
     mean_query_scores,
 )
 from vtprune.scorers.select import image_budget
+from vtprune.signals import cls_scores
 from vtprune.state import cache_of
 
 if TYPE_CHECKING:
@@ -83,22 +84,33 @@ CANDIDATES = "flowcut_candidates"  # Session.extras: per sample [n_b] bool, visi
 ANY_HIDDEN = "flowcut_any_hidden"  # Session.extras: host bool, whether the vision stage hid any token
 
 
+ENSEMBLE_ERROR = ("flowcut prunes inside the vision tower, so it cannot be an ensemble member; use it alone or "
+                  "under wrappers (e.g. 'sink+flowcut')")
+
+
 def flowcut_host(scorer: Scorer) -> FlowCutScorer | None:
     """The FlowCut host under any wrappers (``sink+flowcut``), or None for every other scorer.
 
     Raises `ConfigError` for an ensemble with a FlowCut member: FlowCut hides tokens inside the vision
     tower, which an ensemble of scores cannot undo.
     """
-    return host_of(
-        scorer, FlowCutScorer,
-        "flowcut prunes inside the vision tower, so it cannot be an ensemble member; use it alone or "
-        "under wrappers (e.g. 'sink+flowcut')",
-    )
+    return host_of(scorer, FlowCutScorer, ENSEMBLE_ERROR)
+
+
+@register_stage(FlowCutScorer)
+class FlowCutStage(MethodStage):
+    """FlowCut's runtime work: its stages inside the vision tower and, where it prunes in the LLM too,
+    the layers up to K hiding the tower-pruned tokens (`flowcut_hooks`)."""
+
+    ensemble_error = ENSEMBLE_ERROR
+
+    def hooks(self, adapter: Adapter, state: PruneState) -> list:
+        return flowcut_hooks(adapter, state)
 
 
 def flowcut_hooks(adapter: Adapter, state: PruneState) -> list:
     """Every hook FlowCut needs when the scorer is FlowCut (possibly wrapped); no hook otherwise."""
-    if flowcut_host(state.scorer) is None:
+    if flowcut_host(state.scorer) is None:  # called through FlowCutStage: only for FlowCut setups
         return []
     model = adapter.model
     if model.config.model_type == "llava" and state.stage == IN_LLM:

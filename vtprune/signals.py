@@ -1,0 +1,88 @@
+"""The signal vocabulary: what an adapter can collect for a scorer, and where pruning happens.
+
+The lowest layer of the one-way flow: adapters fill `Signals`, scorers read them; neither imports the
+other for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vtprune.layout import VisualLayout
+
+# Signal names a scorer may list in `needs`.
+VISION_CLS_ATTENTION = "vision_cls_attention"
+LLM_ATTENTION = "llm_attention"
+HIDDEN_STATES = "hidden_states"
+PIXEL_VALUES = "pixel_values"
+VISION_FEATURES = "vision_features"
+INSTRUCTION = "instruction"
+SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES, VISION_FEATURES, INSTRUCTION)
+
+PRE_LLM = "pre-llm"
+IN_LLM = "llm"
+
+
+@dataclass
+class Signals:
+    """What a scorer can read. Per-sample lists hold one entry per sample of the batch.
+
+    - ``layout``: where the visual tokens are (`VisualLayout`).
+    - ``stage``: ``"pre-llm"`` or ``"llm"``; ``layer``: the decoder layer for ``"llm"``.
+    - ``keep``: the per-image budget of the config (for scorers that place tokens themselves).
+    - ``vision_cls_attention``: per sample ``[n_b]`` float32, head-mean attention of the vision encoder's
+      CLS query to each visual token (0 for tokens the encoder did not produce). On Qwen-VL, whose
+      towers have no CLS token: the attention each merged token's 2x2 patch group receives in a
+      full-attention block (mean over heads and queries of its image or frame).
+    - ``llm_attention``: per sample ``[n_b]`` float32, head-mean attention of the last prompt token at
+      decoder layer ``layer`` to each visual token (softmax over all keys).
+    - ``hidden_states``: per sample ``[n_b, D]``, visual token states at the pruning point (projected
+      image features pre-LLM, layer output in-LLM).
+    - ``pixel_values``: the pixel input of the call's image encoding, as the processor gave it (all
+      images of the call; LLaVA: ``[images or tiles, 3, H, W]``, Qwen-VL: flattened patches).
+    - ``vision_features``: pre-LLM, per sample ``[n_b, C]`` float, each visual token's vision feature as
+      it enters the projector (the encoder's feature layer; LLaVA-family models only), so that
+      ``projector(vision_features)`` gives the token's embedding.
+    - ``instruction`` (pre-LLM): per sample the real text tokens after the sample's last visual token:
+      ``instruction_embeds`` ``[T_b, D]`` (LLM input embeddings) and ``instruction_ids`` ``[T_b]`` (None
+      where the model was given embeddings only, as in the LLaVA repository).
+    - ``stage_index``: for staged in-LLM methods, which of the method's stages is selecting (0 first).
+    - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
+      (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
+    """
+
+    layout: VisualLayout
+    stage: str
+    layer: int | None = None
+    keep: int | float = 1.0
+    vision_cls_attention: list[torch.Tensor] | None = None
+    llm_attention: list[torch.Tensor] | None = None
+    hidden_states: list[torch.Tensor] | None = None
+    pixel_values: torch.Tensor | None = None
+    vision_features: list[torch.Tensor] | None = None
+    instruction_embeds: list[torch.Tensor] | None = None
+    instruction_ids: list[torch.Tensor] | None = None
+    stage_index: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def require(self, name: str) -> Any:
+        value = getattr(self, "instruction_embeds" if name == INSTRUCTION else name)
+        if value is None:
+            raise RuntimeError(f"signal {name!r} was not provided by the adapter at stage {self.stage!r}")
+        return value
+
+
+def cls_scores(cls_rows: torch.Tensor, source: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Map CLS attention rows ``[T, P + 1]`` (all tiles of the call) onto tokens via ``source``.
+
+    Returns per sample ``[n_b]`` float32; tokens without a source (newlines) get 0.
+    """
+    flat = cls_rows.flatten().float()
+    out = []
+    for src in source:
+        src = src.to(flat.device)
+        out.append(torch.where(src >= 0, flat[src.clamp(min=0)], torch.zeros((), device=flat.device)))
+    return out
