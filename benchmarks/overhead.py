@@ -177,6 +177,17 @@ def _prefill_seconds(model, inputs, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _vtprune_ms(model, inputs, repeats: int) -> float:
+    """Milliseconds per prefill spent in vtprune's own code (`PartTimer`: plan, score, compact)."""
+    timer = model._vtprune_state.timer
+    timer.enabled, timer.seconds = True, {}
+    try:
+        _prefill_seconds(model, inputs, repeats)  # warm-up + repeats, all timed
+    finally:
+        timer.enabled = False
+    return 1e3 * sum(timer.seconds.values()) / (repeats + 1)
+
+
 def baseline(kind: str, batch: int, *, decode_steps: int = 2, repeats: int = 3) -> dict:
     """The unpatched model's counts and prefill time for (kind, batch) (cached)."""
     key = (kind, batch, decode_steps, repeats)
@@ -195,7 +206,8 @@ def measure(model_kind: str, method: str, batch: int = 1, *, keep: int | float =
     (None or ``Type: message`` of another exception), ``prefill_ops_added``, ``prefill_syncs_added``,
     ``decode_ops_added_per_step``, ``decode_syncs_added_per_step``, ``prefill_sync_sites`` /
     ``decode_sync_sites`` (``"op @ file:line" -> n``, decode summed over the steps), ``model_syncs``
-    (the pruned run's non-vtprune syncs, prefill and per decode step), ``prefill_ms_pruned`` /
+    (the pruned run's non-vtprune syncs, prefill and per decode step), ``vtprune_ms`` (the Python and torch
+    time of vtprune's own plan / score / compact parts per prefill), ``prefill_ms_pruned`` /
     ``prefill_ms_unpruned`` (None without ``timing``), ``visual_before`` / ``visual_after``.
     """
     row: dict[str, Any] = dict(model=model_kind, batch=batch, method=method, keep=keep, refused=None, error=None)
@@ -227,6 +239,7 @@ def measure(model_kind: str, method: str, batch: int = 1, *, keep: int | float =
             layer=getattr(st, "layer", None),
             prefill_ms_pruned=1e3 * _prefill_seconds(model, inputs, repeats) if timing else None,
             prefill_ms_unpruned=base["prefill_ms"] if base else None,
+            vtprune_ms=_vtprune_ms(model, inputs, repeats) if timing else None,
         )
     except Exception as err:  # a preset broken on this model: report it, measure the others
         row["error"] = f"{type(err).__name__}: {err}"
@@ -256,13 +269,14 @@ def _reason(row: dict) -> str:
 def markdown(rows: list[dict], header: str, sites: int = 5) -> str:
     lines = [header, "",
              "| model | batch | method | prefill ops added | prefill syncs added | decode ops added/step | "
-             "decode syncs added/step | prefill ms pruned / unpruned | refused / error |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "decode syncs added/step | prefill ms pruned / unpruned | vtprune's own ms / prefill | refused / error |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ms = "-" if r.get("prefill_ms_pruned") is None else f"{r['prefill_ms_pruned']:.1f} / {r['prefill_ms_unpruned']:.1f}"
+        own = "-" if r.get("vtprune_ms") is None else f"{r['vtprune_ms']:.2f}"
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {_num(r.get('prefill_ops_added'))} | "
                      f"{_num(r.get('prefill_syncs_added'))} | {_num(r.get('decode_ops_added_per_step'))} | "
-                     f"{_num(r.get('decode_syncs_added_per_step'))} | {ms} | {_reason(r)} |")
+                     f"{_num(r.get('decode_syncs_added_per_step'))} | {ms} | {own} | {_reason(r)} |")
     measured = [r for r in rows if r.get("prefill_ops_added") is not None]
     refused = sum(r["refused"] is not None for r in rows)
     errors = sum(r["error"] is not None for r in rows)

@@ -275,6 +275,8 @@ def test_auto_dispatch_follows_the_threshold(monkeypatch):
     monkeypatch.setitem(sys.modules, "vtprune.kernels.triton_compact", fake)
     monkeypatch.setattr(compact_mod, "_triton_compact_reason", lambda *a: None)
     monkeypatch.setattr(recycle_mod, "_triton_recycle_reason", lambda *a: None)
+    common = importlib.import_module("vtprune.kernels._common")
+    monkeypatch.setattr(common, "triton_available", lambda: True)  # a forced backend checks it first
     monkeypatch.delenv(ENV_BACKEND, raising=False)
     x, keep, pruned, _, g = _inputs(2, torch.float32)  # compact output 2 x 13 x 80 = 2080 elements
     slot = torch.randint(0, R, pruned.shape, generator=g)

@@ -164,6 +164,7 @@ class PartTimer:
       scoring and selecting the kept tokens.
     - ``"compact"``: gathering the kept tokens, their positions, RoPE tables and masks, and scattering
       the final hidden states back.
+    - ``"plan"``: building the prefill's layout from the host copy of the token kinds.
 
     Off by default (one attribute check per part). With ``cuda=True`` each part is bracketed by
     device synchronisations, so `vtprune bench` enables it only for a separate profiling pass.

@@ -243,7 +243,8 @@ class Runtime:
             state.stats = None
             return None
         images = self.adapter.image_inputs(state, kwargs)
-        self.begin_prefill(sess, valid, kinds, images, host_kinds, host_valid)
+        with state.timer.part("plan"):  # the layout: host-side work on the one host copy
+            self.begin_prefill(sess, valid, kinds, images, host_kinds, host_valid)
         sess.cache = cache
         if state.stage == PRE_LLM:
             shorten_prefill_inputs(self.adapter, state, kwargs, images, kinds > 0)
