@@ -141,6 +141,7 @@ class PaddedLayout:
     - ``candidate_valid``: ``[I, P_max]`` bool.
     - ``n_candidates``: per image, its number of prunable tokens (host ints); ``image_sample``: its sample.
     - ``fixed``: ``[F]`` long, flat indices of every never-pruned visual token.
+    - ``source``: ``[B, N_max]`` long, `VisualLayout.source` padded with -1.
     """
 
     width: int
@@ -151,6 +152,7 @@ class PaddedLayout:
     n_candidates: list[int]
     image_sample: list[int]
     fixed: torch.Tensor
+    source: torch.Tensor
 
     @staticmethod
     def of(lay: VisualLayout) -> PaddedLayout:
@@ -168,15 +170,18 @@ class PaddedLayout:
         fixed = torch.cat([s.host_fixed + b * width for b, s in flat]) if flat else torch.zeros(0, dtype=torch.long)
         if bsz and all(c == width for c in counts):
             positions = torch.stack(lay.positions)
+            source = torch.stack(lay.source)
             valid = torch.ones(bsz, width, dtype=torch.bool, device=dev)
         else:
             positions = torch.full((bsz, width), lay.seq_len, dtype=torch.long, device=dev)
-            for b, p in enumerate(lay.positions):
+            source = torch.full((bsz, width), -1, dtype=torch.long, device=dev)
+            for b, (p, src) in enumerate(zip(lay.positions, lay.source)):
                 positions[b, : p.numel()] = p
+                source[b, : src.numel()] = src
             valid = (torch.arange(width)[None] < torch.tensor(counts)[:, None]).to(dev, non_blocking=True)
         return PaddedLayout(width, positions, valid, cand.to(dev, non_blocking=True),
                             cand_valid.to(dev, non_blocking=True), [s.n_candidates for _, s in flat],
-                            [b for b, _ in flat], fixed.to(dev, non_blocking=True))
+                            [b for b, _ in flat], fixed.to(dev, non_blocking=True), source)
 
 
 def last_true(mask: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,10 @@ class Signals:
     - ``instruction`` (pre-LLM): per sample the real text tokens after the sample's last visual token:
       ``instruction_embeds`` ``[T_b, D]`` (LLM input embeddings) and ``instruction_ids`` ``[T_b]`` (None
       where the model was given embeddings only, as in the LLaVA repository).
+    - ``padded_scores``: the batched form of the score-like signals the runtime computed as one tensor
+      (``{name: [B, N_max] float32}``, ``-inf`` on padding slots, see `VisualLayout.padded`):
+      ``llm_attention`` and ``vision_cls_attention``; the per-sample lists above are views of it. Read
+      it with `padded`; `require` gives the per-sample views (made on first use).
     - ``stage_index``: for staged in-LLM methods, which of the method's stages is selecting (0 first).
     - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
       (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
@@ -67,9 +71,21 @@ class Signals:
     instruction_ids: list[torch.Tensor] | None = None
     stage_index: int = 0
     extras: dict = field(default_factory=dict)
+    padded_scores: dict = field(default_factory=dict)
+
+    def padded(self, name: str) -> torch.Tensor:
+        """Signal ``name`` as ``[B, N_max]`` float32 (``-inf`` on padding): the runtime's batched tensor when
+        it made one, else built from the per-sample list."""
+        if name in self.padded_scores:
+            return self.padded_scores[name]
+        return pad_per_sample(self.require(name), self.layout)
 
     def require(self, name: str) -> Any:
-        value = getattr(self, "instruction_embeds" if name == INSTRUCTION else name)
+        attr = "instruction_embeds" if name == INSTRUCTION else name
+        value = getattr(self, attr)
+        if value is None and name in self.padded_scores:  # per-sample views of the batched tensor, on demand
+            value = per_sample(self.padded_scores[name], self.layout)
+            setattr(self, attr, value)
         if value is None:
             raise RuntimeError(f"signal {name!r} was not provided by the adapter at stage {self.stage!r}")
         return value
@@ -86,3 +102,51 @@ def cls_scores(cls_rows: torch.Tensor, source: list[torch.Tensor]) -> list[torch
         src = src.to(flat.device)
         out.append(torch.where(src >= 0, flat[src.clamp(min=0)], torch.zeros((), device=flat.device)))
     return out
+
+
+# A scorer's result: per sample ``[n_b]`` scores, or one padded ``[B, N_max]`` tensor (-inf on padding).
+Scores = list[torch.Tensor] | torch.Tensor
+
+
+def per_sample(scores: Scores, layout: VisualLayout) -> list[torch.Tensor]:
+    """Scores as per-sample ``[n_b]`` tensors (views of a padded ``[B, N_max]`` tensor)."""
+    if isinstance(scores, torch.Tensor):
+        return [scores[b, :n] for b, n in enumerate(layout.counts())]
+    return list(scores)
+
+
+def pad_per_sample(values: list[torch.Tensor], layout: VisualLayout) -> torch.Tensor:
+    """Per-sample ``[n_b]`` values -> ``[B, N_max]`` float32 on the layout's device, ``-inf`` on padding."""
+    pad = layout.padded
+    dev = pad.positions.device
+    for b, v in enumerate(values):
+        if v.shape != layout.positions[b].shape:
+            raise ValueError(
+                f"scorer returned {tuple(v.shape)} scores for sample {b}, expected {tuple(layout.positions[b].shape)}"
+            )
+    if all(int(v.numel()) == pad.width for v in values):
+        return torch.stack([v.to(dev, torch.float32) for v in values]) if values else \
+            torch.zeros(0, pad.width, device=dev)
+    out = torch.full((layout.batch_size, pad.width), float("-inf"), device=dev)
+    for b, v in enumerate(values):
+        out[b, : v.numel()] = v.to(dev, torch.float32)
+    return out
+
+
+def gather_padded(rows: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+    """``[B, N_max]`` float32: per sample ``rows`` ``[B, N]`` (a value per sequence position) at its visual
+    tokens, ``-inf`` on padding slots (one gather)."""
+    pad = layout.padded
+    rows = rows.float()
+    ext = torch.cat([rows, rows.new_full((rows.shape[0], 1), float("-inf"))], dim=1)
+    idx = pad.positions.to(rows.device).clamp(max=rows.shape[1])
+    return ext.gather(1, idx)
+
+
+def cls_scores_padded(cls_rows: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+    """`cls_scores` batched: ``[B, N_max]`` float32 (0 for tokens without a source, ``-inf`` on padding)."""
+    pad = layout.padded
+    flat = cls_rows.flatten().float()
+    src = pad.source.to(flat.device)
+    vals = torch.where(src >= 0, flat[src.clamp(min=0)], torch.zeros((), device=flat.device))
+    return vals.masked_fill(~pad.valid.to(flat.device), float("-inf"))

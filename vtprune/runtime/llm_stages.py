@@ -27,6 +27,7 @@ from vtprune.plan import in_llm_plan
 from vtprune.runtime.stages import stage_for
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.select import Selection, select
+from vtprune.signals import gather_padded, per_sample
 from vtprune.state import PruneState, PruneStats, Session, cache_length
 
 
@@ -249,6 +250,7 @@ class LLMStageHooks:
             positions, _, _ = self._current(sess)
             sub = self._sub_layout(sess, positions)
             sel, scores, writes = self._select(hidden, sub, j, layer_k, keep_j)
+            scores = per_sample(scores, sub)  # views, for the stats
             picked = sel.kept()
             if sess.stage_seqs:
                 prev = sess.stage_kept[-1]
@@ -336,15 +338,15 @@ class LLMStageHooks:
         (``{sample: (indices into lay's visual tokens, [m, D] states)}``, recycling methods only)."""
         sess = self.state.session
         signals = Signals(layout=lay, stage=IN_LLM, layer=layer, keep=keep, extras=sess.extras, stage_index=j)
-        if sess.llm_attention is not None:
-            signals.llm_attention = [sess.llm_attention[b, p] for b, p in enumerate(lay.positions)]
+        if sess.llm_attention is not None:  # one gather; per-sample views only if a scorer asks
+            signals.padded_scores[LLM_ATTENTION] = gather_padded(sess.llm_attention, lay)
         if self.state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
         if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
             signals.pixel_values = self.state.vision_record.pixel_values
         self.method.llm_signals(signals, self, hidden, layer)  # staged methods' own (TransPrune's, SparseVLM's)
         scores = self.state.scorer.score(signals)
-        own = self.method.llm_select(scores, signals, hidden)  # SparseVLM's selection with recycling
+        own = self.method.llm_select(per_sample(scores, lay), signals, hidden)  # SparseVLM's selection with recycling
         if own is not None:
             picked, writes = own
             return Selection.from_kept(lay, picked), scores, writes

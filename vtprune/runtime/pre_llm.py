@@ -28,7 +28,7 @@ from vtprune.scorers.base import (
     Signals,
 )
 from vtprune.scorers.select import Selection, select
-from vtprune.signals import cls_scores
+from vtprune.signals import cls_scores_padded, per_sample
 from vtprune.state import PruneState, PruneStats, Session
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ def shorten_prefill_inputs(
         budget = state.pre_keep if state.pre_keep is not None else state.config.keep
         signals = Signals(layout=lay, stage=PRE_LLM, keep=budget, extras=sess.extras)
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
-            signals.vision_cls_attention = cls_scores(adapter.vision_scores(images), lay.source)
+            # one gather; per-sample views only if a scorer asks
+            signals.padded_scores[VISION_CLS_ATTENTION] = cls_scores_padded(adapter.vision_scores(images), lay)
         if state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
         if state.scorer.needs_signal(INSTRUCTION):
@@ -111,7 +112,7 @@ def shorten_prefill_inputs(
         seq_len_before=[int(x) for x in before],
         seq_len_after=list(lengths),
         contextual=contextual,
-        scores=scores,
+        scores=per_sample(scores, lay) if scores is not None else None,
         per_image=[list(c) for c in sel.per_image],
     )
     if state.schedule:  # LLM stages follow: they run on the shortened sequence

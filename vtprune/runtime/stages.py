@@ -21,6 +21,7 @@ import torch
 from vtprune.config import ConfigError
 from vtprune.scorers.base import Scorer
 from vtprune.scorers.compose import innermost
+from vtprune.signals import per_sample
 
 if TYPE_CHECKING:
     from vtprune.adapters.base import Adapter
@@ -82,7 +83,7 @@ class ScorerStage(MethodStage):
     def pre_llm(self, adapter, state, images, signals, embeds, budget):
         if not self.merges:
             return None
-        scores = state.scorer.score(signals)
+        scores = per_sample(state.scorer.score(signals), signals.layout)
         merged = self.host.select_and_merge(scores, signals, embeds, budget)
         if merged is None:
             return None

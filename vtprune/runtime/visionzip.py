@@ -32,6 +32,7 @@ from vtprune.runtime.stages import MethodStage, register_stage
 from vtprune.scorers.base import Scorer, Signals
 from vtprune.scorers.compose import host_of
 from vtprune.scorers.visionzip import VisionZipScorer, contextual_tokens
+from vtprune.signals import per_sample
 
 if TYPE_CHECKING:
     from vtprune.adapters.base import Adapter
@@ -170,7 +171,7 @@ def contextual_merge(
     """
     host = recycling_host(state.scorer)
     lay = signals.layout
-    scores = state.scorer.score(signals)  # wrappers (sink, debias) act on the dominance scores
+    scores = per_sample(state.scorer.score(signals), lay)  # wrappers (sink, debias) act on the dominance scores
     keys = [k.to(p.device) for k, p in zip(token_keys(adapter, images, lay.source), lay.positions)]
     plans = host.plan(scores, keys, lay, state.config.keep, excludes=state.scorer.excludes)
     if adapter.vision_family == "qwen":

@@ -56,8 +56,9 @@ class Scorer:
     # (LLM stages on a sequence shortened before the LLM)
     requires: ClassVar[frozenset[str]] = frozenset()
 
-    def score(self, signals: Signals) -> list[torch.Tensor]:
-        """Return per sample a ``[n_b]`` float tensor: higher means keep."""
+    def score(self, signals: Signals) -> list[torch.Tensor] | torch.Tensor:
+        """Return per sample a ``[n_b]`` float tensor, or one ``[B, N_max]`` tensor (``-inf`` on padding slots,
+        `VisualLayout.padded`): higher means keep. `vtprune.signals.per_sample` turns either into the list."""
         raise NotImplementedError
 
     def needs_signal(self, name: str) -> bool:

@@ -39,7 +39,7 @@ class CLSScorer(Scorer):
         self.vision_layer = vision_layer
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
-        return list(signals.require(VISION_CLS_ATTENTION))
+        return signals.padded(VISION_CLS_ATTENTION)  # [B, N_max], -inf on padding
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
         from vtprune.tunable import Param

@@ -14,6 +14,7 @@ import torch
 
 from vtprune.config import ConfigError
 from vtprune.scorers.base import Scorer, Signals, register, registry, scorer_options
+from vtprune.signals import per_sample
 
 
 class Wrapper(Scorer):
@@ -72,7 +73,7 @@ class Wrapper(Scorer):
         """The wrapper's own `bind` (the host is bound first)."""
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
-        return self.transform(self.inner.score(signals), signals)
+        return self.transform(per_sample(self.inner.score(signals), signals.layout), signals)
 
     def transform(self, scores: list[torch.Tensor], signals: Signals) -> list[torch.Tensor]:
         """Per sample ``[n_b]`` host scores -> corrected scores (``-inf``: never keep the token)."""
@@ -294,8 +295,8 @@ class Ensemble(Scorer):
             m.bind(model, adapter)
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
-        member_scores = [m.score(signals) for m in self.members]
         lay = signals.layout
+        member_scores = [per_sample(m.score(signals), lay) for m in self.members]
         out = []
         for b in range(lay.batch_size):
             total = torch.zeros(int(lay.positions[b].numel()))

@@ -25,5 +25,6 @@ class FastVScorer(Scorer):
     def __init__(self) -> None:
         pass
 
-    def score(self, signals: Signals) -> list[torch.Tensor]:
-        return list(signals.require(LLM_ATTENTION))
+    def score(self, signals: Signals) -> torch.Tensor:
+        """``[B, N_max]`` (one batched tensor; ``-inf`` on padding)."""
+        return signals.padded(LLM_ATTENTION)

@@ -10,6 +10,7 @@ import torch
 
 from vtprune.config import AutoKeep, auto_keep
 from vtprune.layout import VisualLayout
+from vtprune.signals import Scores, pad_per_sample
 
 
 def mass_budget(scores: torch.Tensor, spec: AutoKeep) -> int:
@@ -115,25 +116,18 @@ class Selection:
         return Selection(layout, mask, [int(k.numel()) for k in kept], per_image, scores)
 
 
-def pad_scores(scores: list[torch.Tensor], layout: VisualLayout) -> torch.Tensor:
-    """Per-sample ``[n_b]`` scores -> ``[B, N_max]`` float32 on the layout's device, ``-inf`` on padding."""
-    pad = layout.padded
-    dev = pad.positions.device
-    for b, s in enumerate(scores):
-        if s.shape != layout.positions[b].shape:
-            raise ValueError(
-                f"scorer returned {tuple(s.shape)} scores for sample {b}, expected {tuple(layout.positions[b].shape)}"
-            )
-    if all(int(s.numel()) == pad.width for s in scores):
-        return torch.stack([s.to(dev, torch.float32) for s in scores]) if scores else \
-            torch.zeros(0, pad.width, device=dev)
-    out = torch.full((layout.batch_size, pad.width), float("-inf"), device=dev)
-    for b, s in enumerate(scores):
-        out[b, : s.numel()] = s.to(dev, torch.float32)
-    return out
+def pad_scores(scores: Scores, layout: VisualLayout) -> torch.Tensor:
+    """A scorer's result as ``[B, N_max]`` float32 on the layout's device (``-inf`` on padding)."""
+    if isinstance(scores, torch.Tensor):
+        pad = layout.padded
+        if tuple(scores.shape) != (layout.batch_size, pad.width):
+            raise ValueError(f"scorer returned padded scores of shape {tuple(scores.shape)}, expected "
+                             f"{(layout.batch_size, pad.width)} (batch, most visual tokens of a sample)")
+        return scores.to(pad.positions.device, torch.float32)
+    return pad_per_sample(scores, layout)
 
 
-def select(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float | str | StageBudget,
+def select(scores: Scores, layout: VisualLayout, keep: int | float | str | StageBudget,
            excludes: bool = True) -> Selection:
     """Keep the ``keep`` best prunable tokens of every image plus every non-prunable token, batched.
 
@@ -142,7 +136,7 @@ def select(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float |
     budget reads no device memory.
 
     Args:
-        scores: per sample ``[n_b]`` scores (higher = keep).
+        scores: per sample ``[n_b]`` scores (higher = keep), or one padded ``[B, N_max]`` tensor.
         keep: per-image budget (see `image_budget`), or adaptive (``"auto:0.95"``, `mass_budget`).
         excludes: whether the scorer may return ``-inf`` for tokens it excludes (`Scorer.excludes`): the
             image then keeps at most its finite-scored tokens (at least one), which needs one host read
