@@ -157,6 +157,9 @@ class VisionRecord:
     # (VisionZip's keys, see runtime/visionzip.py)
 
 
+_NO_TIMING = contextlib.nullcontext()
+
+
 class PartTimer:
     """Wall-clock seconds vtprune spends in its own pruning work, by part, while ``enabled``.
 
@@ -175,11 +178,13 @@ class PartTimer:
         self.cuda = False
         self.seconds: dict[str, float] = {}
 
+    def part(self, name: str) -> contextlib.AbstractContextManager:
+        """A context timing part ``name``; a shared no-op context while disabled (the hot path: decode
+        steps enter one per hooked layer)."""
+        return self._timed(name) if self.enabled else _NO_TIMING
+
     @contextlib.contextmanager
-    def part(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
+    def _timed(self, name: str) -> Iterator[None]:
         if self.cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()

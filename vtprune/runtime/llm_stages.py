@@ -386,14 +386,14 @@ class LLMStageHooks:
             kwargs.update(sess.mask_cache[key][1])
             return args, kwargs
         if sess.phase == "decode":
-            mask = kwargs.get("attention_mask")
-            hidden = args[0] if args else kwargs["hidden_states"]
-            q_len = hidden.shape[1]
-            # layer 0 has already cached this step's tokens, so its length is the full key length
-            kv_len = mask.shape[-1] if mask is not None else cache_length(sess.step_cache, 0)
-            # one mask per stage and step: the core's pre-hook starts each step with an empty `step_masks`
+            # one mask per stage and step: the core's pre-hook starts each step with an empty `step_masks`,
+            # the first layer of the stage builds it, the others reuse it
             if s not in sess.step_masks:
-                sess.step_masks[s] = decode_mask(mask, keep_seq, filler, sess.llm_len, q_len, kv_len,
+                mask = kwargs.get("attention_mask")
+                hidden = args[0] if args else kwargs["hidden_states"]
+                # layer 0 has already cached this step's tokens, so its length is the full key length
+                kv_len = mask.shape[-1] if mask is not None else cache_length(sess.step_cache, 0)
+                sess.step_masks[s] = decode_mask(mask, keep_seq, filler, sess.llm_len, hidden.shape[1], kv_len,
                                                  sess.stage_ragged[s])
             kwargs["attention_mask"] = sess.step_masks[s]
             return args, kwargs
