@@ -272,3 +272,55 @@ def test_beam_search_and_several_sequences(kind, method, layer, processor, next_
     assert len(st.kept) == 2 and len(expanded.kept) == 4
     for b in range(2):  # both beams of a prompt keep what the single-sequence run kept
         assert torch.equal(expanded.kept[2 * b], st.kept[b]) and torch.equal(expanded.kept[2 * b + 1], st.kept[b])
+
+
+def test_empty_method_is_refused_not_read_as_fastv(llava):
+    with pytest.raises(ConfigError):
+        vtprune.apply(llava, method="")
+    with pytest.raises(ConfigError):
+        vtprune.apply(llava, "")
+    assert vtprune.config_of(llava) is None
+
+
+@pytest.mark.parametrize("method", ["random", "zoo"])
+@pytest.mark.parametrize("seed", [1.5, True, 2**70, -1, "3"])
+def test_seeds_must_be_integers_in_range(llava, method, seed):
+    with pytest.raises(ConfigError, match="seed="):
+        vtprune.apply(llava, method=method, keep=8, seed=seed)
+
+
+def test_a_large_valid_seed_runs(llava, processor):
+    vtprune.apply(llava, method="random", keep=8, seed=2**63 - 1)
+    with torch.no_grad():
+        llava(**batch(processor, [1]))
+    assert vtprune.stats(llava).visual_after == [8]
+
+
+def test_non_utf8_config_file_is_a_clear_error(llava, tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_bytes(b'{"method": "fastv\xff\xfe"}')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        vtprune.apply(llava, config=str(path))
+
+
+def test_a_bare_method_name_is_never_read_as_a_file(llava, processor, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fastv").write_text("not a config")
+    vtprune.apply(llava, "fastv", keep=8)
+    assert vtprune.config_of(llava).method == "fastv"
+    with pytest.raises(ConfigError, match="not JSON"):  # a path spelled as one is still a file
+        vtprune.apply(llava, config="./fastv")
+
+
+def test_remove_restores_qwen_rope_deltas():
+    from conftest import get_model, qwen_batch
+
+    model = get_model("qwen2_vl")
+    core = model.model
+    sentinel = torch.full((1, 1), -7)
+    core.rope_deltas = sentinel
+    vtprune.apply(model, method="cls", keep=8)
+    model.generate(**qwen_batch("qwen2_vl", "single"), max_new_tokens=2, do_sample=False)
+    assert core.rope_deltas is not sentinel  # pruning set it for the shortened cache
+    vtprune.remove(model)
+    assert core.rope_deltas is sentinel

@@ -55,7 +55,9 @@ def apply(
             )
         if config is not None and method is not None:
             raise ConfigError("the method was given twice (positionally and as method=)")
-        fields: dict[str, Any] = {"method": config or method or PruneConfig.method, "options": method_options}
+        # explicit None checks: an empty method string is an error (PruneConfig refuses it), not the default
+        chosen = config if config is not None else method if method is not None else PruneConfig.method
+        fields: dict[str, Any] = {"method": chosen, "options": method_options}
         if keep is not None:
             fields["keep"] = keep
         fields["layer"] = layer
@@ -105,9 +107,13 @@ def apply(
     remove(model)
     state = PruneState(config=cfg, adapter=adapter, scorer=scorer, stage=stage, layer=resolved_layer,
                        schedule=schedule, pre_keep=pre_keep)
+    state.saved = [(obj, name, getattr(obj, name, _MISSING)) for obj, name in adapter.mutable_state()]
     state.handles = install(adapter, state)
     setattr(model, STATE_ATTR, state)
     return model
+
+
+_MISSING = object()
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -116,6 +122,12 @@ def remove(model: nn.Module) -> nn.Module:
     if state is not None:
         for handle in state.handles:
             handle.remove()
+        for obj, name, value in state.saved:  # attributes the runtime overwrote (Qwen's rope_deltas)
+            if value is _MISSING:
+                if name in vars(obj):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, value)
         delattr(model, STATE_ATTR)
     return model
 

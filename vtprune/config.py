@@ -188,7 +188,10 @@ def load_config(path: str | os.PathLike) -> PruneConfig:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; write one with `vtprune tune ... --out FILE`")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                          "give the JSON file `vtprune tune --out` or PruneConfig.to_json wrote") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not JSON ({exc})") from None
     if isinstance(data, dict) and data.get("format") == TUNED_FORMAT:
@@ -199,7 +202,22 @@ def load_config(path: str | os.PathLike) -> PruneConfig:
 
 
 def is_config_path(value: Any) -> bool:
-    """Whether a string passed as ``config`` names a file rather than a method (methods hold no '/' or '.json')."""
+    """Whether a string passed as ``config`` names a file rather than a method: a path object, a name ending
+    in ``.json``, or one with a directory part. Never a bare name: ``"fastv"`` is the method even when a
+    file called ``fastv`` sits in the working directory (give ``./fastv`` to mean the file)."""
     if isinstance(value, os.PathLike):
         return True
-    return isinstance(value, str) and (value.endswith(".json") or os.sep in value or os.path.isfile(value))
+    return isinstance(value, str) and (value.endswith(".json") or os.sep in value or "/" in value)
+
+
+SEED_RANGE = (0, 2**63 - 1)
+
+
+def check_seed(value: Any, owner: str) -> int:
+    """``value`` as a generator seed: an int in `SEED_RANGE` (not a bool, not a float), else `ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}: seed={value!r} must be an integer (got {type(value).__name__})")
+    lo, hi = SEED_RANGE
+    if not lo <= value <= hi:
+        raise ConfigError(f"{owner}: seed={value} is out of range; use an integer in [{lo}, 2**63 - 1]")
+    return value

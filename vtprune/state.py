@@ -206,6 +206,7 @@ class PruneState:
     stage: str  # "pre-llm" | "llm"
     layer: int | None
     handles: list = field(default_factory=list)
+    saved: list = field(default_factory=list)  # (object, attribute, value before apply) for `remove`
     enabled: bool = True
     _stats: Any = None  # PruneStats, or a function building it on first access (see `stats`)
     session: Session = field(default_factory=Session)

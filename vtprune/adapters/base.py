@@ -318,6 +318,11 @@ class Adapter:
         for key in ("pixel_values", "image_sizes", "mm_encoder_outputs"):
             kwargs.pop(key, None)
 
+    def mutable_state(self) -> list[tuple[Any, str]]:
+        """``(object, attribute)`` pairs the runtime may overwrite while pruning (beyond its hooks), saved by
+        `vtprune.apply` and restored by `vtprune.remove`. Default: none."""
+        return []
+
     def extra_hooks(self, state: PruneState, features: bool = False) -> list:
         """Family-specific hooks (handles with ``remove()``). ``features``: the method merges in the
         projector's input space, so the vision features entering the projector must be recorded."""

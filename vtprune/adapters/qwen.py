@@ -269,6 +269,9 @@ class _QwenFamily(Adapter):
         pos = core.compute_3d_position_ids(**{k: v for k, v in args.items() if k in params})
         return pos[-3:]
 
+    def mutable_state(self) -> list[tuple[Any, str]]:
+        return [(self.core(), "rope_deltas")]  # set for the shortened cache by `shortened_positions`
+
     def shortened_positions(self, sess: Session, original: dict[str, Any], kwargs: dict[str, Any],
                             dropped: torch.Tensor) -> None:
         full = self._full_positions(original)  # [3, B, N]

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from vtprune.config import check_seed
 from vtprune.scorers.base import Scorer, Signals, register
 from vtprune.scorers.select import image_budget
 
@@ -22,7 +23,7 @@ class RandomScorer(Scorer):
     description = "Random tokens (seeded baseline); pre-LLM by default, in-LLM with layer=K"
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)
+        self.seed = check_seed(seed, "random")
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtprune.config import ConfigError
+from vtprune.config import ConfigError, check_seed
 from vtprune.scorers.base import HIDDEN_STATES, PRE_LLM, VISION_FEATURES, Scorer, Signals, register
 from vtprune.scorers.greedy import per_image, sensitivity_diversity
 
@@ -61,7 +61,8 @@ class ZOOScorer(Scorer):
             raise ConfigError(f"zoo: directions={directions} must be at least 1")
         if not float(h) > 0:
             raise ConfigError(f"zoo: h={h} must be positive")
-        self.directions, self.h, self.seed, self.chunk = int(directions), float(h), int(seed), int(chunk)
+        self.directions, self.h, self.chunk = int(directions), float(h), int(chunk)
+        self.seed = check_seed(seed, "zoo")
         self._projector: nn.Module | None = None
         self.last_sensitivity: list[torch.Tensor] = []
 
