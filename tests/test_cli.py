@@ -34,9 +34,15 @@ def test_run_reports_bad_method(capsys):
     assert "known methods" in capsys.readouterr().err
 
 
-def test_run_rejects_missing_model():
-    with pytest.raises(SystemExit, match="neither a built-in model"):
-        main(["run", "--model", "/no/such/dir", "--repeats", "1"])
+def test_run_rejects_missing_model(capsys):
+    assert main(["run", "--model", "/no/such/dir", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a built-in model" in err[0]
+
+
+def test_option_without_a_value_exits_2(capsys):
+    assert main(["run", "--model", "tiny-llava", "--option", "seed", "--repeats", "1"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
 
 
 def test_run_loads_a_saved_checkpoint(tmp_path, capsys):
@@ -67,3 +73,26 @@ def test_run_loads_a_saved_qwen_checkpoint(tmp_path, capsys):
                  "--repeats", "1", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "kept 16/" in out and "Qwen2VLForConditionalGeneration" in out
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["run", "--model", "tiny-llava", "--repeats", "0"], "--repeats"),
+    (["run", "--model", "tiny-llava", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["run", "--model", "tiny-llava", "--repeats", "two"], "--repeats"),
+    (["bench", "--device", "tpu"], "--device"),
+    (["bench", "--threads", "-2"], "--threads"),
+    (["bench", "--batch", "0"], "--batch"),
+    (["eval", "--device", "gpu0"], "--device"),
+])
+def test_cli_input_errors_exit_2_with_one_line(capsys, argv, names):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and names in err[0] and "error" in err[0]
+
+
+def test_run_prompt_without_the_image_placeholder(capsys):
+    assert main(["run", "--model", "tiny-llava", "--prompt", "USER: hello ASSISTANT:", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image placeholder" in err[0] and "<image>" in err[0]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from vtprune.config import ConfigError
 from vtprune.loading import (
     BUILTIN_MODELS,
     TOY_MODELS,
@@ -65,6 +66,9 @@ def cmd_run(args) -> int:
     model, processor = load_model(args.model)
     image = synthetic_image(args.seed)
     prompt = args.prompt or default_prompt(model, processor)
+    placeholder = getattr(processor, "image_token", None)
+    if placeholder and placeholder not in prompt:
+        raise ConfigError(f"--prompt must contain the image placeholder {placeholder!r} where the image goes")
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     vtprune.apply(model, method=args.method, keep=args.keep, layer=args.layer, **parse_options(args.option))
     with torch.inference_mode():
@@ -98,7 +102,7 @@ def cmd_tune(args) -> int:
     from vtprune.tune import calibration_batches, tune
 
     if args.samples < 1 or args.trials < 1 or args.batch_size < 1:
-        raise SystemExit("vtprune tune: --samples, --trials and --batch-size must be at least 1")
+        raise ConfigError("vtprune tune: --samples, --trials and --batch-size must be at least 1")
     torch.manual_seed(0)
     questions = list(args.question)
     if args.images:
@@ -194,10 +198,50 @@ def cmd_methods(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Input errors as one line, exit status 2 (subcommands use the same class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device string (cpu, cuda, cuda:1, mps, ...), or ``auto``."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vtprune import __version__
 
-    parser = argparse.ArgumentParser(prog="vtprune", description="Training-free visual token pruning for VLMs")
+    parser = _Parser(prog="vtprune", description="Training-free visual token pruning for VLMs")
     parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the pruning methods").set_defaults(func=cmd_methods)
@@ -213,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
     run.add_argument("--prompt", default=None,
                      help="the full prompt with the image placeholder (default: a question in the model's format)")
-    run.add_argument("--max-new-tokens", type=int, default=8)
-    run.add_argument("--repeats", type=int, default=5, help="timed prefills per setting")
+    run.add_argument("--max-new-tokens", type=_positive_int, default=8)
+    run.add_argument("--repeats", type=_positive_int, default=5, help="timed prefills per setting")
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser(
@@ -248,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method option, given to the methods that declare it; repeat for several")
     ev.add_argument("--max-new-tokens", type=int, default=4, help="generated tokens per answer (default 4)")
     ev.add_argument("--seed", type=int, default=0, help="torch seed and toy-shapes generator seed (default 0)")
-    ev.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    ev.add_argument("--device", type=_device, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     ev.add_argument("--dtype", default="auto",
                     help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16")
     ev.set_defaults(func=cmd_eval)
@@ -263,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--keep", type=_parse_keep, default=64, help="tokens per image (int) or fraction (float)")
     bench.add_argument("--layer", type=int, default=None, help="in-LLM pruning layer (default: the method's)")
     bench.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--repeats", type=int, default=5, help="timed prefills each way (interleaved)")
-    bench.add_argument("--new-tokens", type=int, default=32, help="forced new tokens per generate")
-    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--batch", type=_positive_int, default=1)
+    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed prefills each way (interleaved)")
+    bench.add_argument("--new-tokens", type=_positive_int, default=32, help="forced new tokens per generate")
+    bench.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's)")
     bench.add_argument("--json", action="store_true", help="print every measurement as JSON")
     bench.set_defaults(func=cmd_bench)
     demo = sub.add_parser("demo", help="a Gradio app: ask about an image, see the pruned and unpruned answers "
@@ -325,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vtprune.adapters import UnsupportedModelError
-    from vtprune.config import ConfigError
     from vtprune.eval.bench import BenchError
     from vtprune.eval.errors import EvalError
 

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from vtprune.config import ConfigError
+
 BUILTIN_MODELS = {
     "tiny-llava": dict(next_=False),
     "small-llava": dict(next_=False, hidden=512, layers=8, heads=8, vision_hidden=64, vision_layers=4),
@@ -34,11 +36,11 @@ class ModelNotFoundError(ValueError):
 
 def parse_options(pairs: list[str]) -> dict:
     """``["NAME=VALUE", ...]`` (``--option``) as a dict; each VALUE is read as JSON when it parses, else kept a
-    string. Exits (`SystemExit`, with the fix) on a pair without ``=``."""
+    string. A pair without ``=`` is a `ConfigError` (the CLI exits 2 with it)."""
     options = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"vtprune: --option expects NAME=VALUE, got {pair!r}")
+            raise ConfigError(f"--option expects NAME=VALUE, got {pair!r}")
         name, value = pair.split("=", 1)
         try:
             options[name] = json.loads(value)
@@ -83,10 +85,7 @@ def load_model(name: str, attn: str = "sdpa", dtype=None):
     from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
     from vtprune.toy.tiny_qwen import tiny_qwen, tiny_qwen_processor
 
-    try:
-        kind, where = resolve_model(name)
-    except ModelNotFoundError as err:
-        raise SystemExit(f"vtprune: {err}") from None
+    kind, where = resolve_model(name)  # ModelNotFoundError names the fix (the CLI exits 2 with it)
     if kind == "builtin":
         spec = where
         if "qwen" in spec:
