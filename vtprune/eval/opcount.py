@@ -316,8 +316,7 @@ def _wrap(method: str):
         finally:
             _IN_WRAPPER[0] -= 1
         if top and isinstance(out, torch.Tensor):
-            if out is self and method in ("cpu", "to") and any(c.devices is not None for c in _ACTIVE) \
-                    and self in _tracked() and _attribute(frame)[0] == _VTPRUNE \
+            if out is self and method in ("cpu", "to") and self in _tracked() and _attribute(frame)[0] == _VTPRUNE \
                     and (method == "cpu" or _to_target_is_host(args, kwargs, strict=False)):
                 # on a CPU run the "host copy" is the device tensor itself: give vtprune a real copy, so
                 # its host-side work is not mistaken for device reads

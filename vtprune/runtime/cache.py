@@ -23,7 +23,8 @@ def validity_from_4d(mask: torch.Tensor, n: int) -> torch.Tensor:
     return (row if row.dtype == torch.bool else row == 0).long()
 
 
-def _query_length(kwargs: dict[str, Any]) -> int:
+def query_length(kwargs: dict[str, Any]) -> int:
+    """Tokens this forward feeds (``input_ids`` or ``inputs_embeds`` ``[B, q, ...]``), 0 without either."""
     ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     return int(ref.shape[1]) if ref is not None else 0
 

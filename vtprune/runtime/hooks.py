@@ -25,10 +25,10 @@ import torch
 from vtprune.adapters.base import Adapter
 from vtprune.layout import last_true
 from vtprune.runtime.cache import (
-    _query_length,
     check_cache,
     full_attention_mask,
     is_static_cache,
+    query_length,
     validity_from_4d,
 )
 from vtprune.runtime.llm_stages import LLMStageHooks
@@ -203,7 +203,7 @@ class Runtime:
             if state.stage == PRE_LLM or sess.keep_seq is not None:
                 sess.phase = "decode"
             sess.step_masks = {}
-            step = _query_length(kwargs)
+            step = query_length(kwargs)
             if state.stage == PRE_LLM and sess.pre_index is not None:
                 shorten_decode_inputs(sess, kwargs)
                 self.adapter.decode_positions(sess, kwargs)
@@ -268,7 +268,7 @@ class Runtime:
                 return False
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                return int(mask.shape[1]) == sess.seq_len + sess.decoded + _query_length(kwargs)
+                return int(mask.shape[1]) == sess.seq_len + sess.decoded + query_length(kwargs)
             return True
         return bool(cache_length(cache) > 0)  # a cache this session did not fill: read its length once
 

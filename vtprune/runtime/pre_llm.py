@@ -16,6 +16,7 @@ import torch
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout, last_true
 from vtprune.plan import padding_side, pre_llm_plan
+from vtprune.runtime.cache import query_length
 from vtprune.runtime.stages import stage_for
 from vtprune.runtime.visionzip import vision_features
 from vtprune.scorers.base import (
@@ -84,7 +85,7 @@ def shorten_prefill_inputs(
     with state.timer.part("compact"):  # the shortened sequence, its mask and positions
         mask2d = kwargs.get("attention_mask")
         if trim_padding:
-            index, valid, dropped, ragged = _trimmed_rows(sess, sel, visual, mask2d)
+            index, valid, dropped, ragged = _trimmed_rows(sess, sel, visual)
             lengths = [int(x) for x in valid.sum(1)]
         else:
             plan = pre_llm_plan(sel, visual, sess.attention_2d, sess.host_valid)
@@ -119,7 +120,7 @@ def shorten_prefill_inputs(
         continue_in_llm(sess, lay, sel.kept(), index, valid)
 
 
-def _trimmed_rows(sess: Session, sel: Selection, visual: torch.Tensor, mask2d: torch.Tensor | None):
+def _trimmed_rows(sess: Session, sel: Selection, visual: torch.Tensor):
     """Rows of the shortened sequence with the padding dropped as well, re-padded to the longest row (the
     LLaVA repository's prompts, padded to their longest spliced row); padding slots take the row's own
     padding first, so keep-all stays exact. Returns (index, valid, dropped, ragged)."""
@@ -198,7 +199,7 @@ def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
     mask = kwargs.get("attention_mask")
     n = sess.seq_len
     if isinstance(mask, dict) or (mask is not None and mask.dim() == 4):  # generate()'s masks of a static cache
-        kwargs["attention_mask"] = static_decode_mask(sess, mask, _query_len(kwargs))
+        kwargs["attention_mask"] = shortened_decode_mask(sess, query_length(kwargs))
         return
     if mask is not None:
         if mask.dim() != 2:
@@ -208,22 +209,14 @@ def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
         head = compact(mask[:, :n], sess.pre_index).masked_fill(~sess.pre_valid, 0)
         kwargs["attention_mask"] = torch.cat([head, mask[:, n:]], dim=1)
     elif sess.pre_ragged:  # re-padded rows: the prefill had no mask, the decode steps need one
-        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-        past = sess.pre_valid.shape[1] + sess.decoded  # host count: a static cache's length is on the device
-        extra = past + ref.shape[1] - sess.pre_valid.shape[1]
-        tail = torch.ones(ref.shape[0], extra, dtype=torch.long, device=ref.device)
-        kwargs["attention_mask"] = torch.cat([sess.pre_valid.long(), tail], dim=1)
+        kwargs["attention_mask"] = shortened_decode_mask(sess, query_length(kwargs))
 
 
-def _query_len(kwargs: dict[str, Any]) -> int:
-    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-    return int(ref.shape[1])
-
-
-def static_decode_mask(sess: Session, mask: Any, q_len: int) -> torch.Tensor:
+def shortened_decode_mask(sess: Session, q_len: int) -> torch.Tensor:
     """A decode step's 2D mask ``[B, W + decoded + q]`` over the shortened prompt (``sess.pre_valid``) and the
-    tokens decoded since, in place of the 4D mask generate() built for the unshortened sequence of a static
-    cache (the model builds its own 4D mask from it)."""
+    tokens decoded since (host counts). Replaces the 4D mask generate() built for the unshortened sequence
+    of a static cache (the model builds its own from this one), and gives re-padded rows a mask where the
+    prefill had none."""
     dev = sess.pre_valid.device
     tail = torch.ones(sess.pre_valid.shape[0], sess.decoded + q_len, dtype=torch.long, device=dev)
     return torch.cat([sess.pre_valid.long(), tail], dim=1)
