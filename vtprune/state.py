@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vtprune.perthread import PerThread
+
 if TYPE_CHECKING:
     from vtprune.adapters.base import Adapter
     from vtprune.config import PruneConfig
@@ -198,7 +200,8 @@ class PartTimer:
 
 @dataclass
 class PruneState:
-    """Everything vtprune keeps on a patched model (``model._vtprune_state``)."""
+    """Everything vtprune keeps on a patched model (``model._vtprune_state``): the setup (shared by all
+    threads) and the per-call state (one copy per calling thread)."""
 
     config: PruneConfig
     adapter: Adapter
@@ -208,18 +211,23 @@ class PruneState:
     handles: list = field(default_factory=list)
     saved: list = field(default_factory=list)  # (object, attribute, value before apply) for `remove`
     enabled: bool = True
-    _stats: Any = None  # PruneStats, or a function building it on first access (see `stats`)
-    session: Session = field(default_factory=Session)
-    vision_record: VisionRecord | None = None  # the last image encoding
-    video_record: VisionRecord | None = None  # the last video encoding (Qwen-VL)
-    cls_accumulator: torch.Tensor | None = None
-    vision_extras: dict | None = None  # filled by method hooks during an encoder call -> VisionRecord.extras
-    encoding: bool = False  # inside a wrapped encoder call (Qwen3-VL's video encoder calls the image one)
     timer: PartTimer = field(default_factory=PartTimer)  # vtprune's own time by part (vtprune bench)
     # in-LLM pruning points: (decoder layer, per-image budget) in increasing layer order; one entry
     # (layer, config.keep) for single-stage methods, several for staged ones (Scorer.schedule)
     schedule: list = field(default_factory=list)
     pre_keep: Any = None  # the pre-LLM selection's budget when LLM stages follow it (None: config.keep)
+
+    # Per-call state, private to each calling thread (`vtprune.perthread`): two threads running the same
+    # patched model never see each other's prefill. Not dataclass fields (no annotations).
+    session = PerThread(factory=Session)
+    vision_record = PerThread()  # VisionRecord | None: the last image encoding
+    video_record = PerThread()  # VisionRecord | None: the last video encoding (Qwen-VL)
+    cls_accumulator = PerThread()  # torch.Tensor | None
+    vision_extras = PerThread()  # dict | None: filled by method hooks during an encoder call -> VisionRecord.extras
+    encoding = PerThread(False)  # inside a wrapped encoder call (Qwen3-VL's video encoder calls the image one)
+    # PruneStats, or a function building it on first access (see `stats`); a thread that ran no prefill
+    # reads the latest of any thread (results read from another thread than the one that generated)
+    _stats = PerThread(shared_fallback=True)
 
     @property
     def uniform_cache(self) -> bool:
@@ -228,8 +236,8 @@ class PruneState:
 
     @property
     def stats(self) -> PruneStats | None:
-        """The last prefill's `PruneStats`, built on first access (building reads device memory, so the
-        prefill itself only records how to build it)."""
+        """The calling thread's last prefill's `PruneStats` (of any thread if this one ran none), built on
+        first access (building reads device memory, so the prefill itself only records how to build it)."""
         if callable(self._stats):
             self._stats = self._stats()
         return self._stats

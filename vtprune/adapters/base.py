@@ -20,6 +20,7 @@ from vtprune.adapters.attention_rows import vit_cls_attention
 from vtprune.config import ConfigError
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
+from vtprune.perthread import PerThread
 from vtprune.state import PruneState, Session, VisionRecord
 
 
@@ -134,10 +135,12 @@ class Adapter:
     # the oldest transformers release the adapter works with (the transformers-v5 model classes need 5.0)
     min_transformers: ClassVar[str] = "5.0"
 
+    # host geometry of the encoder call running now in this thread (see the runtime's encoder wrapper)
+    encoding_geometry = PerThread()
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._host_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.encoding_geometry: Any = None  # host geometry of the encoder call running now (see wrapper)
 
     def host_of(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy of a small geometry tensor (``image_grid_thw``, ``image_sizes``), read from the device
@@ -319,8 +322,10 @@ class Adapter:
             kwargs.pop(key, None)
 
     def mutable_state(self) -> list[tuple[Any, str]]:
-        """``(object, attribute)`` pairs the runtime may overwrite while pruning (beyond its hooks), saved by
-        `vtprune.apply` and restored by `vtprune.remove`. Default: none."""
+        """``(object, attribute)`` pairs of per-call state the model keeps on itself between calls (Qwen-VL's
+        ``rope_deltas``), which the runtime may overwrite while pruning. While patched each becomes per-thread
+        (`vtprune.perthread.PerThreadAttributes`: concurrent calls keep their own); `vtprune.apply` saves the
+        values and `vtprune.remove` restores them. Default: none."""
         return []
 
     def extra_hooks(self, state: PruneState, features: bool = False) -> list:

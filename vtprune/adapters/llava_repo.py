@@ -39,6 +39,7 @@ from vtprune.adapters.base import (
     transformers_version,
 )
 from vtprune.adapters.llava import clip_layer_attention
+from vtprune.perthread import PerThread
 from vtprune.signals import VISION_FEATURES
 from vtprune.state import PruneState, VisionRecord
 
@@ -91,6 +92,10 @@ class LlavaRepoAdapter(Adapter):
     description = "LLaVA-1.5 of the original LLaVA codebase (llava.model.LlavaLlamaForCausalLM)"
     encoders = {"image": "encode_images"}
     min_transformers = "4.37"  # the repository's pin; also runs on 5.x
+    # per-call, per thread: the prefill prepared in prepare_inputs_labels_for_multimodal for the LLM
+    # forward that follows, and the one that forward is running
+    _pending = PerThread()
+    _current = PerThread()
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -129,8 +134,6 @@ class LlavaRepoAdapter(Adapter):
         feature = getattr(tower, "select_feature", "patch")
         if feature not in ("patch", "cls_patch"):
             raise UnsupportedModelError(f"mm_vision_select_feature={feature!r} is not supported (patch, cls_patch)")
-        self._pending: RepoPrefill | None = None
-        self._current: RepoPrefill | None = None
 
     # ---- structure ----------------------------------------------------------------------------
     def core(self) -> nn.Module:

@@ -24,6 +24,7 @@ import torch
 
 from vtprune.adapters.base import Adapter
 from vtprune.layout import last_true
+from vtprune.perthread import PerThreadAttributes
 from vtprune.runtime.cache import (
     check_cache,
     full_attention_mask,
@@ -60,6 +61,14 @@ class _InstanceWrap:
             vars(self.obj).pop(self.name, None)
 
 
+def per_thread_model_state(adapter: Adapter) -> list:
+    """Handles making the model's own per-call attributes (`Adapter.mutable_state`) per-thread."""
+    names: dict[int, tuple[Any, list[str]]] = {}
+    for obj, name in adapter.mutable_state():
+        names.setdefault(id(obj), (obj, []))[1].append(name)
+    return [PerThreadAttributes(obj, attrs) for obj, attrs in names.values()]
+
+
 class Runtime:
     """The hooks of one pruning setup on one model (``adapter`` describes it, ``state`` holds the setup)."""
 
@@ -90,6 +99,7 @@ class Runtime:
             handles += self.adapter.extra_hooks(state, features=method.records_merge_features)
             handles += self.extra_hooks(state)
             handles += method.hooks(self.adapter, state)  # the method's own (VisionZip's keys, FlowCut's stages)
+            handles += per_thread_model_state(self.adapter)
         except Exception:
             for handle in reversed(handles):
                 handle.remove()

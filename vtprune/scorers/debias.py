@@ -22,6 +22,7 @@ import torch
 
 from vtprune.calibration import CalibrationError, find_calibration, load_calibration
 from vtprune.config import ConfigError
+from vtprune.perthread import PerThread
 from vtprune.scorers.base import PIXEL_VALUES, Scorer, Signals, register
 from vtprune.scorers.compose import Wrapper, method_string
 
@@ -195,6 +196,8 @@ class Debias(Wrapper):
     own_excludes = True  # padding patches score -inf
     description = ("Attention debiasing: divide out the host's positional trend (calibrated or default); "
                    "LLaVA-1.5: exclude pad-to-square padding patches")
+
+    last_padding = PerThread(factory=list)  # a per-call debugging record: each thread sees its own
 
     def __init__(self, inner: Scorer, trend: str | list[float] = "auto", pad_theta: float | None = 0.5) -> None:
         super().__init__(inner)

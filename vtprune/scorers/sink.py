@@ -15,6 +15,7 @@ import torch
 
 from vtprune.calibration import CalibrationError, find_calibration, load_calibration, text_hidden_size
 from vtprune.config import ConfigError
+from vtprune.perthread import PerThread
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, Scorer, Signals, register
 from vtprune.scorers.compose import Wrapper, method_string
 
@@ -111,6 +112,8 @@ class Sink(Wrapper):
     needs = frozenset({HIDDEN_STATES})
     default_host = "uniform"
     allowed_stages = (IN_LLM,)
+
+    last_sinks = PerThread(factory=list)  # a per-call debugging record: each thread sees its own
 
     def __init__(self, inner: Scorer, tau: float = 20.0, dims: list[int] | None = None, mode: str = "drop",
                  calibration: str | None = None) -> None:

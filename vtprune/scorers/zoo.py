@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vtprune.config import ConfigError, check_seed
+from vtprune.perthread import PerThread
 from vtprune.scorers.base import HIDDEN_STATES, PRE_LLM, VISION_FEATURES, Scorer, Signals, register
 from vtprune.scorers.greedy import per_image, sensitivity_diversity
 
@@ -55,6 +56,8 @@ class ZOOScorer(Scorer):
     needs = frozenset({VISION_FEATURES, HIDDEN_STATES})
     stages = (PRE_LLM,)
     accepts_auto_keep = False
+
+    last_sensitivity = PerThread(factory=list)  # a per-call debugging record: each thread sees its own
 
     def __init__(self, directions: int = 64, h: float = 0.01, seed: int = 0, chunk: int = 8192) -> None:
         if int(directions) < 1:
