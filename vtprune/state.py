@@ -137,6 +137,31 @@ class Session:
     deepstack: Any = None  # Qwen3-VL pre-LLM: (visual mask [B, N'], per-level features of kept tokens)
     extras: dict = field(default_factory=dict)  # method-specific per-prefill values (FlowCut's, see
     # runtime/flowcut.py), offered to the scorer as `Signals.extras`
+    # cacheless continuations (generate(use_cache=False) feeds prompt + generated tokens at every step):
+    prompt_ids: torch.Tensor | None = None  # [B, P] host input ids of the prompt (forwards without a cache)
+    prompt_host_valid: torch.Tensor | None = None  # [B, P] host validity of the prompt
+    appended: int = 0  # tokens this forward adds after the prompt (0: a new prompt); signals ignore them
+    selections: dict = field(default_factory=dict)  # per pruning point ("pre", or stage j) the Selection made
+    replay: dict | None = None  # a continuation: the prompt's selections, reused so that the plan is the prompt's
+    prompt_stats: Any = None  # a continuation: the prompt's stats, which stay the model's stats
+
+    def prompt_valid(self) -> torch.Tensor:
+        """``[B, N_cur]`` bool: real tokens of the prompt in the current coordinates (the tokens a
+        continuation appended excluded: text signals, such as raters or instructions, come from the prompt)."""
+        if not self.appended:
+            return self.attention_2d
+        cols = torch.arange(self.attention_2d.shape[1], device=self.attention_2d.device)
+        return self.attention_2d & (cols[None, :] <= self.query_pos[:, None])
+
+    def host_prompt_valid(self) -> torch.Tensor:
+        """`prompt_valid` of the original sequence, on the host: ``[B, N]``."""
+        if not self.appended:
+            return self.host_valid
+        valid = self.host_valid.clone()
+        for b in range(valid.shape[0]):
+            real = torch.nonzero(valid[b]).flatten()
+            valid[b, real[real.numel() - self.appended:]] = False
+        return valid
 
 
 @dataclass

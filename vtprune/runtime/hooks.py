@@ -32,6 +32,7 @@ from vtprune.runtime.cache import (
     query_length,
     validity_from_4d,
 )
+from vtprune.runtime.continuation import appended_tokens, begin_continuation
 from vtprune.runtime.llm_stages import LLMStageHooks
 from vtprune.runtime.pre_llm import shorten_decode_inputs, shorten_prefill_inputs
 from vtprune.runtime.stages import stage_for
@@ -181,6 +182,8 @@ class Runtime:
         """Remember the cache the core returned: transformers 4.x returns a new legacy tuple every call."""
         def hook(module, args, kwargs, output):
             sess = state.session
+            if sess.appended:  # a cacheless continuation: the model's stats stay its prompt's
+                state.stats = sess.prompt_stats
             returned = cache_of(output) if isinstance(output, dict) else None
             if sess.phase in ("prefill", "decode") and isinstance(returned, (tuple, list)):
                 sess.cache = returned
@@ -221,8 +224,9 @@ class Runtime:
                 return (), kwargs
             sess.decoded += step
             return None
-        # a new prefill
+        # a new prefill (or a cacheless continuation of the previous one: runtime/continuation.py)
         check_cache(cache, uniform=state.uniform_cache)
+        prev, prev_stats = state.session, state._stats
         sess = state.session = Session()
         input_ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
@@ -247,11 +251,19 @@ class Runtime:
         valid = (mask2d.bool() if mask2d is not None
                  else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device))
         # the prefill's one read of device memory: token kinds and validity, from which every count is known
-        host = torch.stack([kinds, valid.to(kinds.dtype)]).cpu()
+        # (without a cache also the input ids, to recognise a continuation of the previous prompt)
+        rows = [kinds, valid.to(kinds.dtype)]
+        cacheless = cache is None and input_ids is not None
+        if cacheless:
+            rows.append(input_ids.to(kinds.dtype))
+        host = torch.stack(rows).cpu()
         host_kinds, host_valid = host[0], host[1].bool()
         if not bool(host_kinds.any()):
             state.stats = None
             return None
+        appended = appended_tokens(prev, host[2], host_valid, host_kinds) if cacheless else 0
+        if cacheless:
+            begin_continuation(sess, prev, host[2], host_valid, appended, prev_stats)
         images = self.adapter.image_inputs(state, kwargs)
         with state.timer.part("plan"):  # the layout: host-side work on the one host copy
             self.begin_prefill(sess, valid, kinds, images, host_kinds, host_valid)
@@ -291,7 +303,7 @@ class Runtime:
             host_kinds, host_valid = host[0], host[1].bool()
         sess.attention_2d = valid
         sess.host_valid = host_valid
-        sess.query_pos = last_true(valid)
+        sess.query_pos = last_true(valid) - sess.appended  # the prompt's last token (continuations: before theirs)
         sess.seq_len = sess.llm_len = int(valid.shape[1])
         sess.phase = "prefill"
         sess.kinds = kinds

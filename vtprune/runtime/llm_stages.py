@@ -24,6 +24,7 @@ from vtprune.adapters.attention_rows import layer_rope, llm_query_attention, tak
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout, slots_of
 from vtprune.plan import in_llm_plan
+from vtprune.runtime.continuation import replayed_selection
 from vtprune.runtime.stages import stage_for
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.select import Selection, select
@@ -250,6 +251,7 @@ class LLMStageHooks:
             positions, _, _ = self._current(sess)
             sub = self._sub_layout(sess, positions)
             sel, scores, writes = self._select(hidden, sub, j, layer_k, keep_j)
+            sess.selections[j] = sel
             scores = per_sample(scores, sub)  # views, for the stats
             picked = sel.kept()
             if sess.stage_seqs:
@@ -350,6 +352,9 @@ class LLMStageHooks:
         if own is not None:
             picked, writes = own
             return Selection.from_kept(lay, picked), scores, writes
+        replayed = replayed_selection(sess, j, lay)  # a continuation: the prompt's
+        if replayed is not None:
+            return replayed, scores, {}
         return select(scores, lay, keep, excludes=self.state.scorer.excludes), scores, {}
 
     # ---- layers after the first pruning point ---------------------------------------------------

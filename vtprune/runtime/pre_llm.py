@@ -17,6 +17,7 @@ from vtprune.kernels import compact
 from vtprune.layout import VisualLayout, last_true
 from vtprune.plan import padding_side, pre_llm_plan
 from vtprune.runtime.cache import query_length
+from vtprune.runtime.continuation import replayed_selection
 from vtprune.runtime.stages import stage_for
 from vtprune.runtime.visionzip import vision_features
 from vtprune.scorers.base import (
@@ -69,7 +70,7 @@ def shorten_prefill_inputs(
             signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
         if state.scorer.needs_signal(INSTRUCTION):
             signals.instruction_embeds, signals.instruction_ids = instruction_tokens(
-                embeds, input_ids, sess.host_valid, sess.host_kinds)
+                embeds, input_ids, sess.host_prompt_valid(), sess.host_kinds)
         if state.scorer.needs_signal(VISION_FEATURES):
             signals.vision_features = vision_features(adapter, images, lay.source)
         if state.scorer.needs_signal(PIXEL_VALUES):
@@ -80,7 +81,9 @@ def shorten_prefill_inputs(
             sel, embeds, contextual, scores = own
         else:
             scores = state.scorer.score(signals)
-            sel = select(scores, lay, budget, excludes=state.scorer.excludes)
+            replayed = replayed_selection(sess, PRE_LLM, lay)  # a continuation: the prompt's
+            sel = replayed if replayed is not None else select(scores, lay, budget, excludes=state.scorer.excludes)
+            sess.selections[PRE_LLM] = sel
 
     with state.timer.part("compact"):  # the shortened sequence, its mask and positions
         mask2d = kwargs.get("attention_mask")
@@ -171,7 +174,7 @@ def continue_in_llm(sess: Session, lay: Any, kept: list[torch.Tensor], index: to
     sess.layout = VisualLayout(positions, take(lay.image), take(lay.prunable), take(lay.source), take(lay.coords),
                                seq_len=int(index.shape[1]))
     sess.attention_2d = valid
-    sess.query_pos = last_true(valid)
+    sess.query_pos = last_true(valid) - sess.appended  # appended tokens stay the last real ones
     sess.llm_len = int(index.shape[1])
 
 

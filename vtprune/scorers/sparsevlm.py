@@ -113,7 +113,7 @@ class SparseVLMScorer(Scorer):
                 pos = lay.positions[b].to(hidden.device)
                 last = int(pos.max()) if pos.numel() else -1
                 text = torch.nonzero((torch.arange(sess.seq_len, device=hidden.device) > last)
-                                     & sess.attention_2d[b].to(hidden.device)).flatten()
+                                     & sess.prompt_valid()[b].to(hidden.device)).flatten()
                 out.append(text[select_raters(hidden[b, pos], hidden[b, text])])
             sess.extras[RATERS] = out
             return None

@@ -122,7 +122,7 @@ class TransPruneScorer(Scorer):
         for b in range(lay.batch_size):
             last = int(full_lay.positions[b].max()) if full_lay.positions[b].numel() else -1
             after = torch.nonzero((torch.arange(sess.seq_len, device=sess.attention_2d.device) > last)
-                                  & sess.attention_2d[b]).flatten()
+                                  & sess.prompt_valid()[b]).flatten()
             rows.append(after if seq is None else slots_of(seq[b:b + 1], after[None], sess.seq_len)[0])
         iga = llm_rows_attention(hooks.layers[layer + 1], hidden, sess.stage_rope, rows, valid)
         ttv = sess.extras.get(TTV)
