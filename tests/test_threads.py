@@ -78,6 +78,14 @@ CASES = [
     ("next", "cls", {"keep": 16}),
     ("qwen2_vl", "fastv", {"keep": 8, "layer": 1}),
     ("qwen2_vl", "cls", {"keep": 8}),
+    # methods with per-call state of their own: FlowCut's tower tracker (CLIP) and run (Qwen-VL), SparseVLM's
+    # raters and recycled rows, VFlowOpt's importance, CDPruner's relevance
+    ("llava", "flowcut", {"keep": 8}),
+    ("next", "flowcut", {"keep": 16}),
+    ("qwen2_vl", "flowcut", {"keep": 8}),
+    ("qwen2_vl", "sparsevlm", {"keep": 8, "layers": [0, 1, 2], "ratios": [0.5, 0.25]}),  # with recycling
+    ("llava", "vflowopt", {"keep": 8, "llm_layers": [1, 2], "cell": 8}),
+    ("llava", "cdpruner", {"keep": 8}),
 ]
 
 
@@ -91,6 +99,52 @@ def test_two_threads_one_model_match_sequential_runs(kind, method, options):
         assert expected[0][1] != expected[1][1] or expected[0][0] != expected[1][0]  # the two calls differ
         errors = _concurrent(model, inputs, expected)
         assert not errors, "\n".join(errors)
+    finally:
+        vtprune.remove(model)
+
+
+# per method, its per-call debug records (`vtprune.perthread.PerThread` attributes of the scorer)
+RECORDS = [
+    ("sparsevlm", {"keep": 8, "layers": [0, 1, 2], "ratios": [0.5, 0.25]}, ["last_raters", "last_recycled"]),
+    ("vflowopt", {"keep": 8, "llm_layers": [1, 2], "cell": 8}, ["last_importance", "last_recycled"]),
+    ("cdpruner", {"keep": 8}, ["last_relevance"]),
+    ("transprune", {"keep": 8, "layers": [1, 2], "ratios": [0.5]}, ["last_parts"]),
+]
+
+
+@pytest.mark.parametrize("method,options,names", RECORDS, ids=[m for m, _, _ in RECORDS])
+def test_debug_records_are_per_thread(method, options, names):
+    """A scorer's ``last_*`` records of a call in another thread stay that thread's: this thread, which ran
+    nothing, sees empty ones, and its own call later does not change what the other thread recorded."""
+    model = get_model("llava")
+    a, b = _llava_inputs(False)
+    try:
+        vtprune.apply(model, method=method, **options)
+        scorer = model._vtprune_state.scorer
+        seen, recorded, done = {}, threading.Event(), threading.Event()
+
+        def work():
+            try:
+                _generate(model, a)
+                seen["before"] = {n: getattr(scorer, n) for n in names}
+            finally:
+                recorded.set()
+            done.wait(60)
+            seen["after"] = {n: getattr(scorer, n) for n in names}
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        try:
+            recorded.wait(60)
+            assert "before" in seen and all(len(seen["before"][n]) for n in names), "the worker recorded nothing"
+            assert all(getattr(scorer, n) == [] for n in names), "this thread sees the worker's records"
+            _generate(model, b)
+            mine = {n: getattr(scorer, n) for n in names}
+        finally:
+            done.set()
+            worker.join()
+        for n in names:
+            assert seen["after"][n] is seen["before"][n] and mine[n] is not seen["before"][n], n
     finally:
         vtprune.remove(model)
 
@@ -126,3 +180,22 @@ def test_stats_read_from_another_thread_see_the_latest_prefill():
         assert st is not None and st.visual_after == [5]
     finally:
         vtprune.remove(model)
+
+
+def test_remove_leaves_no_per_thread_store_and_models_still_deepcopy():
+    """``remove()`` takes the per-thread stores off the model's modules; a patched model deep-copies too
+    (the copy starts with no per-call state: a ``threading.local`` itself could not be copied)."""
+    import copy
+
+    model = get_model("qwen2_vl")
+    inputs = _qwen_inputs("qwen2_vl")[0]
+    try:
+        vtprune.apply(model, method="fastv", keep=8, layer=1)
+        with torch.no_grad():
+            model(**inputs)
+        copy.deepcopy(model)
+    finally:
+        vtprune.remove(model)
+    left = [(name, k) for name, m in model.named_modules() for k in vars(m) if k.startswith("_vtprune")]
+    assert left == []
+    copy.deepcopy(model)

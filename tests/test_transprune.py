@@ -55,6 +55,9 @@ def test_signals_match_independent_computations(processor):
     with torch.no_grad():
         model(**inputs)
     scorer = model._vtprune_state.scorer
+    with torch.no_grad():
+        model(**inputs)  # a second prefill replaces the record (one entry per stage), it does not grow it
+    assert len(scorer.last_parts) == 2
     parts = scorer.last_parts[0]
     vtprune.remove(model)
     layers = model.model.language_model.layers

@@ -146,3 +146,40 @@ def test_refusals(llava):
         vtprune.apply(llava, "vflowopt", keep=8)
     with pytest.raises(ConfigError, match="LLaVA-family models only"):
         vtprune.apply(get_model("qwen2_vl"), "vflowopt", keep=8, llm_layers=[1])
+
+
+def test_small_budgets_recycle_the_cells_that_lose_the_most_importance(processor):
+    """``keep <= cells``: the top token plus ``keep - 1`` recycled slots, given to the cells whose removed
+    tokens carry the most importance; the image keeps exactly ``keep`` tokens."""
+    model = get_model("llava")
+    inputs = batch(processor, [1])
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output[0]
+    seen = {}
+    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    vtprune.apply(model, "vflowopt", keep=3, llm_layers=[], cell=12)  # 2 x 2 cells of 12 x 12 patches
+    with torch.no_grad():
+        model(**inputs)
+    h.remove()
+    scorer = model._vtprune_state.scorer
+    imp, recycled = scorer.last_importance[0], scorer.last_recycled[0].cpu()
+    st = vtprune.stats(model)
+    vtprune.remove(model)
+    grid = torch.arange(576)
+    cell = (grid // 24 // 12) * 2 + (grid % 24 // 12)
+    order = torch.sort(imp, descending=True, stable=True).indices
+    top, removed = order[:1], order[1:]
+    mass = torch.stack([imp[removed[cell[removed] == c]].clamp(min=0).sum() for c in range(4)])
+    cells = sorted(torch.sort(mass, descending=True, stable=True).indices[:2].tolist())
+    slots = [removed[cell[removed] == c][int(torch.argmax(imp[removed[cell[removed] == c]]))] for c in cells]
+    assert st.visual_after == [3] and st.contextual == [2] and st.per_image == [[3]]
+    assert recycled.tolist() == sorted(int(s) for s in slots)
+    assert st.kept[0].tolist() == sorted([int(top[0]), *recycled.tolist()])
+    ids = inputs["input_ids"][0]
+    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
+    for c, slot in zip(cells, slots):
+        members = removed[cell[removed] == c]
+        w = imp[members].clamp(min=0) / imp[members].clamp(min=0).sum()
+        rank = int((st.kept[0] < slot).sum())
+        expected = (w[:, None] * feats[members].float()).sum(0)
+        torch.testing.assert_close(seen["inputs_embeds"][0][start + rank].float(), expected, atol=1e-5, rtol=1e-4)

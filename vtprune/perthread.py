@@ -16,10 +16,21 @@ from typing import Any
 _LOCAL = "_vtprune_per_thread"
 
 
+class _Store(threading.local):
+    """One object's per-thread values. A copy (``copy.deepcopy``, pickle) of the object it belongs to
+    starts empty: per-call state is never copied, and a ``threading.local`` could not be."""
+
+    def __deepcopy__(self, memo: dict) -> _Store:
+        return _Store()
+
+    def __reduce__(self):
+        return (_Store, ())
+
+
 def _local(obj: Any) -> threading.local:
     store = vars(obj).get(_LOCAL)
     if store is None:  # dict.setdefault is atomic: two threads racing here get the same object
-        store = vars(obj).setdefault(_LOCAL, threading.local())
+        store = vars(obj).setdefault(_LOCAL, _Store())
     return store
 
 
@@ -62,12 +73,6 @@ class PerThread:
             vars(obj).setdefault(_LOCAL + "_latest", {})[self.name] = value
 
 
-def drop_thread_state(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` (an instance ``__dict__``) without the per-thread stores, for ``__getstate__`` / deepcopy:
-    a copy starts with no per-call state of its own."""
-    return {k: v for k, v in state.items() if not k.startswith(_LOCAL)}
-
-
 class PerThreadAttributes:
     """Make attributes ``names`` of one object per-thread while patched; ``remove()`` undoes it.
 
@@ -92,3 +97,5 @@ class PerThreadAttributes:
     def remove(self) -> None:
         if type(self.obj).__mro__[1] is self.cls:
             self.obj.__class__ = self.cls
+        for key in [k for k in vars(self.obj) if k.startswith(_LOCAL)]:  # the object is as it was
+            del vars(self.obj)[key]

@@ -29,6 +29,18 @@ if TYPE_CHECKING:
     from vtprune.signals import Signals
     from vtprune.state import PruneState
 
+# Session.extras key: per sample the sorted indices (into the prefill's visual tokens) of the kept tokens a
+# pre-LLM merge wrote merged features into, when the method names them; LLM stages that follow count the
+# survivors among them for `PruneStats.contextual` (`contextual_among`)
+CONTEXTUAL = "contextual_slots"
+
+
+def contextual_among(slots: list[torch.Tensor] | None, kept: list[torch.Tensor]) -> list[int] | None:
+    """Per sample how many of ``kept`` (visual indices) are merged slots ``slots`` (None: not known)."""
+    if slots is None:
+        return None
+    return [int(torch.isin(k.cpu(), s.cpu()).sum()) for k, s in zip(kept, slots)]
+
 
 class MethodStage:
     """What a method needs from the runtime besides its scores. ``host``: the innermost scorer.
@@ -53,7 +65,9 @@ class MethodStage:
     def pre_llm(self, adapter: Adapter, state: PruneState, images: Any, signals: Signals,
                 embeds: torch.Tensor, budget: Any) -> tuple[Selection, torch.Tensor, Any, Any] | None:
         """Select (and possibly merge) before the LLM: ``(selection, embeds [B, N, D], contextual per sample,
-        scores)``, or None to let the runtime score and select by top-k."""
+        scores)``, or None to let the runtime score and select by top-k. ``contextual``: how many of each
+        sample's kept tokens carry merged features (counted in the kept ones; None for no merge). A stage
+        that knows which ones they are records them in ``state.session.extras[CONTEXTUAL]``."""
         return None
 
     def llm_signals(self, signals: Signals, hooks: Any, hidden: torch.Tensor, layer: int) -> None:
@@ -90,6 +104,9 @@ class ScorerStage(MethodStage):
         from vtprune.scorers.select import Selection
 
         kept, embeds, contextual = merged
+        if contextual and isinstance(contextual[0], torch.Tensor):  # the merged slots themselves
+            state.session.extras[CONTEXTUAL] = list(contextual)  # read only when the stats are built
+            contextual = [int(c.numel()) for c in contextual]
         return Selection.from_kept(signals.layout, kept), embeds, contextual, scores
 
     def llm_signals(self, signals, hooks, hidden, layer) -> None:

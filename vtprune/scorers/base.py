@@ -96,7 +96,8 @@ class Scorer:
     def select_and_merge(self, scores: list[torch.Tensor], signals: Signals, embeds: torch.Tensor,
                          budget: Any) -> tuple[list[torch.Tensor], torch.Tensor, list[int]] | None:
         """Before the LLM, select and write merged features into kept slots: ``(kept per sample, embeds,
-        merged count per sample)``. Default None: the runtime's batched top-k, no merge."""
+        merged per sample)``, merged as a count or as the sorted kept indices of the merged slots (then LLM
+        stages that follow count the survivors). Default None: the runtime's batched top-k, no merge."""
         return None
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vtprune.config import ConfigError
+from vtprune.perthread import PerThread
 from vtprune.scorers.base import (
     HIDDEN_STATES,
     INSTRUCTION,
@@ -100,6 +101,10 @@ class CDPrunerScorer(Scorer):
       with ``z_i`` the projector output and ``w_m`` the LLM input embeddings of the instruction tokens.
 
     Options: ``relevance`` ("text"), ``theta`` (0.5), ``clip_model``, ``clip_pretrained``, ``tokenizer``.
+
+    After each scoring call ``last_relevance`` holds, per image of the batch, its min-max normalised
+    relevance ``r`` (on the device), a debug record of the calling thread (`vtprune.perthread.PerThread`:
+    each thread sees its own).
     """
 
     name = "cdpruner"
@@ -107,6 +112,7 @@ class CDPrunerScorer(Scorer):
     needs = frozenset({HIDDEN_STATES, INSTRUCTION})
     stages = (PRE_LLM,)
     accepts_auto_keep = False
+    last_relevance = PerThread(factory=list)
 
     def __init__(self, relevance: str = "text", theta: float = 0.5, clip_model: str | None = None,
                  clip_pretrained: str | None = None, tokenizer: str | None = None) -> None:
@@ -121,7 +127,6 @@ class CDPrunerScorer(Scorer):
         self.clip_model, self.clip_pretrained, self.tokenizer = clip_model, clip_pretrained, tokenizer
         self._clip: ClipText | None = None
         self._tokenizer: Any = None
-        self.last_relevance: list[torch.Tensor] = []
 
     def needs_signal(self, name: str) -> bool:
         return name in self.needs or (name == VISION_FEATURES and self.relevance == "clip")

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from vtprune.config import ConfigError
+from vtprune.perthread import PerThread
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
 from vtprune.scorers.staged import check_stage_options, staged_schedule
 
@@ -75,12 +76,19 @@ class SparseVLMScorer(Scorer):
       after the kept ones and re-indexes positions).
 
     Deviations: kept tokens keep their original positions (as in SparseVLM+; v1 re-indexes them); the
-    budget is per image.
+    budget is per image. A sample without images (a text-only row of the batch) keeps nothing and recycles
+    nothing.
+
+    Debug records of the calling thread's last prefill (`vtprune.perthread.PerThread`: each thread sees
+    its own): ``last_raters``, per sample the raters' sequence positions; ``last_recycled``, per stage
+    ``{"stage": j, "rows": {sample: (kept indices of the centers, [c, D] cluster means)}}``.
     """
 
     name = "sparsevlm"
     description = "SparseVLM: text raters' attention at several LLM layers, staged, DPC-kNN recycling"
     stages = (IN_LLM,)
+    last_raters = PerThread(factory=list)
+    last_recycled = PerThread(factory=list)
 
     def __init__(self, layers: list[int] | tuple[int, ...] = (2, 6, 15),
                  ratios: list[float] | tuple[float, ...] = (300 / 576, 200 / 576), recycle: bool = True,
@@ -88,10 +96,8 @@ class SparseVLMScorer(Scorer):
         if not 0 <= float(recycle_fraction) <= 1:
             raise ConfigError(f"sparsevlm: recycle_fraction={recycle_fraction} must be in [0, 1]")
         self.recycle, self.recycle_fraction = bool(recycle), float(recycle_fraction)
-        self.last_recycled: list[dict] = []
         layers, ratios = check_stage_options("sparsevlm", layers, ratios)
         self.layers, self.ratios = layers, ratios
-        self.last_raters: list[torch.Tensor] = []
 
     @property
     def default_layer(self) -> int:  # type: ignore[override]
@@ -175,8 +181,10 @@ class SparseVLMScorer(Scorer):
                 parts += [cand[chosen], cand[recyc[centers.cpu()]], idx[~prunable]]
                 slots.append(cand[recyc[centers.cpu()]])
                 vectors.append(means)
-            kept = torch.sort(torch.cat(parts)).values
-            picked.append(kept)
+            if not parts:  # no image in this sample
+                picked.append(torch.zeros(0, dtype=torch.long, device=lay.positions[b].device))
+                continue
+            picked.append(torch.sort(torch.cat(parts)).values)
             if slots:
                 writes[b] = (torch.cat(slots), torch.cat(vectors))
                 record[b] = writes[b]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from vtprune.config import ConfigError
+from vtprune.perthread import PerThread
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
 from vtprune.scorers.staged import check_stage_options, staged_schedule
 
@@ -58,7 +59,9 @@ class TransPruneScorer(Scorer):
             raise ConfigError(f"transprune: accumulate={accumulate} must be [first, last] layers")
         self.layers, self.ratios = layers, ratios
         self.accumulate = [int(a) for a in accumulate] if accumulate is not None else None
-        self.last_parts: list[dict[str, list[torch.Tensor]]] = []
+
+    # per stage of the last prefill, the TTV and IGA parts of the score (a debugging record, per thread)
+    last_parts = PerThread(factory=list)
 
     @property
     def default_layer(self) -> int:  # type: ignore[override]
@@ -146,7 +149,9 @@ class TransPruneScorer(Scorer):
                 t, a = ttv[idx], iga[idx]
                 s[idx] = t / t.sum().clamp(min=1e-12) + a / a.sum().clamp(min=1e-12)
             out.append(s)
-            parts["ttv"].append(ttv.cpu())
-            parts["iga"].append(iga.cpu())
+            parts["ttv"].append(ttv.detach())  # on the device: a record costs no host sync
+            parts["iga"].append(iga.detach())
+        if signals.stage_index == 0:  # a new prefill: one entry per stage, not a growing history
+            self.last_parts = []
         self.last_parts.append(parts)
         return out

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from vtprune.config import ConfigError
+from vtprune.perthread import PerThread
 from vtprune.scorers.base import PIXEL_VALUES, PRE_LLM, Scorer, Signals, register
 from vtprune.scorers.select import image_budget
 from vtprune.scorers.staged import staged_plan
@@ -65,8 +66,17 @@ class VFlowOptScorer(Scorer):
       ``t``) and ``E`` the patch entropy (`patch_entropy`; ``alpha=0`` as in every released config).
     - Before the LLM: keep ``vision_ratio`` of each image's tokens (never fewer than ``keep``); the removed
       ones are grouped by grid cell (``cell`` patches a side, per tile) and each cell's I-weighted mean of
-      projected features is written into the slot of its most important member, which is kept. The
-      count stays within the budget: the top ``budget - cells`` by I plus one slot per non-empty cell.
+      projected features is written into the slot of its most important member, which is kept.
+    - The budget holds the recycled tokens (as VisionZip's holds its contextual ones): an image's budget
+      ``k`` splits into ``k - cells`` important tokens (the top by I) and one recycled slot per grid cell,
+      ``cells`` the number of cells of the image (the release splits it the same way, reserving
+      ``int(N / cell**2)`` merged tokens, which can fall short of the cells it then fills, so it may keep a
+      few more than its budget). At least one token is important: when ``k <= cells`` the top token is
+      kept and the ``k - 1`` slots go to the cells whose removed tokens carry the most importance (sum of
+      ``max(I, 0)``, ties to the earlier cell); the removed tokens of the other cells are dropped without
+      recycling (``keep=1`` recycles nothing). An image therefore keeps at most ``k`` tokens, its recycled
+      ones included, and ``stats().contextual`` counts the recycled ones among the kept (after the LLM
+      stages: those that survived them). See docs/methods.md.
     - Inside the LLM: after ``llm_layers`` (default 0-based 9, 18; the release's LLaVA-OneVision split),
       drop by the same I, keeping ``llm_ratio`` of the tokens present, then ``keep`` after the last.
     - ``vtprune tune`` searches ``t``, ``cell``, ``vision_ratio``, ``llm_ratio`` and ``alpha`` (the
@@ -75,13 +85,19 @@ class VFlowOptScorer(Scorer):
     Defaults from the released 25 % configuration (t 34.76, cell 15.58, vision_ratio 0.265, llm_ratio
     0.983). Deviations: the CLS token counts among the queries that may be global; the tuned search is
     random search (the reference: GP Bayesian optimisation); Qwen-VL towers are not supported (no full
-    attention map of a CLIP-style module to read).
+    attention map of a CLIP-style module to read); one recycled slot is reserved per grid cell (above).
+
+    Debug records of the calling thread's last prefill (`vtprune.perthread.PerThread`: each thread sees
+    its own): ``last_importance``, per sample the ``[n_b]`` importance I of its visual tokens (host);
+    ``last_recycled``, per sample the sorted visual-token indices of its recycled slots (on the device).
     """
 
     requires = frozenset({"pre_llm_then_llm"})
     name = "vflowopt"
     description = "VFlowOpt: vision-flow importance, pruned before the LLM with recycling and at two LLM layers"
     stages = (PRE_LLM,)
+    last_importance = PerThread(factory=list)
+    last_recycled = PerThread(factory=list)
 
     def __init__(self, t: float = 34.76, cell: float = 15.58, alpha: float = 0.0, vision_ratio: float = 0.265,
                  llm_ratio: float = 0.983, llm_layers: list[int] | tuple[int, ...] = (9, 18),
@@ -98,7 +114,6 @@ class VFlowOptScorer(Scorer):
         self.vision_layer = vision_layer
         self._state: Any = None
         self._patch = 14
-        self.last_importance: list[torch.Tensor] = []
 
     def needs_signal(self, name: str) -> bool:
         return name == PIXEL_VALUES and self.alpha != 0.0
@@ -144,7 +159,9 @@ class VFlowOptScorer(Scorer):
 
     # ---- importance ------------------------------------------------------------------------------
     def _importance(self, signals: Signals) -> list[torch.Tensor]:
-        rec = self._state.vision_record if self._state is not None else None
+        rec = signals.vision_record
+        if rec is None and self._state is not None:
+            rec = self._state.vision_record
         rows = rec.extras.get(CONTEXT) if rec is not None else None
         if rows is None:
             raise RuntimeError("vflowopt: no context relevance was recorded while the images were encoded")
@@ -185,13 +202,20 @@ class VFlowOptScorer(Scorer):
     # ---- the pre-LLM stage: selection and weighted recycling -----------------------------------
     @torch.no_grad()
     def select_and_merge(self, scores: list[torch.Tensor], signals: Signals, embeds: torch.Tensor,
-                         budget: Any) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+                         budget: Any) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """Keep the important tokens and one recycled slot per grid cell, within each image's budget.
+
+        Returns per sample the sorted kept visual indices ``[k_b]``, the embeddings ``[B, N, D]`` with each
+        recycled slot holding its cell's I-weighted mean of the removed tokens' features, and per sample the
+        sorted visual indices ``[r_b]`` of the recycled slots (among the kept).
+        """
         lay = signals.layout
         out = embeds
-        kept_all, merged_counts = [], []
+        kept_all, recycled_all = [], []
         for b in range(lay.batch_size):
             imp = scores[b].float()
-            parts, merged = [], 0
+            dev = lay.positions[b].device
+            parts, recycled = [], []
             for idx in lay.image_slices(b):
                 prunable = lay.prunable[b][idx]
                 cand = idx[prunable]
@@ -203,15 +227,20 @@ class VFlowOptScorer(Scorer):
                 cell_id = (coords[:, 0] * 10_000 + (coords[:, 1] / self.cell).floor().long() * 100
                            + (coords[:, 2] / self.cell).floor().long())
                 cells = torch.unique(cell_id)
-                top = max(1, k - int(cells.numel()))
+                top = max(1, k - int(cells.numel()))  # important tokens; the rest of the budget recycles
                 order = torch.sort(imp[cand.to(imp.device)], descending=True, stable=True).indices.cpu()
                 chosen, removed = order[:top], order[top:]
-                slots = []
+                groups = []  # (removed members, their clamped importance) of each cell that has some
                 for c in cells.tolist():
                     members = removed[cell_id[removed] == c]
-                    if members.numel() == 0:
-                        continue
-                    w = imp[cand[members].to(imp.device)].clamp(min=0)
+                    if members.numel():
+                        groups.append((members, imp[cand[members].to(imp.device)].clamp(min=0)))
+                if len(groups) > k - top:  # fewer slots than cells: the cells losing the most importance
+                    mass = torch.stack([w.sum() for _, w in groups]).cpu()
+                    pick = torch.sort(mass, descending=True, stable=True).indices[: k - top]
+                    groups = [groups[i] for i in sorted(pick.tolist())]
+                slots = []
+                for members, w in groups:
                     w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
                     pos = lay.positions[b][cand[members].to(lay.positions[b].device)].to(out.device)
                     mix = (w.to(out.device, torch.float32)[:, None] * out[b, pos].float()).sum(dim=0)
@@ -220,13 +249,16 @@ class VFlowOptScorer(Scorer):
                         out = embeds.clone()
                     out[b, lay.positions[b][cand[slot]].to(out.device)] = mix.to(out.dtype)
                     slots.append(slot)
-                    merged += 1
                 keep = torch.cat([chosen, torch.stack(slots)]) if slots else chosen
-                parts += [cand[keep], idx[~prunable]]
-            kept_all.append(torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long))
-            merged_counts.append(merged)
+                parts += [cand[keep.to(cand.device)], idx[~prunable]]
+                if slots:
+                    recycled.append(cand[torch.stack(slots).to(cand.device)])
+            kept_all.append(torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long, device=dev))
+            recycled_all.append(torch.sort(torch.cat(recycled)).values if recycled
+                                else torch.zeros(0, dtype=torch.long, device=dev))
+        self.last_recycled = recycled_all
         # the LLM stages rank the kept tokens by the same importance
         session = self._state.session if self._state is not None else None
         if session is not None:
             session.extras[IMPORTANCE] = [s[k.to(s.device)] for s, k in zip(scores, kept_all)]
-        return kept_all, out, merged_counts
+        return kept_all, out, recycled_all
