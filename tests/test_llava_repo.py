@@ -425,3 +425,44 @@ def test_same_result_as_the_transformers_llava_with_the_same_weights(workdir, me
         assert st.seq_len_after == st_twin.seq_len_after
     for b, n in enumerate(st.seq_len_after if method else hf_mask.sum(1).tolist()):
         torch.testing.assert_close(ours[b, :n], theirs[b, :n], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="transformers' LLaVA adapter needs 5.x")
+def test_cdpruner_clip_relevance_reaches_the_instruction_ids(workdir, tmp_path):
+    """cdpruner's relevance='clip' decodes the instruction's ids: the repository's runtime hands over the
+    spliced prompt's text ids, so it keeps the tokens transformers' LLaVA with the same weights keeps."""
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 336, "layers": 1, "width": 32, "head_width": 8, "patch_size": 14},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (tmp_path / "vtprune-tiny-clip-repo.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "vtprune-tiny-clip-repo.json")
+    model, tok, ip = get(workdir)
+    tok.save_pretrained(tmp_path / "tok")
+    twin = _MODELS.setdefault(("twin",), transformers_twin(model))
+    vtprune.remove(twin)
+    ids, mask, images = make_batch(tok, ip, model, [1], "right")
+    row = ids[0]
+    cut = int(torch.nonzero(row == IMAGE_TOKEN_INDEX)[0])
+    hf_ids = torch.cat([row[:cut], torch.full((P,), twin.config.image_token_id), row[cut + 1:]])[None]
+    kw = dict(keep=16, relevance="clip", clip_model="vtprune-tiny-clip-repo", tokenizer=str(tmp_path / "tok"))
+    kept = []
+    try:
+        for m, inputs in [(model, dict(input_ids=ids, attention_mask=mask, images=images)),
+                          (twin, dict(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=images))]:
+            torch.manual_seed(0)  # the tiny CLIP is built from its config at apply: the same weights for both
+            vtprune.apply(m, "cdpruner", **kw)
+            with torch.no_grad():
+                m(**inputs)
+            kept.append(vtprune.stats(m).kept[0])
+            vtprune.apply(m, "cdpruner", keep=16)  # relevance='text': a different selection
+            with torch.no_grad():
+                m(**inputs)
+            kept.append(vtprune.stats(m).kept[0])
+    finally:
+        vtprune.remove(model)
+        vtprune.remove(twin)
+    assert torch.equal(kept[0], kept[2]) and torch.equal(kept[1], kept[3])
+    assert not torch.equal(kept[0], kept[1])

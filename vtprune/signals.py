@@ -56,6 +56,9 @@ class Signals:
     - ``stage_index``: for staged in-LLM methods, which of the method's stages is selecting (0 first).
     - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
       (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
+    - ``vision_record``: the encoder run of this prefill's images (a `VisionRecord`, its per-tile tensors
+      expanded to generate()'s beams / return sequences), where the images were encoded before the call;
+      None otherwise (read ``PruneState.vision_record``).
     """
 
     layout: VisualLayout
@@ -71,6 +74,7 @@ class Signals:
     instruction_ids: list[torch.Tensor] | None = None
     stage_index: int = 0
     extras: dict = field(default_factory=dict)
+    vision_record: Any = None
     padded_scores: dict = field(default_factory=dict)
 
     def padded(self, name: str) -> torch.Tensor:

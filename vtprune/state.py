@@ -132,6 +132,7 @@ class Session:
     # pre-LLM
     pre_index: torch.Tensor | None = None  # [B, N'] kept positions of the shortened sequence
     pre_valid: torch.Tensor | None = None  # [B, N'] bool, False on padding slots
+    next_position: torch.Tensor | None = None  # [B, 1] Qwen-VL pre-LLM: the position after the prompt's last
     pre_removed: torch.Tensor | None = None  # [B] real tokens removed per sample
     pre_ragged: bool = False  # whether the shortened rows were re-padded (host flag)
     deepstack: Any = None  # Qwen3-VL pre-LLM: (visual mask [B, N'], per-level features of kept tokens)
@@ -249,6 +250,7 @@ class PruneState:
     video_record = PerThread()  # VisionRecord | None: the last video encoding (Qwen-VL)
     cls_accumulator = PerThread()  # torch.Tensor | None
     vision_extras = PerThread()  # dict | None: filled by method hooks during an encoder call -> VisionRecord.extras
+    pending_labels = PerThread()  # torch.Tensor | None: a forward's labels, held for runtime/labels.py
     encoding = PerThread(False)  # inside a wrapped encoder call (Qwen3-VL's video encoder calls the image one)
     # PruneStats, or a function building it on first access (see `stats`); a thread that ran no prefill
     # reads the latest of any thread (results read from another thread than the one that generated)

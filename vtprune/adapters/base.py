@@ -97,7 +97,8 @@ def _expanded_record(state: PruneState, rec: VisionRecord, enc: Any) -> VisionRe
 
     generate() repeats each prompt's image group for each of its sequences, reusing the same feature
     tensors; map every expanded image back to its original by identity and gather the recorded
-    geometry and CLS rows (per tile) the same way.
+    geometry, CLS rows, method extras, pixel values and the tower's hidden states (per tile or per image)
+    the same way.
     """
     ids = {id(t): j for j, t in enumerate(rec.features)}  # generate() may have expanded rec.output in place
     try:
@@ -110,13 +111,30 @@ def _expanded_record(state: PruneState, rec: VisionRecord, enc: Any) -> VisionRe
     sizes = rec.geometry
     if sizes is not None:
         sizes = sizes[torch.tensor(idx)] if isinstance(sizes, torch.Tensor) else [sizes[j] for j in idx]
-    cls = rec.cls_attention
-    if cls is not None:
-        tiles = state.adapter.tiles_per_image(rec.geometry, rec.n_images)
-        starts = [sum(tiles[:j]) for j in range(len(tiles))]
-        rows = torch.cat([torch.arange(starts[j], starts[j] + tiles[j]) for j in idx]).to(cls.device)
-        cls = cls[rows]
-    return VisionRecord(enc, sizes, rec.strategy, len(idx), cls, list(enc.pooler_output))
+    tiles = state.adapter.tiles_per_image(rec.geometry, rec.n_images)
+    starts = [sum(tiles[:j]) for j in range(len(tiles))]
+    rows = torch.cat([torch.arange(starts[j], starts[j] + tiles[j]) for j in idx])
+
+    def expand(value: Any) -> Any:
+        """A per-tile (``[tiles * k, ...]``: k rows per tile, Qwen-VL's patches per merged token) or
+        per-image (``[n_images, ...]``) recorded tensor, expanded."""
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or sum(tiles) == 0:
+            return value
+        if value.shape[0] % sum(tiles) == 0:
+            k = value.shape[0] // sum(tiles)
+            return value[(rows[:, None] * k + torch.arange(k)).flatten().to(value.device)]
+        if value.shape[0] == rec.n_images:
+            return value[torch.tensor(idx, device=value.device)]
+        return value
+
+    cls = expand(rec.cls_attention) if rec.cls_attention is not None else None
+    extras = {k: expand(v) for k, v in rec.extras.items()}  # VisionZip's keys, VFlowOpt's context rows, ...
+    hidden = getattr(enc, "hidden_states", None)
+    if isinstance(hidden, (tuple, list)):  # the tower's per-tile hidden states (ZOO's projector input)
+        enc = type(enc)(**{k: v for k, v in enc.items()})
+        enc.hidden_states = tuple(expand(h) for h in hidden)
+    return VisionRecord(enc, sizes, rec.strategy, len(idx), cls, list(enc.pooler_output),
+                        pixel_values=expand(rec.pixel_values), extras=extras)
 
 
 class Adapter:

@@ -282,13 +282,25 @@ class _QwenFamily(Adapter):
         kept = kept.masked_fill(~valid[None].to(kept.device), 0)
         # 3 rows only: the text row would have gaps, which the mask builder would read as packed sequences
         kwargs["position_ids"] = kept
-        real = valid.sum(1, keepdim=True).to(kept.device)
-        self.core().rope_deltas = kept.amax(dim=(0, 2))[:, None] + 1 - real
+        nxt = kept.amax(dim=(0, 2))[:, None] + 1  # [B, 1]: the first position after the prompt
+        sess.next_position = nxt
+        # the unpruned model's deltas (relative to the full prompt's real tokens): what generate() adds to
+        # its full-length text positions when it restarts from this cache (`_prepare_position_ids_for_generation`)
+        real = (valid.sum(1, keepdim=True) + dropped.sum(1, keepdim=True)).to(kept.device)
+        self.core().rope_deltas = nxt - real
 
     def decode_positions(self, sess: Session, kwargs: dict[str, Any]) -> None:
-        # explicit positions (generate) are already those of the unpruned prompt; without them the model
-        # uses rope_deltas, set at prefill for the shortened cache
-        return None
+        """Explicit positions (generate's) are already those of the unpruned prompt; without them the model
+        would count the (shortened) cache, so the step gets the positions after the prompt's last one."""
+        if kwargs.get("position_ids") is not None or sess.next_position is None:
+            return
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            return
+        q = int(tokens.shape[1])
+        ref = sess.next_position
+        steps = torch.arange(sess.decoded, sess.decoded + q, device=ref.device)
+        kwargs["position_ids"] = (ref + steps[None]).unsqueeze(0).expand(3, -1, -1)
 
     def strip_image_inputs(self, kwargs: dict[str, Any]) -> None:
         for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw",

@@ -1,4 +1,5 @@
-"""Which KV caches a pruned model can use, and reading them without touching device memory."""
+"""Which KV caches a pruned model can use, the masks generate() prepares for them, and reading both without
+touching device memory."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ import torch
 
 from vtprune.adapters.base import UnsupportedModelError
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # a torch without flex_attention (transformers 4.37's environment)
+    BlockMask = None
+
+
+def is_block_mask(mask: Any) -> bool:
+    """Whether ``mask`` is flex_attention's `BlockMask` (what the layers of a flex_attention model get)."""
+    return BlockMask is not None and isinstance(mask, BlockMask)
+
+
+def is_prepared_mask(mask: Any) -> bool:
+    """Whether ``mask`` is a mask generate() prepared for a static cache: a 4D tensor, a `BlockMask`, or a dict of
+    them per attention type (rather than the tokenizer's 2D mask)."""
+    return isinstance(mask, dict) or is_block_mask(mask) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
 
 def full_attention_mask(mask: Any) -> torch.Tensor:
     """The full-attention entry of a per-attention-type mask dict (Qwen-VL under a static cache), or ``mask``."""
@@ -16,9 +33,20 @@ def full_attention_mask(mask: Any) -> torch.Tensor:
     return mask
 
 
-def validity_from_4d(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """``[B, n]`` long validity of a prefill from generate()'s 4D mask ``[B, 1, n, L]`` (a static cache's): the
-    last prompt row attends exactly to the real tokens before it (bool: True attends; float: 0 attends)."""
+def validity_from_4d(mask: Any, n: int) -> torch.Tensor:
+    """``[B, n]`` long validity of a prefill from generate()'s 4D mask ``[B, 1, n, L]`` or `BlockMask` (a static
+    cache's): the last prompt row attends exactly to the real tokens before it (bool: True attends; float: 0
+    attends). FlashAttention's mask of a static cache is the 2D validity itself."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask[:, :n].long()
+    if is_block_mask(mask):  # evaluate its mask_mod on that one row
+        from torch.nn.attention.flex_attention import create_mask
+
+        base = mask.mask_mod
+        bsz = mask.shape[0]
+        dev = mask.kv_num_blocks.device
+        row = create_mask(lambda b, h, q, kv: base(b, h, q + (n - 1), kv), bsz, 1, 1, n, device=dev)[:, 0, 0]
+        return row.long()
     row = mask[:, 0, n - 1, :n]
     return (row if row.dtype == torch.bool else row == 0).long()
 

@@ -58,6 +58,8 @@ from torch import nn
 
 from vtprune.adapters.attention_rows import _head_norm, _rotate_half
 from vtprune.config import ConfigError
+from vtprune.perthread import PerThread
+from vtprune.runtime.llm_stages import MASK_4D, llm_implementation, mask_contract
 from vtprune.runtime.stages import MethodStage, register_stage
 from vtprune.scorers.base import IN_LLM, Scorer
 from vtprune.scorers.compose import host_of
@@ -123,6 +125,12 @@ def flowcut_hooks(adapter: Adapter, state: PruneState) -> list:
             f"flowcut hides pruned patches from later vision layers with an attention mask, which "
             f"{impl} cannot take: load the model with attn_implementation='sdpa' (or 'eager')"
         )
+    text_impl = llm_implementation(adapter.decoder_layers())
+    if state.stage == IN_LLM and mask_contract(text_impl) != MASK_4D:
+        raise ConfigError(
+            f"flowcut's LLM stage hides the tower-pruned tokens from layers <= K with a 4-D attention mask, which "
+            f"{text_impl} does not take: load the language model with attn_implementation='sdpa' (or 'eager')"
+        )
     tower = QwenVisionStage(adapter, state) if adapter.vision_family == "qwen" else ClipVisionStage(adapter, state)
     handles = tower.install()
     if state.stage == IN_LLM:
@@ -167,7 +175,13 @@ def last_clip_layer(feature_layer: int | list[int], depth: int) -> int:
 
 
 class ClipVisionStage:
-    """Hooks on a CLIP tower: schedule the patches of every tile, hide the pruned ones from later layers."""
+    """Hooks on a CLIP tower: schedule the patches of every tile, hide the pruned ones from later layers.
+
+    One object serves every call of the patched model; the running tower call's `FlowTracker` is per-thread
+    (`vtprune.perthread`), so two threads encoding at once each schedule their own patches.
+    """
+
+    tracker = PerThread()  # FlowTracker | None: the tower call running in this thread
 
     def __init__(self, adapter: Adapter, state: PruneState) -> None:
         self.adapter, self.state = adapter, state
@@ -178,7 +192,6 @@ class ClipVisionStage:
         self.patches = (vc.image_size // vc.patch_size) ** 2
         self.last = last_clip_layer(model.config.vision_feature_layer, len(self.layers))
         self.per_crop = model.config.model_type != "llava"  # LLaVA-NeXT: half the budget per crop
-        self.tracker: FlowTracker | None = None
 
     def install(self) -> list:
         handles = [_hook(self.tower, self._start), _hook(self.tower, self._finish, pre=False)]
@@ -309,7 +322,13 @@ def _register_attention() -> None:
 
 
 class QwenVisionStage:
-    """Hooks on a Qwen-VL tower: schedule whole merge groups per frame, hide the pruned ones."""
+    """Hooks on a Qwen-VL tower: schedule whole merge groups per frame, hide the pruned ones.
+
+    The running tower call's `_Run` (its tracker, and the patch mask and offset the attention function
+    reads) is per-thread, as `ClipVisionStage.tracker`.
+    """
+
+    run = PerThread()  # _Run | None: the tower call running in this thread
 
     def __init__(self, adapter: Adapter, state: PruneState) -> None:
         self.adapter, self.state = adapter, state
@@ -317,7 +336,6 @@ class QwenVisionStage:
         self.blocks = self.visual.blocks
         self.last = len(self.blocks) - 1  # FlowCut-Qwen: rho = last block - l
         self.merge = adapter._merge() ** 2
-        self.run: _Run | None = None
 
     def install(self) -> list:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -524,6 +542,9 @@ class LLMStage:
         out = []
         for b in range(bsz):
             vis = lay.positions[b].to(x.device)
+            if vis.numel() == 0:  # a sample without images (a text-only row of the batch)
+                out.append(torch.zeros(0, device=x.device))
+                continue
             qp = int(sess.query_pos[b])
             q = _head_norm(attn, "q_norm", attn.q_proj(x[b, qp]).view(-1, hd))  # [H, d]
             k = _head_norm(attn, "k_norm", attn.k_proj(x[b, vis]).view(vis.numel(), -1, hd))  # [n, Hkv, d]

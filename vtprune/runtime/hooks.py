@@ -28,12 +28,14 @@ from vtprune.perthread import PerThreadAttributes
 from vtprune.runtime.cache import (
     check_cache,
     full_attention_mask,
+    is_prepared_mask,
     is_static_cache,
     query_length,
     validity_from_4d,
 )
 from vtprune.runtime.continuation import appended_tokens, begin_continuation
-from vtprune.runtime.llm_stages import LLMStageHooks
+from vtprune.runtime.labels import LabelHooks
+from vtprune.runtime.llm_stages import LLMStageHooks, check_attention
 from vtprune.runtime.pre_llm import shorten_decode_inputs, shorten_prefill_inputs
 from vtprune.runtime.stages import stage_for
 from vtprune.signals import IN_LLM, PRE_LLM, VISION_CLS_ATTENTION
@@ -70,6 +72,42 @@ def per_thread_model_state(adapter: Adapter) -> list:
     return [PerThreadAttributes(obj, attrs) for obj, attrs in names.values()]
 
 
+# the inputs generate() slices to the length of input_ids (transformers 5 `prepare_inputs_for_generation`)
+_PER_TOKEN_INPUTS = ("position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+
+
+def skip_cached_tokens(sess: Session, kwargs: dict[str, Any]) -> None:
+    """Drop the tokens a pre-LLM-pruned cache already holds from a decode step that feeds them again.
+
+    ``generate(input_ids=<prompt + answer so far>, cache=<the earlier call's cache>)`` feeds the tokens
+    after the first ``cache.get_seq_length()``, and a shortened cache is shorter than the sequence it
+    caches, so that forward starts inside the prompt. The sequence's length after this step tells how many
+    tokens are new (the session has seen ``seq_len + decoded``): the 2D mask's width, or, where generate()
+    dropped an all-ones mask (no padding), the last position + 1 (one read, in multi-token steps only).
+    Only the new tokens are kept (``[B, q, ...]`` inputs, position ids and token types along their last dim).
+    """
+    step = query_length(kwargs)
+    if step <= 1:
+        return
+    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        total = int(mask.shape[1])
+    elif mask is None and isinstance(pos, torch.Tensor) and pos.dim() == 2:
+        total = int(pos[0, -1]) + 1
+    else:
+        return
+    new = total - sess.seq_len - sess.decoded
+    if not 0 < new < step:
+        return
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key][:, step - new:]
+    for key in _PER_TOKEN_INPUTS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.shape[-1] == step:
+            kwargs[key] = value[..., step - new:]
+
+
 class Runtime:
     """The hooks of one pruning setup on one model (``adapter`` describes it, ``state`` holds the setup)."""
 
@@ -80,6 +118,7 @@ class Runtime:
     def install(self, state: PruneState) -> list:
         """Register every hook ``state`` needs; returns their handles (all or none are installed)."""
         core = self.adapter.core()
+        check_attention(self.adapter.decoder_layers())  # an implementation that takes no mask: refused here
         method = stage_for(state.scorer)
         cls_modules = []
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
@@ -99,6 +138,8 @@ class Runtime:
                 handles.append(module.register_forward_pre_hook(self._make_cls_hook(state), with_kwargs=True))
             handles += self.adapter.extra_hooks(state, features=method.records_merge_features)
             handles += self.extra_hooks(state)
+            if state.stage == PRE_LLM:
+                handles += self.label_hooks(state)
             handles += method.hooks(self.adapter, state)  # the method's own (VisionZip's keys, FlowCut's stages)
             handles += per_thread_model_state(self.adapter)
         except Exception:
@@ -110,6 +151,10 @@ class Runtime:
     def extra_hooks(self, state: PruneState) -> list:
         """Hooks of a model type whose runtime differs (`register_runtime` subclasses); default none."""
         return []
+
+    def label_hooks(self, state: PruneState) -> list:
+        """Hooks moving a forward's ``labels`` with the pre-LLM shortening (runtime/labels.py)."""
+        return LabelHooks(self.adapter.model, state).install()
 
     def cls_layers(self, state: PruneState) -> list[int]:
         chosen = getattr(state.scorer, "vision_layer", None)
@@ -216,8 +261,11 @@ class Runtime:
             if state.stage == PRE_LLM or sess.keep_seq is not None:
                 sess.phase = "decode"
             sess.step_masks = {}
+            shortened = state.stage == PRE_LLM and sess.pre_index is not None
+            if shortened:
+                skip_cached_tokens(sess, kwargs)  # generate() restarting from this shortened cache
             step = query_length(kwargs)
-            if state.stage == PRE_LLM and sess.pre_index is not None:
+            if shortened:
                 shorten_decode_inputs(sess, kwargs)
                 self.adapter.decode_positions(sess, kwargs)
                 sess.decoded += step
@@ -235,12 +283,12 @@ class Runtime:
             return None
         mask2d = kwargs.get("attention_mask")
         kinds = self.adapter.token_kinds(input_ids, embeds)
-        if isinstance(mask2d, dict) or (mask2d is not None and mask2d.dim() == 4):
+        if is_prepared_mask(mask2d):
             if is_static_cache(cache) and state.uniform_cache:  # generate() built the masks of a static cache
                 mask2d = kwargs["attention_mask"] = validity_from_4d(full_attention_mask(mask2d), ref.shape[1])
             elif isinstance(mask2d, dict):
                 mask2d = full_attention_mask(mask2d)
-        if mask2d is not None and mask2d.dim() != 2:
+        if mask2d is not None and not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2):
             if not bool(kinds.any()):
                 state.stats = None
                 return None

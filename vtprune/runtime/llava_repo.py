@@ -25,6 +25,7 @@ from vtprune.kernels import compact
 from vtprune.runtime.cache import check_cache
 from vtprune.runtime.hooks import Runtime, _InstanceWrap, register_runtime
 from vtprune.runtime.pre_llm import shorten_prefill_inputs
+from vtprune.scorers.base import INSTRUCTION
 from vtprune.signals import PRE_LLM
 from vtprune.state import PruneState, Session, cache_of
 
@@ -37,6 +38,10 @@ class RepoRuntime(Runtime):
 
     def extra_hooks(self, state: PruneState) -> list:
         return [_InstanceWrap(self.adapter.model, "prepare_inputs_labels_for_multimodal", self._make_prepare(state))]
+
+    def label_hooks(self, state: PruneState) -> list:
+        """None: the wrapped ``prepare_inputs_labels_for_multimodal`` moves the labels itself."""
+        return []
 
     def _make_prepare(self, state: PruneState):
         adapter = self.adapter
@@ -60,14 +65,18 @@ class RepoRuntime(Runtime):
             new_labels = None if labels is None else moved_labels(labels, input_ids, mask_in, probe_out, valid)
             mask_ret = None if attention_mask is None else mask_out.to(attention_mask.dtype)
             if state.stage == PRE_LLM and bool(visual.any()):
-                return runtime._shorten(state, prefill, valid, pos, mask_ret, cache, new_labels)
+                # the prompt's text ids at their spliced positions (visual slots -100): the instruction
+                # ids of methods that read them (cdpruner's relevance='clip')
+                ids = (moved_labels(input_ids, input_ids, mask_in, probe_out, valid).clamp(min=0)
+                       if state.scorer.needs_signal(INSTRUCTION) else None)
+                return runtime._shorten(state, prefill, valid, pos, mask_ret, cache, new_labels, ids)
             adapter._pending = prefill  # in-LLM pruning: the LLM forward that follows picks it up
             return None, pos, mask_ret, cache, embeds, new_labels
 
         return wrapper
 
     def _shorten(self, state: PruneState, prefill: RepoPrefill, valid: torch.Tensor, pos: Any, mask: Any,
-                 cache: Any, labels: torch.Tensor | None) -> tuple:
+                 cache: Any, labels: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> tuple:
         """Pre-LLM pruning, done where the repository builds the LLM input.
 
         The shortened ``inputs_embeds``, mask, positions and labels go back to the caller (``forward`` or
@@ -77,7 +86,7 @@ class RepoRuntime(Runtime):
         sess = state.session = Session()
         images = ImageInputs(None, prefill.tiles, None, None, prefill.record)
         self.begin_prefill(sess, valid, prefill.visual.long(), images)
-        kwargs = {"inputs_embeds": prefill.embeds, "attention_mask": mask, "position_ids": pos}
+        kwargs = {"inputs_embeds": prefill.embeds, "attention_mask": mask, "position_ids": pos, "input_ids": input_ids}
         shorten_prefill_inputs(self.adapter, state, kwargs, images, prefill.visual, trim_padding=True)
         if labels is not None:
             labels = compact(labels, sess.pre_index).masked_fill(~sess.pre_valid, IGNORE_INDEX)

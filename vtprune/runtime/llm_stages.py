@@ -14,18 +14,25 @@ No transformers code is rewritten and the module tree is unchanged (state dicts 
 Ragged batches (samples keeping different numbers of tokens) are padded to the longest row with
 *filler* slots: dropped tokens that no other token can attend to (each filler attends only itself, so
 its state stays finite) and that the decode mask hides too.
+
+The gathered masks keep the form the model's attention implementation takes (`mask_contract`): a 4D mask
+for sdpa and eager, a 2D key validity (or None) for FlashAttention, a `BlockMask` for flex_attention.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vtprune.adapters.attention_rows import layer_rope, llm_query_attention, takes_seq_len
+from vtprune.config import ConfigError
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout, slots_of
 from vtprune.plan import in_llm_plan
+from vtprune.runtime.cache import is_block_mask
 from vtprune.runtime.continuation import replayed_selection
-from vtprune.runtime.stages import stage_for
+from vtprune.runtime.stages import CONTEXTUAL, contextual_among, stage_for
 from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
 from vtprune.scorers.select import Selection, select
 from vtprune.signals import gather_padded, per_sample
@@ -98,12 +105,97 @@ def visual_mask(lay: VisualLayout, n: int) -> torch.Tensor:
     return out[:, :n]
 
 
-def prefill_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torch.Tensor,
-                 seq_len: int, ragged: bool) -> torch.Tensor | None:
-    """The 4D mask of layers after a pruning point during prefill (None stays None unless fillers need
-    hiding: ``ragged``, the plan's host flag)."""
+# ---- the mask each attention implementation takes ------------------------------------------------
+MASK_4D, MASK_2D, MASK_FLEX = "4d", "2d", "flex"
+
+
+def mask_contract(implementation: str | None) -> str | None:
+    """The attention mask the decoder layers of ``implementation`` (a config's ``_attn_implementation``) get:
+
+    - ``"4d"``: sdpa, eager: ``[B|1, 1, Q, K]`` bool or additive, or None for plain causal attention;
+    - ``"2d"``: FlashAttention 2/3/4 and flash kernels from the Hub: a ``[B, K]`` key validity (True: a real
+      token), or None without padding; the kernel applies causality itself, aligned bottom-right over each
+      row's valid tokens in order (unpadded by the mask, or one sequence per row);
+    - ``"flex"``: flex_attention: a `BlockMask`;
+    - None: a name registered with transformers' ``AttentionInterface`` but not with ``AttentionMaskInterface``:
+      transformers then passes no mask at all, so nothing can be hidden from the kernel.
+
+    A registered mask function transformers does not ship is classified by name ("flash", "flex"), else 4d.
+    """
+    name = implementation or "eager"
+    by_name = MASK_2D if "flash" in name else MASK_FLEX if "flex" in name else MASK_4D
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # transformers 4.x: flash attention takes the 2D mask, the others a 4D one
+        return MASK_2D if "flash" in name else MASK_4D
+    fn = mu.ALL_MASK_ATTENTION_FUNCTIONS.get(name)
+    if fn is None:
+        return MASK_4D if name == "eager" else None
+    known = {mu.sdpa_mask: MASK_4D, mu.eager_mask: MASK_4D, mu.flash_attention_mask: MASK_2D,
+             mu.flex_attention_mask: MASK_FLEX}
+    return known.get(fn, by_name)
+
+
+def llm_implementation(layers: Any) -> str | None:
+    """The attention implementation of the decoder layers ``layers`` (their config's, None if unknown)."""
+    config = getattr(getattr(layers[0], "self_attn", None), "config", None) if len(layers) else None
+    return getattr(config, "_attn_implementation", None)
+
+
+def check_attention(layers: Any) -> str:
+    """The `mask_contract` of decoder ``layers``; `ConfigError` when transformers gives their attention no mask."""
+    impl = llm_implementation(layers)
+    contract = mask_contract(impl)
+    if contract is None:
+        raise ConfigError(
+            f"attn_implementation={impl!r} has no mask function (transformers.AttentionMaskInterface), so "
+            "transformers passes it no attention mask and vtprune cannot hide padding or dropped tokens from it: "
+            f"register the one its kernel takes (AttentionMaskInterface.register({impl!r}, sdpa_mask) for a 4-D "
+            "mask, flash_attention_mask for a 2-D one, flex_attention_mask for a BlockMask; from "
+            "transformers.masking_utils) or load the model with attn_implementation='sdpa'"
+        )
+    return contract
+
+
+def _flex_gather(mask: Any, rows: torch.Tensor | None, cols: torch.Tensor, hide: torch.Tensor | None,
+                 own: torch.Tensor | None) -> Any:
+    """The `BlockMask` of ``mask`` (a `BlockMask`) gathered to query rows ``rows`` (``[B, Q']``, None: its own
+    rows) and key columns ``cols`` (``[B, K']``), with the keys ``hide`` (``[B, K']`` bool) hidden and the
+    rows ``own`` (``[B, Q']`` bool: fillers) also attending their own slot: the 4D path's mask, as a mask_mod
+    that indexes the model's own mask_mod (flex_attention compiles it into its kernel, as document masks)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    base = mask.mask_mod
+
+    def mask_mod(b, h, q, kv):
+        ok = base(b, h, q if rows is None else rows[b, q], cols[b, kv])
+        if hide is not None:
+            ok = ok & ~hide[b, kv]
+        if own is not None:
+            ok = ok | (own[b, q] & (q == kv))
+        return ok
+
+    q_len = mask.shape[-2] if rows is None else rows.shape[1]
+    return create_block_mask(mask_mod, B=cols.shape[0], H=None, Q_LEN=q_len, KV_LEN=cols.shape[1],
+                             device=cols.device, BLOCK_SIZE=mask.BLOCK_SIZE)
+
+
+def prefill_mask(mask: Any, keep_seq: torch.Tensor, filler: torch.Tensor, seq_len: int, ragged: bool,
+                 contract: str = MASK_4D) -> Any:
+    """The mask of layers after a pruning point during prefill, in the form the layers got ``mask`` in.
+
+    4D (or None under a 4D ``contract``): rows and columns gathered to ``keep_seq``; None stays None unless
+    fillers need hiding (``ragged``, the plan's host flag). 2D (or None under the 2D contract): the key
+    validity of the kept slots, fillers False; the kernel's causality over each row's valid tokens in order
+    is the 4D mask's, because ``keep_seq`` keeps sequence order. `BlockMask`: the gathered 4D mask.
+    """
+    if is_block_mask(mask):
+        return _flex_gather(mask, keep_seq, keep_seq, filler if ragged else None, filler if ragged else None)
     if mask is None and not ragged:
         return None
+    if (mask is not None and mask.dim() == 2) or (mask is None and contract == MASK_2D):
+        out = mask.bool().gather(1, keep_seq) if mask is not None else None
+        return ~filler if out is None else (out & ~filler if ragged else out)
     if mask is None:
         mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep_seq.device).tril()[None, None]
     out = _gather_mask(mask, keep_seq, keep_seq).clone()
@@ -115,15 +207,26 @@ def prefill_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torc
     return out
 
 
-def decode_mask(mask: torch.Tensor | None, keep_seq: torch.Tensor, filler: torch.Tensor, seq_len: int,
-                q_len: int, kv_len: int, ragged: bool) -> torch.Tensor | None:
-    """The 4D mask of layers after a pruning point for a step after prefill: columns ``kept ++ [N, kv_len)``
-    (fillers hidden when ``ragged``, the plan's host flag)."""
-    if mask is None and not ragged:
-        return None
+def decode_mask(mask: Any, keep_seq: torch.Tensor, filler: torch.Tensor, seq_len: int, q_len: int, kv_len: int,
+                ragged: bool, contract: str = MASK_4D) -> Any:
+    """The mask of layers after a pruning point for a step after prefill: columns ``kept ++ [N, kv_len)``
+    (fillers hidden when ``ragged``, the plan's host flag), in the form the layers got ``mask`` in (see
+    `prefill_mask`; a 2D mask's new columns are the step's own)."""
     bsz = keep_seq.shape[0]
     device = keep_seq.device
+    flat = (mask is not None and not is_block_mask(mask) and mask.dim() == 2) or (mask is None and contract == MASK_2D)
+    if mask is None and not ragged:
+        return None
     new = torch.arange(seq_len, kv_len, device=device)[None].expand(bsz, -1)
+    if is_block_mask(mask):
+        hide = torch.cat([filler, torch.zeros_like(new, dtype=torch.bool)], dim=1) if ragged else None
+        return _flex_gather(mask, None, torch.cat([keep_seq, new], dim=1), hide, None)
+    if flat:
+        head = mask[:, :seq_len].bool().gather(1, keep_seq) if mask is not None else None
+        if ragged:
+            head = ~filler if head is None else head & ~filler
+        tail = mask[:, seq_len:].bool() if mask is not None else torch.ones_like(new, dtype=torch.bool)
+        return torch.cat([head, tail], dim=1)
     cols = torch.cat([keep_seq, new], dim=1)
     if mask is None:
         qpos = torch.arange(kv_len - q_len, kv_len, device=device)
@@ -163,6 +266,7 @@ class LLMStageHooks:
         self.k = self.schedule[0][0]
         self.last = len(layers) - 1
         self.method = stage_for(state.scorer)  # the method's own stage work (signals, selection), if any
+        self.contract = check_attention(layers)  # the form of the masks the layers take
 
     def stage_of_layer(self, i: int) -> int:
         """Index of the stage whose kept tokens layer ``i`` (> K_0) sees: the last with K_j < i."""
@@ -297,6 +401,7 @@ class LLMStageHooks:
         dropped = [int(p.numel() - k.numel()) for p, k in zip(base.positions, report)]
         staged = len(self.schedule) > 1 or sess.origin is not None
         method, first = self.state.config.method, self.k
+        slots = sess.extras.get(CONTEXTUAL) if sess.origin is not None else None  # a pre-LLM merge's slots
 
         def build() -> PruneStats:
             stages = None
@@ -318,7 +423,8 @@ class LLMStageHooks:
                 visual_after=[int(k.numel()) for k in report],
                 seq_len_before=[int(x) for x in before],
                 seq_len_after=[int(x) - d for x, d in zip(before, dropped)],
-                contextual=prior.contextual if sess.origin is not None else None,
+                contextual=(prior.contextual if slots is None else contextual_among(slots, report))
+                if sess.origin is not None else None,
                 scores=scores,
                 per_image=[base.kept_per_image(b, k) for b, k in enumerate(report)],
                 stages=stages,
@@ -381,7 +487,8 @@ class LLMStageHooks:
             key = ("prefill", s, id(mask), id(rope), id(pos))
             if key not in sess.mask_cache:
                 gathered = {
-                    "attention_mask": prefill_mask(mask, keep_seq, filler, sess.llm_len, sess.stage_ragged[s]),
+                    "attention_mask": prefill_mask(mask, keep_seq, filler, sess.llm_len, sess.stage_ragged[s],
+                                                   self.contract),
                     "position_ids": _gather_positions(pos, keep_seq),
                 }
                 if rope is not None:  # transformers 4.x layers without it rotate from position_ids
@@ -399,7 +506,7 @@ class LLMStageHooks:
                 # layer 0 has already cached this step's tokens, so its length is the full key length
                 kv_len = mask.shape[-1] if mask is not None else cache_length(sess.step_cache, 0)
                 sess.step_masks[s] = decode_mask(mask, keep_seq, filler, sess.llm_len, hidden.shape[1], kv_len,
-                                                 sess.stage_ragged[s])
+                                                 sess.stage_ragged[s], self.contract)
             kwargs["attention_mask"] = sess.step_masks[s]
             return args, kwargs
         return None

@@ -16,7 +16,7 @@ import torch
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout, last_true
 from vtprune.plan import padding_side, pre_llm_plan
-from vtprune.runtime.cache import query_length
+from vtprune.runtime.cache import is_prepared_mask, query_length
 from vtprune.runtime.continuation import replayed_selection
 from vtprune.runtime.stages import stage_for
 from vtprune.runtime.visionzip import vision_features
@@ -62,7 +62,8 @@ def shorten_prefill_inputs(
 
     with state.timer.part("score"):  # signals, scores and selection
         budget = state.pre_keep if state.pre_keep is not None else state.config.keep
-        signals = Signals(layout=lay, stage=PRE_LLM, keep=budget, extras=sess.extras)
+        record = images.record if images.record is not None else state.vision_record
+        signals = Signals(layout=lay, stage=PRE_LLM, keep=budget, extras=sess.extras, vision_record=record)
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
             # one gather; per-sample views only if a scorer asks
             signals.padded_scores[VISION_CLS_ATTENTION] = cls_scores_padded(adapter.vision_scores(images), lay)
@@ -74,7 +75,7 @@ def shorten_prefill_inputs(
         if state.scorer.needs_signal(VISION_FEATURES):
             signals.vision_features = vision_features(adapter, images, lay.source)
         if state.scorer.needs_signal(PIXEL_VALUES):
-            signals.pixel_values = state.vision_record.pixel_values if state.vision_record is not None else None
+            signals.pixel_values = record.pixel_values if record is not None else None
         contextual, scores = None, None
         own = stage_for(state.scorer).pre_llm(adapter, state, images, signals, embeds, budget)
         if own is not None:  # the method selects itself (VisionZip's merge, VFlowOpt's recycling)
@@ -201,7 +202,7 @@ def shorten_decode_inputs(sess: Session, kwargs: dict[str, Any]) -> None:
     """Map a decode step's full-length attention mask onto the shortened sequence (positions: the adapter)."""
     mask = kwargs.get("attention_mask")
     n = sess.seq_len
-    if isinstance(mask, dict) or (mask is not None and mask.dim() == 4):  # generate()'s masks of a static cache
+    if is_prepared_mask(mask):  # generate()'s masks of a static cache (4D tensors or flex BlockMasks)
         kwargs["attention_mask"] = shortened_decode_mask(sess, query_length(kwargs))
         return
     if mask is not None:

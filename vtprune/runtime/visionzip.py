@@ -16,8 +16,8 @@ writes the result into the embedding sequence that the pre-LLM stage then shorte
 - Each contextual token is written at its target's slot, so the token count still matches the
   placeholders, and positions (1-D or M-RoPE) are the target's.
 
-Not supported: ``generate(num_beams > 1)`` / ``num_return_sequences > 1`` (the expanded encoder outputs
-carry no recorded keys); a clear error says so.
+``generate(num_beams > 1)`` / ``num_return_sequences > 1`` expand the encoded images; the recorded keys
+are expanded with them (`vtprune.adapters.base.match_record`).
 """
 
 from __future__ import annotations
@@ -112,8 +112,7 @@ def _recorded(rec: VisionRecord, what: str) -> Any:
     if value is None:
         raise RuntimeError(
             "visionzip: no vision keys were recorded for these images. The images must be encoded by this "
-            "patched model (pass pixel inputs, or let generate() encode them); generate() with num_beams > 1 "
-            "or num_return_sequences > 1 is not supported by visionzip"
+            "patched model (pass pixel inputs, or let generate() encode them)"
         )
     return value
 
