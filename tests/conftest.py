@@ -26,6 +26,18 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
+def pytest_configure(config):
+    """Hypothesis: ``--runslow`` loads the ``vtprune-slow`` profile, whose ``max_examples`` (20x hypothesis'
+    default of 100) the property tests (tests/test_properties.py) scale their CI example counts by."""
+    try:
+        from hypothesis import settings
+    except ImportError:  # the transformers-4 environment (scripts/setup_llava_repo.sh) has no hypothesis
+        return
+    settings.register_profile("vtprune-slow", max_examples=2000)
+    if config.getoption("--runslow"):
+        settings.load_profile("vtprune-slow")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow: pass --runslow to run")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -383,7 +383,9 @@ def test_visionzip_planted_dominant_tokens_and_uniform_targets(processor):
     assert "2 contextual" in st.summary()
 
 
-def test_visionzip_keep_all_is_identity_and_beams_are_refused(processor):
+def test_visionzip_keep_all_is_identity_and_beams_run(processor):
+    """Beam search expands the encoded images; the recorded keys expand with them, so VisionZip merges
+    each beam's copy as it merges the prompt (the beams' prefill keeps the prompt's tokens)."""
     model = get_model("llava")
     inputs = batch(processor, [1])
     with torch.no_grad():
@@ -392,8 +394,12 @@ def test_visionzip_keep_all_is_identity_and_beams_are_refused(processor):
         try:
             assert torch.equal(model(**inputs).logits, ref)
             vtprune.apply(model, method="visionzip", keep=12)
-            with pytest.raises(RuntimeError, match="num_beams"):
-                model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+            model(**inputs)
+            kept = vtprune.stats(model).kept[0]
+            out = model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+            st = vtprune.stats(model)
+            assert out.shape[0] == 1 and len(st.kept) == 2
+            assert all(torch.equal(k, kept) for k in st.kept)
         finally:
             vtprune.remove(model)
 
