@@ -87,6 +87,7 @@ def test_bad_requests_raise_messages_for_the_ui(engine, tmp_path):
         ((img, "What?", "nope", "7"), "nope cannot run here"),
         ((img, "What?", "", "7"), "no method"),
         ((img, "What?", "fastv", "9999"), "only 576 visual tokens"),
+        ((img, "What is <image> here?", "fastv", "7"), "contains <image>, the model's image placeholder"),
     ]
     for args, message in cases:
         with pytest.raises(DemoInputError, match=message):

@@ -245,8 +245,8 @@ def test_eval_overlays_on_llava_next_are_skipped_with_a_note(tmp_path, capsys):
 
 
 def test_eval_jsonl_task_with_failing_samples(tmp_path, capsys):
-    """Exact-match and multiple-choice records; an undecodable image and one the processor refuses fail
-    alone (in every cell) and the other samples are still scored."""
+    """Exact-match and multiple-choice records; an undecodable image, one the processor refuses and a question
+    holding the image placeholder fail alone (in every cell, with a named reason) and the others are scored."""
     for i in range(4):
         _image(tmp_path / f"img{i}.png", seed=i, size=(140 + 28 * i, 112))
     (tmp_path / "corrupt.png").write_bytes(b"this is not a png")
@@ -258,23 +258,25 @@ def test_eval_jsonl_task_with_failing_samples(tmp_path, capsys):
         {"image": "img2.png", "question": "How many?", "answer": "two"},
         {"image": "thin.png", "question": "Which?", "choices": ["yes", "no"], "answer": "no"},
         {"image": "img3.png", "question": "Which side?", "choices": ["left", "right"], "answer": "A"},
+        {"image": "img3.png", "question": "What is <|image_pad|> here?", "answer": "red"},
     ]
     task = _jsonl(tmp_path / "task.jsonl", records)
     code, out, _ = _eval(capsys, "--model", "tiny-qwen2-vl", "--method", "cls", "--keep", "8", "--task", str(task),
                          "--batch-size", "2", "--out", str(tmp_path / "out"), "--log-samples",
                          "--max-new-tokens", "2")
-    assert code == 0 and "2 sample(s) failed" in out
+    assert code == 0 and "3 sample(s) failed" in out
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["task"]["metrics"] == ["exact_match", "multiple_choice"]
-    assert [f["index"] for f in res["failed_samples"]] == [2, 4]
+    assert [f["index"] for f in res["failed_samples"]] == [2, 4, 6]
     assert "corrupt.png" in res["failed_samples"][0]["error"] and "aspect ratio" in res["failed_samples"][1]["error"]
+    assert "question: contains <|image_pad|>, the model's image placeholder" in res["failed_samples"][2]["error"]
     for row in (res["baseline"], *res["cells"]):
-        assert row["samples"] == 6 and row["failed"] == 2
-        assert row["accuracy"] == sum(p["correct"] for p in row["predictions"]) / 6
+        assert row["samples"] == 7 and row["failed"] == 3
+        assert row["accuracy"] == sum(p["correct"] for p in row["predictions"]) / 7
         preds = row["predictions"]
-        assert [p["line"] for p in preds] == [1, 2, 3, 4, 5, 6]
-        assert all(("error" in p) == (p["index"] in (2, 4)) for p in preds)
-        assert all(isinstance(p["prediction"], str) for p in preds if p["index"] not in (2, 4))
+        assert [p["line"] for p in preds] == [1, 2, 3, 4, 5, 6, 7]
+        assert all(("error" in p) == (p["index"] in (2, 4, 6)) for p in preds)
+        assert all(isinstance(p["prediction"], str) for p in preds if p["index"] not in (2, 4, 6))
         assert preds[1]["metric"] == "multiple_choice" and preds[1]["choices"] == ["circle", "square"]
         assert preds[5]["answer_index"] == 0 and preds[5]["answer"] == "left"
     assert all(p["kept"] == 8 for p in res["cells"][0]["predictions"] if "error" not in p)

@@ -118,6 +118,20 @@ def default_prompt(model, processor, question: str = QUESTION) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
+def placeholder_in(model, processor, text: str) -> str | None:
+    """The model's visual placeholder (``<image>``, ``<|image_pad|>``, ...) that ``text`` (a user's question)
+    contains, or None. A question holding one would make the prompt carry more placeholders than images,
+    which the processor rejects with an error about token counts; callers name the problem instead."""
+    from vtprune.adapters import adapter_for
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ids = set(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for token_id in adapter_for(model).visual_token_ids():
+        if token_id in ids:
+            return tokenizer.convert_ids_to_tokens(int(token_id))
+    return None
+
+
 def synthetic_image(seed: int = 0):
     """A 500 x 400 PIL image of a few coloured rectangles on a plain background, the same for the same ``seed``
     (what `vtprune run` and `vtprune bench` feed the model)."""

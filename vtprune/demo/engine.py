@@ -181,6 +181,12 @@ class DemoEngine:
             raise DemoInputError(f"the question has {len(question)} characters; keep it under {MAX_QUESTION}")
         if not method:
             raise DemoInputError(f"no method: choose one of {', '.join(vtprune.methods())}")
+        from vtprune.loading import placeholder_in
+
+        placeholder = placeholder_in(self.model, self.processor, question)
+        if placeholder is not None:
+            raise DemoInputError(f"the question contains {placeholder}, the model's image placeholder: remove it "
+                                 "(the demo places the image in the prompt itself)")
         img, notes = load_image(image)
         try:
             grid = viz.token_grid(self.model, self.processor, img)

@@ -29,6 +29,7 @@ from vtprune.eval.distributed import Shard
 from vtprune.eval.flops import image_geometry, llm_flops, vision_flops
 from vtprune.eval.memory import PeakMemory
 from vtprune.eval.tasks import EvalSample, Task
+from vtprune.loading import placeholder_in
 
 
 @dataclass
@@ -320,6 +321,13 @@ class Runner:
             for batch in batches:
                 samples, images = [], []
                 for s in batch:
+                    placeholder = placeholder_in(self.model, self.processor, s.prompt_text())
+                    if placeholder is not None:  # the processor would refuse the batch with a token-count error
+                        for run in runs:
+                            run.records[s.index] = SampleRecord(s.index, error=(
+                                f"question: contains {placeholder}, the model's image placeholder (the prompt "
+                                "template places the image itself): remove it from the task's question"))
+                        continue
                     try:
                         images.append(s.load_image())
                         samples.append(s)
