@@ -50,7 +50,7 @@ def test_scores_are_layer_attention_of_the_raters(processor):
 
 def test_layers_are_checked(llava):
     with pytest.raises(ConfigError, match="need at least 17 decoder layers, this model has 4"):
-        vtprune.apply(llava, "sparsevlm", keep=8)
+        vtprune.apply(llava, "sparsevlm", keep=8, layers=[2, 6, 15])
 
 
 def test_dpc_knn_finds_the_clusters():

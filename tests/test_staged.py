@@ -12,6 +12,7 @@ import vtprune
 from vtprune.config import ConfigError
 from vtprune.scorers import Scorer, Signals
 from vtprune.scorers.base import IN_LLM
+from vtprune.toy.tiny import tiny_llava_processor
 
 
 class StagedRandom(Scorer):
@@ -114,3 +115,33 @@ def test_schedule_layers_are_checked(llava):
         vtprune.apply(llava, StagedRandom(plan=((2, 100), (1, None))), keep=8)
     with pytest.raises(ConfigError, match="out of range"):
         vtprune.apply(llava, StagedRandom(plan=((1, 100), (3, None))), keep=8)
+
+
+def test_default_layers_scale_with_the_models_depth():
+    """The papers' layers (for 32-layer LLMs) are exact on 32 layers and keep their depth fractions
+    elsewhere; a model too shallow for the stages is refused naming layers=[...]."""
+    from vtprune.scorers.staged import depth_scaled
+
+    assert depth_scaled("transprune", [6, 8, 11], 32) == [6, 8, 11]
+    assert depth_scaled("transprune", [6, 8, 11], 40) == [8, 10, 14]  # 13B-sized LLMs
+    assert depth_scaled("sparsevlm", [2, 6, 15], 28) == [2, 5, 13]  # Qwen2-VL-7B
+    assert depth_scaled("sparsevlm", [2, 6, 15], 4) == [0, 1, 2]  # distinct, each with a layer after it
+    assert depth_scaled("transprune", [6, 8, 11], 28, first=7) == [7, 8, 10]  # from the first prunable layer
+    with pytest.raises(ConfigError, match="need at least 6 decoder layers, this model has 4"):
+        depth_scaled("sparsevlm", [2, 6, 15], 4, first=2)
+
+
+@pytest.mark.parametrize("method", ["transprune", "sparsevlm", "vflowopt"])
+def test_staged_defaults_run_on_a_shallow_model(method):
+    model = get_model("llava")  # 4 decoder layers
+    inputs = batch(tiny_llava_processor(), [1])
+    try:
+        vtprune.apply(model, method, keep=8)
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+    finally:
+        vtprune.remove(model)
+    layers = [s["layer"] for s in st.stages if s["layer"] is not None]
+    assert layers == ([1, 2] if method == "vflowopt" else [0, 1, 2])
+    assert st.visual_after == [8]

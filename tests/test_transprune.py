@@ -103,7 +103,7 @@ def test_staged_counts_and_generate(processor):
 
 def test_options_and_layers_are_checked(llava):
     with pytest.raises(ConfigError, match="need at least 13 decoder layers, this model has 4"):
-        vtprune.apply(llava, "transprune", keep=8)
+        vtprune.apply(llava, "transprune", keep=8, layers=[6, 8, 11], ratios=[0.875, 0.625])
     with pytest.raises(ConfigError, match="one ratio per stage before the last"):
         vtprune.apply(llava, "transprune", keep=8, layers=[0, 2], ratios=[0.5, 0.3])
     with pytest.raises(ConfigError, match="decreasing fractions"):

@@ -143,7 +143,7 @@ def test_tune_searches_the_release_space(llava):
 
 def test_refusals(llava):
     with pytest.raises(ConfigError, match="need at least 20 decoder layers"):
-        vtprune.apply(llava, "vflowopt", keep=8)
+        vtprune.apply(llava, "vflowopt", keep=8, llm_layers=[9, 18])
     with pytest.raises(ConfigError, match="LLaVA-family models only"):
         vtprune.apply(get_model("qwen2_vl"), "vflowopt", keep=8, llm_layers=[1])
 

@@ -9,7 +9,7 @@ import torch
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
-from vtprune.scorers.staged import check_stage_options, staged_schedule
+from vtprune.scorers.staged import check_stage_options, depth_scaled, staged_schedule
 
 RATERS = "sparsevlm_raters"  # Session.extras key: per sample the raters' original sequence positions
 STAGE_INPUT = "sparsevlm_stage_input"  # Session.extras key: the current pruning layer's input [B, N_cur, D]
@@ -65,7 +65,7 @@ class SparseVLMScorer(Scorer):
     - At each pruning layer l: the head-mean attention of layer l with the raters as query rows and the
       visual tokens still present as columns (recomputed under SDPA, softmax over all keys, causal),
       averaged over the raters; layer l's outputs are pruned.
-    - Stages: ``layers`` (default 0-based 2, 6, 15) keeping ``ratios`` of each image's tokens before the
+    - Stages: ``layers`` (default 0-based 2, 6, 15 on 32-layer LLMs, scaled to other depths by `depth_scaled`) keeping ``ratios`` of each image's tokens before the
       last stage (default 300 and 200 of 576, the release's 192-token schedule) and ``keep`` after it.
 
     - Recycling (``recycle=True``): of each stage's deleted tokens, the top ``recycle_fraction`` (+1) by
@@ -90,14 +90,22 @@ class SparseVLMScorer(Scorer):
     last_raters = PerThread(factory=list)
     last_recycled = PerThread(factory=list)
 
-    def __init__(self, layers: list[int] | tuple[int, ...] = (2, 6, 15),
+    PAPER_LAYERS = (2, 6, 15)  # 0-based, for 32-layer LLMs; other depths get them scaled (`depth_scaled`)
+
+    def __init__(self, layers: list[int] | tuple[int, ...] | None = None,
                  ratios: list[float] | tuple[float, ...] = (300 / 576, 200 / 576), recycle: bool = True,
                  recycle_fraction: float = 0.3) -> None:
         if not 0 <= float(recycle_fraction) <= 1:
             raise ConfigError(f"sparsevlm: recycle_fraction={recycle_fraction} must be in [0, 1]")
         self.recycle, self.recycle_fraction = bool(recycle), float(recycle_fraction)
-        layers, ratios = check_stage_options("sparsevlm", layers, ratios)
+        self._default_layers = layers is None
+        layers, ratios = check_stage_options("sparsevlm", self.PAPER_LAYERS if layers is None else layers, ratios)
         self.layers, self.ratios = layers, ratios
+
+    def bind(self, model: Any, adapter: Any) -> None:
+        if self._default_layers:  # the paper's layers at the same depth fractions of this model
+            depth = len(adapter.decoder_layers())
+            self.layers = depth_scaled(self.name, list(self.PAPER_LAYERS), depth, adapter.min_layer())
 
     @property
     def default_layer(self) -> int:  # type: ignore[override]

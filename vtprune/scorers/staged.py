@@ -23,6 +23,30 @@ def check_stage_options(method: str, layers, ratios) -> tuple[list[int], list[fl
     return layers, ratios
 
 
+REFERENCE_DEPTH = 32  # the papers' layers are those of 32-layer LLMs (Vicuna-7B, LLaMA-2-7B)
+
+
+def depth_scaled(method: str, layers: list[int], depth: int, first: int = 0) -> list[int]:
+    """A method's default ``layers`` (for a 32-layer LLM) at the same fractions of a ``depth``-layer one.
+
+    Exact on 32 layers; elsewhere each layer ``l`` becomes ``round(l * depth / 32)``, then distinct and
+    increasing, at least ``first`` (the model's smallest prunable layer) and at most ``depth - 2`` (every
+    stage needs a layer after it). A model too shallow for that is refused, naming ``layers=[...]``.
+    """
+    if depth == REFERENCE_DEPTH and layers[0] >= first:
+        return list(layers)
+    n = len(layers)
+    if depth - 2 - first + 1 < n:
+        raise ConfigError(f"{method}: its {n} stages need at least {first + n + 1} decoder layers, this model "
+                          f"has {depth}: pass layers=[...] with fewer stages")
+    out = [max(first, round(k * depth / REFERENCE_DEPTH)) for k in layers]
+    for i in range(1, n):  # distinct and increasing
+        out[i] = max(out[i], out[i - 1] + 1)
+    for i in range(n - 1, -1, -1):  # within the model, keeping them distinct
+        out[i] = min(out[i], depth - 2 - (n - 1 - i))
+    return out
+
+
 def staged_schedule(method: str, adapter: Any, layers: list[int], ratios: list[float], layer: int,
                     keep: Any) -> list[tuple[int, Any]]:
     """`staged_plan` after checking the layers against the model (deepstack minimum, depth, ``layer=``)."""

@@ -9,7 +9,7 @@ import torch
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
-from vtprune.scorers.staged import check_stage_options, staged_schedule
+from vtprune.scorers.staged import check_stage_options, depth_scaled, staged_schedule
 
 TTV = "transprune_ttv"  # Session.extras key: [B, N] accumulated TTV in original sequence positions
 
@@ -44,17 +44,21 @@ class TransPruneScorer(Scorer):
       each image's tokens before the last stage (0.875, 0.625: 504 and 360 of 576) and ``keep`` after it.
 
     Deviation: kept tokens keep their original positions (the reference re-indexes them contiguously);
-    the budget is per image. Models with fewer layers need ``layers=[...]``.
+    the budget is per image. The default layers are the release's on 32-layer LLMs and keep their depth
+    fractions on others (`depth_scaled`); explicit ``layers=[...]`` are used as given.
     """
 
     name = "transprune"
     description = "TransPrune: token transition variation + instruction-guided attention, staged in the LLM"
     stages = (IN_LLM,)
 
-    def __init__(self, layers: list[int] | tuple[int, ...] = (6, 8, 11),
+    PAPER_LAYERS = (6, 8, 11)  # 0-based, for 32-layer LLMs; other depths get them scaled (`depth_scaled`)
+
+    def __init__(self, layers: list[int] | tuple[int, ...] | None = None,
                  ratios: list[float] | tuple[float, ...] = (0.875, 0.625),
                  accumulate: list[int] | tuple[int, ...] | None = None) -> None:
-        layers, ratios = check_stage_options("transprune", layers, ratios)
+        self._default_layers = layers is None
+        layers, ratios = check_stage_options("transprune", self.PAPER_LAYERS if layers is None else layers, ratios)
         if accumulate is not None and (len(accumulate) != 2 or int(accumulate[0]) > int(accumulate[1])):
             raise ConfigError(f"transprune: accumulate={accumulate} must be [first, last] layers")
         self.layers, self.ratios = layers, ratios
@@ -62,6 +66,11 @@ class TransPruneScorer(Scorer):
 
     # per stage of the last prefill, the TTV and IGA parts of the score (a debugging record, per thread)
     last_parts = PerThread(factory=list)
+
+    def bind(self, model: Any, adapter: Any) -> None:
+        if self._default_layers:  # the paper's layers at the same depth fractions of this model
+            depth = len(adapter.decoder_layers())
+            self.layers = depth_scaled(self.name, list(self.PAPER_LAYERS), depth, adapter.min_layer())
 
     @property
     def default_layer(self) -> int:  # type: ignore[override]

@@ -11,7 +11,7 @@ from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
 from vtprune.scorers.base import PIXEL_VALUES, PRE_LLM, Scorer, Signals, register
 from vtprune.scorers.select import image_budget
-from vtprune.scorers.staged import staged_plan
+from vtprune.scorers.staged import depth_scaled, staged_plan
 
 CONTEXT = "vflowopt_context"  # VisionRecord.extras: [tiles, patches + 1] context relevance rows
 IMPORTANCE = "vflowopt_importance"  # Session.extras: per sample I of the visual tokens the LLM stages see
@@ -99,14 +99,17 @@ class VFlowOptScorer(Scorer):
     last_importance = PerThread(factory=list)
     last_recycled = PerThread(factory=list)
 
+    PAPER_LLM_LAYERS = (9, 18)  # 0-based, for 32-layer LLMs; other depths get them scaled (`depth_scaled`)
+
     def __init__(self, t: float = 34.76, cell: float = 15.58, alpha: float = 0.0, vision_ratio: float = 0.265,
-                 llm_ratio: float = 0.983, llm_layers: list[int] | tuple[int, ...] = (9, 18),
+                 llm_ratio: float = 0.983, llm_layers: list[int] | tuple[int, ...] | None = None,
                  vision_layer: int | None = None) -> None:
         if not 0 < float(vision_ratio) <= 1 or not 0 < float(llm_ratio) <= 1:
             raise ConfigError(f"vflowopt: vision_ratio={vision_ratio} and llm_ratio={llm_ratio} must be in (0, 1]")
         if float(cell) < 1:
             raise ConfigError(f"vflowopt: cell={cell} must be at least 1 patch")
-        layers = [int(k) for k in llm_layers]
+        self._default_layers = llm_layers is None
+        layers = [int(k) for k in (self.PAPER_LLM_LAYERS if llm_layers is None else llm_layers)]
         if layers != sorted(set(layers)):
             raise ConfigError(f"vflowopt: llm_layers={layers} must be distinct and increasing")
         self.t, self.cell, self.alpha = float(t), float(cell), float(alpha)
@@ -124,6 +127,9 @@ class VFlowOptScorer(Scorer):
         vc = getattr(model.config, "vision_config", None)
         if vc is not None:
             self._patch = int(vc.patch_size)
+        if self._default_layers:  # the release's layers at the same depth fractions of this model
+            depth = len(adapter.decoder_layers())
+            self.llm_layers = depth_scaled(self.name, list(self.PAPER_LLM_LAYERS), depth, adapter.min_layer())
 
     def llm_stages(self, model: Any, adapter: Any, keep: Any) -> tuple[Any, list[tuple[int, Any]]]:
         n = len(adapter.decoder_layers())
