@@ -24,6 +24,7 @@ from vtprune.scorers.debias import FASTV_CUBIC, Debias, Trend, padding_bands, pa
 from vtprune.scorers.fastv import FastVScorer
 from vtprune.scorers.select import select_topk
 from vtprune.scorers.sink import Sink, known_sink_dims, massive_activation, rank_last
+from vtprune.toy.tiny import tiny_llava_processor
 
 TREND = Trend("cubic", FASTV_CUBIC, "test")
 
@@ -268,8 +269,13 @@ def test_sink_errors_name_the_fix():
     with pytest.raises(ConfigError, match="runs only inside the LLM"):
         Sink(CLSScorer(), dims=[1])
     model = get_model("llava")
-    with pytest.raises(ConfigError, match="give layer=K"):
-        vtprune.apply(model, method="sink", keep=8, dims=[1])
+    vtprune.apply(model, method="sink", keep=8, dims=[1], tau=3.0)  # bare sink: sink+uniform after layer 2
+    try:
+        with torch.no_grad():
+            model(**batch(tiny_llava_processor(), [1]))
+        assert vtprune.stats(model).layer == 2 and vtprune.stats(model).visual_after == [8]
+    finally:
+        vtprune.remove(model)
     with pytest.raises(ConfigError, match="vtprune calibrate"):
         vtprune.apply(model, method="sink+fastv", keep=8)  # hidden size 64: no published dims
     with pytest.raises(ConfigError, match="out of range"):

@@ -26,6 +26,9 @@ KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
 }
 
 
+DEFAULT_LAYER = 2  # bare `sink` (sink+uniform): FastV's default K, the layer `sink+fastv` uses (our choice)
+
+
 def massive_activation(hidden: torch.Tensor) -> torch.Tensor:
     """``phi(h) = |h / sqrt(mean(h^2) + 1e-6)|`` in fp32: ``[..., D]`` -> ``[..., D]``.
 
@@ -86,9 +89,8 @@ class Sink(Wrapper):
     allows: an image whose non-sink tokens cannot fill ``keep`` keeps some sinks.
 
     Runs inside the LLM only (the residual stream does not exist before it). Named alone, ``sink`` is
-    ``sink+uniform`` (sinks removed, the budget spread evenly over the rest of the grid); ``uniform``
-    defaults to pre-LLM, so give ``layer=K`` (``method="sink", layer=2``). ``sink+fastv`` uses FastV's
-    layer.
+    ``sink+uniform`` (sinks removed, the budget spread evenly over the rest of the grid) after layer
+    `DEFAULT_LAYER` (2) unless ``layer=K`` is given; ``sink+fastv`` uses FastV's layer.
 
     D_sink, resolved by `bind` in this order: ``dims=[...]``; the file given as ``calibration=PATH``;
     the published dims of LLaMA-2/Vicuna-7B ``{1415, 2533}`` and 13B ``{2100, 4743}``; the model's
@@ -108,12 +110,19 @@ class Sink(Wrapper):
 
     name = "sink"
     description = ("VAR sinks: visual tokens with massive activations in the sink dims ranked last; "
-                   "in-LLM (alone: sink+uniform, give layer=K)")
+                   "in-LLM (alone: sink+uniform after layer 2, or layer=K)")
     needs = frozenset({HIDDEN_STATES})
     default_host = "uniform"
     allowed_stages = (IN_LLM,)
 
     last_sinks = PerThread(factory=list)  # a per-call debugging record: each thread sees its own
+
+    @property
+    def default_layer(self) -> int:  # type: ignore[override]
+        """The host's layer (``sink+fastv``: FastV's); a host without one (``uniform``, which defaults to
+        pre-LLM) prunes at `DEFAULT_LAYER`, so bare ``sink`` runs without ``layer=K``."""
+        inner = self.inner.default_layer
+        return inner if inner is not None else DEFAULT_LAYER
 
     def __init__(self, inner: Scorer, tau: float = 20.0, dims: list[int] | None = None, mode: str = "drop",
                  calibration: str | None = None) -> None:
