@@ -242,6 +242,9 @@ class PruneState:
     # (layer, config.keep) for single-stage methods, several for staged ones (Scorer.schedule)
     schedule: list = field(default_factory=list)
     pre_keep: Any = None  # the pre-LLM selection's budget when LLM stages follow it (None: config.keep)
+    # the form of attention mask the LLM's layers take ("4d", "2d", "flex": runtime/llm_stages.mask_contract),
+    # resolved once when the hooks are installed
+    attention_contract: str = "4d"
 
     # Per-call state, private to each calling thread (`vtprune.perthread`): two threads running the same
     # patched model never see each other's prefill. Not dataclass fields (no annotations).

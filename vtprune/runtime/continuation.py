@@ -40,11 +40,13 @@ def appended_tokens(prev: Session, ids: torch.Tensor, valid: torch.Tensor, kinds
     return int(ids.shape[1] - n)
 
 
-def begin_continuation(sess: Session, prev: Session | None, ids: torch.Tensor, valid: torch.Tensor,
-                       appended: int, stats) -> None:
-    """Record on the new session ``sess`` the prompt it continues (``appended`` > 0: ``prev``'s, whose
-    selections it replays and whose ``stats`` stay the model's) or, for a new cacheless prompt, its own ids."""
-    if appended and prev is not None:
+def begin_continuation(sess: Session, prev: Session, ids: torch.Tensor, valid: torch.Tensor, kinds: torch.Tensor,
+                       stats) -> None:
+    """Record on the new session ``sess`` of a cacheless forward (``ids``/``valid``/``kinds``: its host input
+    ids, validity and token kinds) the prompt it continues: ``prev``'s when it extends that prompt (its
+    selections are replayed, its ``stats`` stay the model's), otherwise its own ids, as a new prompt."""
+    appended = appended_tokens(prev, ids, valid, kinds)
+    if appended:
         sess.prompt_ids, sess.prompt_host_valid = prev.prompt_ids, prev.prompt_host_valid
         sess.appended = appended
         sess.replay = prev.selections if prev.replay is None else prev.replay

@@ -59,7 +59,7 @@ from torch import nn
 from vtprune.adapters.attention_rows import _head_norm, _rotate_half
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
-from vtprune.runtime.llm_stages import MASK_4D, llm_implementation, mask_contract
+from vtprune.runtime.llm_stages import MASK_4D, llm_implementation
 from vtprune.runtime.stages import MethodStage, register_stage
 from vtprune.scorers.base import IN_LLM, Scorer
 from vtprune.scorers.compose import host_of
@@ -125,11 +125,10 @@ def flowcut_hooks(adapter: Adapter, state: PruneState) -> list:
             f"flowcut hides pruned patches from later vision layers with an attention mask, which "
             f"{impl} cannot take: load the model with attn_implementation='sdpa' (or 'eager')"
         )
-    text_impl = llm_implementation(adapter.decoder_layers())
-    if state.stage == IN_LLM and mask_contract(text_impl) != MASK_4D:
+    if state.stage == IN_LLM and state.attention_contract != MASK_4D:
         raise ConfigError(
             f"flowcut's LLM stage hides the tower-pruned tokens from layers <= K with a 4-D attention mask, which "
-            f"{text_impl} does not take: load the language model with attn_implementation='sdpa' (or 'eager')"
+            f"{llm_implementation(adapter.decoder_layers())} does not take: load the language model with attn_implementation='sdpa' (or 'eager')"
         )
     tower = QwenVisionStage(adapter, state) if adapter.vision_family == "qwen" else ClipVisionStage(adapter, state)
     handles = tower.install()

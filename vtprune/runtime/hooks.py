@@ -33,7 +33,7 @@ from vtprune.runtime.cache import (
     query_length,
     validity_from_4d,
 )
-from vtprune.runtime.continuation import appended_tokens, begin_continuation
+from vtprune.runtime.continuation import begin_continuation
 from vtprune.runtime.labels import LabelHooks
 from vtprune.runtime.llm_stages import LLMStageHooks, check_attention
 from vtprune.runtime.pre_llm import shorten_decode_inputs, shorten_prefill_inputs
@@ -118,7 +118,8 @@ class Runtime:
     def install(self, state: PruneState) -> list:
         """Register every hook ``state`` needs; returns their handles (all or none are installed)."""
         core = self.adapter.core()
-        check_attention(self.adapter.decoder_layers())  # an implementation that takes no mask: refused here
+        # the mask form the LLM's layers take; an implementation that takes no mask is refused here
+        state.attention_contract = check_attention(self.adapter.decoder_layers())
         method = stage_for(state.scorer)
         cls_modules = []
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
@@ -309,9 +310,8 @@ class Runtime:
         if not bool(host_kinds.any()):
             state.stats = None
             return None
-        appended = appended_tokens(prev, host[2], host_valid, host_kinds) if cacheless else 0
         if cacheless:
-            begin_continuation(sess, prev, host[2], host_valid, appended, prev_stats)
+            begin_continuation(sess, prev, host[2], host_valid, host_kinds, prev_stats)
         images = self.adapter.image_inputs(state, kwargs)
         with state.timer.part("plan"):  # the layout: host-side work on the one host copy
             self.begin_prefill(sess, valid, kinds, images, host_kinds, host_valid)

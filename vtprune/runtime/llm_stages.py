@@ -266,7 +266,7 @@ class LLMStageHooks:
         self.k = self.schedule[0][0]
         self.last = len(layers) - 1
         self.method = stage_for(state.scorer)  # the method's own stage work (signals, selection), if any
-        self.contract = check_attention(layers)  # the form of the masks the layers take
+        self.contract = state.attention_contract  # the form of the masks the layers take (Runtime.install)
 
     def stage_of_layer(self, i: int) -> int:
         """Index of the stage whose kept tokens layer ``i`` (> K_0) sees: the last with K_j < i."""

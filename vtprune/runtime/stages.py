@@ -103,11 +103,9 @@ class ScorerStage(MethodStage):
             return None
         from vtprune.scorers.select import Selection
 
-        kept, embeds, contextual = merged
-        if contextual and isinstance(contextual[0], torch.Tensor):  # the merged slots themselves
-            state.session.extras[CONTEXTUAL] = list(contextual)  # read only when the stats are built
-            contextual = [int(c.numel()) for c in contextual]
-        return Selection.from_kept(signals.layout, kept), embeds, contextual, scores
+        kept, embeds, slots = merged
+        state.session.extras[CONTEXTUAL] = list(slots)  # read only when the stats are built
+        return Selection.from_kept(signals.layout, kept), embeds, [int(c.numel()) for c in slots], scores
 
     def llm_signals(self, signals, hooks, hidden, layer) -> None:
         self.host.stage_signals(signals, hooks, hidden, layer)

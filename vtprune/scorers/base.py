@@ -94,10 +94,10 @@ class Scorer:
         return None
 
     def select_and_merge(self, scores: list[torch.Tensor], signals: Signals, embeds: torch.Tensor,
-                         budget: Any) -> tuple[list[torch.Tensor], torch.Tensor, list[int]] | None:
+                         budget: Any) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]] | None:
         """Before the LLM, select and write merged features into kept slots: ``(kept per sample, embeds,
-        merged per sample)``, merged as a count or as the sorted kept indices of the merged slots (then LLM
-        stages that follow count the survivors). Default None: the runtime's batched top-k, no merge."""
+        merged slots per sample)``, the slots as sorted visual indices among the kept (LLM stages that follow
+        count the survivors). Default None: the runtime's batched top-k, no merge."""
         return None
 
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
