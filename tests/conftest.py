@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -50,6 +51,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def register_tiny_clip(folder, name: str) -> str:
+    """Register with open_clip a tiny random CLIP (config written to ``folder``) whose vision width (32) matches
+    the tiny LLaVA towers; returns its name (for cdpruner's ``clip_model``)."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 336, "layers": 1, "width": 32, "head_width": 8, "patch_size": 14},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    path = Path(folder) / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return name
 
 
 def make_image(h: int, w: int, seed: int) -> Image.Image:
@@ -148,20 +165,32 @@ QWEN_CASES = {
 
 def qwen_batch(kind: str, case: str, padding_side: str = "left"):
     """Processor outputs for a Qwen-VL test case (see ``QWEN_CASES``)."""
-    proc = get_qwen_processor(kind)
     sizes = [(300, 400), (220, 330), (260, 260)]
-    texts, images, videos = [], [], []
+    rows, n_images, n_videos = [], 0, 0
     for b, items in enumerate(QWEN_CASES[case]):
-        body = ""
+        media = []
         for it in items:
             if it == "i":
-                h, w = sizes[len(images) % len(sizes)]
-                images.append(make_image(h, w, seed=len(images)))
-                body += QWEN_IMAGE
+                h, w = sizes[n_images % len(sizes)]
+                media.append(("i", make_image(h, w, seed=n_images)))
+                n_images += 1
             else:
-                videos.append(make_video(4, 200, 260, seed=len(videos)))
-                body += QWEN_VIDEO
-        question = "What is in the picture? " * (b + 1)
+                media.append(("v", make_video(4, 200, 260, seed=n_videos)))
+                n_videos += 1
+        rows.append((media, "What is in the picture? " * (b + 1)))
+    return qwen_prompts(kind, rows, padding_side)
+
+
+def qwen_prompts(kind: str, rows: list, padding_side: str = "left"):
+    """Processor outputs of a Qwen-VL batch: ``rows`` = per sample ``(media, question)``, ``media`` a list of
+    ``("i", PIL image)`` / ``("v", video frames)`` placed before the question in that order."""
+    proc = get_qwen_processor(kind)
+    texts, images, videos = [], [], []
+    for media, question in rows:
+        body = ""
+        for what, item in media:
+            (images if what == "i" else videos).append(item)
+            body += QWEN_IMAGE if what == "i" else QWEN_VIDEO
         texts.append(f"<|im_start|>user\n{body}{question}<|im_end|>\n<|im_start|>assistant\n")
     proc.tokenizer.padding_side = padding_side
     kwargs = dict(text=texts, return_tensors="pt", padding=True)

@@ -4,11 +4,9 @@ the text relevance is in tests/test_presets.py."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import batch, get_model
+from conftest import batch, get_model, register_tiny_clip
 
 import vtprune
 from vtprune.config import ConfigError
@@ -64,14 +62,10 @@ def test_options_are_checked(llava):
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip model whose vision width (32) matches the tiny LLaVA tower, and a saved tokenizer."""
     folder = tmp_path_factory.mktemp("clip")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 336, "layers": 1, "width": 32, "head_width": 8, "patch_size": 14},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
-    (folder / "vtprune-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder / "vtprune-tiny-clip.json")
+    name = register_tiny_clip(folder, "vtprune-tiny-clip")
     tok = folder / "tokenizer"
     tiny_llava_tokenizer().save_pretrained(tok)
-    return "vtprune-tiny-clip", str(tok)
+    return name, str(tok)
 
 
 def test_clip_relevance_matches_an_independent_computation(processor, tiny_clip):

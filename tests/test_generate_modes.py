@@ -27,10 +27,6 @@ NEW = 4  # tokens of the greedy reference; other modes generate 3 (no EOS: the t
 NO_EOS = -1
 REDUCED = ["fastv", "cls", "transprune", "sparsevlm", "flowcut"]
 
-# Known bugs, (model, method, mode) -> reason, as strict xfails: a fix turns its cases into XPASS failures,
-# and the entry must then go.
-KNOWN_BUGS: dict = {}
-NO_BEAMS: set = set()  # methods refusing num_beams / num_return_sequences > 1 (none since records expand)
 EXTRA = {"zoo": {"directions": 8}}  # 64 perturbed projector runs per prefill: the cost of the whole file
 SLOW_MODES = {("cdpruner", "keep_all")}  # its greedy MAP over all 576 tokens of each image: about a minute
 
@@ -44,15 +40,12 @@ def _case_list() -> list:
 
 
 def cases(mode: str) -> list:
-    """``(kind, method)`` parameters of one mode, slow and known-bug marks attached."""
+    """``(kind, method)`` parameters of one mode, slow marks attached."""
     out = []
     for kind, method, slow in _case_list():
         marks = [pytest.mark.slow] if slow else []
         if (method, mode) in SLOW_MODES:
             marks = [pytest.mark.slow]
-        reason = KNOWN_BUGS.get((kind, method, mode))
-        if reason is not None:
-            marks.append(pytest.mark.xfail(strict=True, reason=reason))
         out.append(pytest.param(kind, method, marks=marks, id=f"{kind}-{method}"))
     return out
 
@@ -193,10 +186,6 @@ def test_num_return_sequences_samples_each_prompt_twice(kind, method):
     try:
         _apply(model, method)
         torch.manual_seed(3)
-        if method in NO_BEAMS:
-            with pytest.raises(RuntimeError, match="num_return_sequences > 1 is not supported"):
-                _generate(model, inputs, do_sample=True, num_return_sequences=2)
-            return
         out = _generate(model, inputs, do_sample=True, num_return_sequences=2)
         st = vtprune.stats(model)
     finally:
@@ -212,10 +201,6 @@ def test_beam_search_returns_one_row_per_prompt(kind, method):
     ids, n = inputs["input_ids"], inputs["input_ids"].shape[1]
     try:
         _apply(model, method)
-        if method in NO_BEAMS:
-            with pytest.raises(RuntimeError, match="num_beams > 1"):
-                _generate(model, inputs, num_beams=2)
-            return
         out = _generate(model, inputs, num_beams=2)
         st = vtprune.stats(model)
     finally:
@@ -233,11 +218,7 @@ def test_keep_all_beams_and_samples_equal_the_unpatched_model(kind, method):
     ref = _unpatched(kind)
     try:
         _apply(model, method, keep=1.0)
-        if method in NO_BEAMS:
-            with pytest.raises(RuntimeError, match="num_beams > 1"):
-                _generate(model, inputs, num_beams=2)
-        else:
-            assert torch.equal(_generate(model, inputs, num_beams=2), ref["beams"])
+        assert torch.equal(_generate(model, inputs, num_beams=2), ref["beams"])
         torch.manual_seed(5)
         samples = _generate(model, inputs, do_sample=True)
     finally:
@@ -247,14 +228,11 @@ def test_keep_all_beams_and_samples_equal_the_unpatched_model(kind, method):
 
 @pytest.mark.parametrize("restart", ["full", "new"])
 @pytest.mark.parametrize("kind,method", cases("continue"))
-def test_a_continued_cache_equals_one_longer_generate(kind, method, restart, request):
+def test_a_continued_cache_equals_one_longer_generate(kind, method, restart):
     """generate(), then generate() again from its cache (``return_dict_in_generate=True``): the same tokens
     and logits as one generate() of all of them. ``restart="full"``: two tokens, then the whole sequence
     so far (generate() feeds what the cache lacks); ``"new"``: max_new_tokens=1 (the prefill only: the
     greedy run's first token and logits), then only that token with the whole mask."""
-    reason = KNOWN_BUGS.get((kind, method, f"continue-{restart}"))
-    if reason is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     model, inputs = get_model(kind), _inputs(kind)
     ref = _greedy(kind, method)
     mask, n = inputs["attention_mask"], inputs["input_ids"].shape[1]

@@ -431,14 +431,10 @@ def test_same_result_as_the_transformers_llava_with_the_same_weights(workdir, me
 def test_cdpruner_clip_relevance_reaches_the_instruction_ids(workdir, tmp_path):
     """cdpruner's relevance='clip' decodes the instruction's ids: the repository's runtime hands over the
     spliced prompt's text ids, so it keeps the tokens transformers' LLaVA with the same weights keeps."""
-    open_clip = pytest.importorskip("open_clip")
-    import json
+    pytest.importorskip("open_clip")
+    from conftest import register_tiny_clip
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 336, "layers": 1, "width": 32, "head_width": 8, "patch_size": 14},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
-    (tmp_path / "vtprune-tiny-clip-repo.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "vtprune-tiny-clip-repo.json")
+    clip = register_tiny_clip(tmp_path, "vtprune-tiny-clip-repo")
     model, tok, ip = get(workdir)
     tok.save_pretrained(tmp_path / "tok")
     twin = _MODELS.setdefault(("twin",), transformers_twin(model))
@@ -447,7 +443,7 @@ def test_cdpruner_clip_relevance_reaches_the_instruction_ids(workdir, tmp_path):
     row = ids[0]
     cut = int(torch.nonzero(row == IMAGE_TOKEN_INDEX)[0])
     hf_ids = torch.cat([row[:cut], torch.full((P,), twin.config.image_token_id), row[cut + 1:]])[None]
-    kw = dict(keep=16, relevance="clip", clip_model="vtprune-tiny-clip-repo", tokenizer=str(tmp_path / "tok"))
+    kw = dict(keep=16, relevance="clip", clip_model=clip, tokenizer=str(tmp_path / "tok"))
     kept = []
     try:
         for m, inputs in [(model, dict(input_ids=ids, attention_mask=mask, images=images)),

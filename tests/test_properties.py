@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("hypothesis")
 
 import torch  # noqa: E402
-from conftest import QWEN_IMAGE, QWEN_VIDEO, get_model, get_qwen_processor, make_image, make_video  # noqa: E402
+from conftest import get_model, make_image, make_video, qwen_prompts  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from oracle import dropped_positions, lm_on_kept, masked_logits, staged_masked_logits  # noqa: E402
@@ -101,26 +101,10 @@ def llava_inputs(samples, side: str = "left"):
 
 
 def qwen_inputs(kind: str, samples, side: str = "left"):
-    proc = get_qwen_processor(kind)
-    texts, images, videos = [], [], []
-    for s in samples:
-        body = ""
-        for j, (what, size) in enumerate(s.items):  # seeds from the sample itself: alone, it sees the same pixels
-            if what == "i":
-                images.append(image(*size, seed=j))
-                body += QWEN_IMAGE
-            else:
-                videos.append(video(j))
-                body += QWEN_VIDEO
-        question = "What is in the picture? " * s.repeats
-        texts.append(f"<|im_start|>user\n{body}{question}<|im_end|>\n<|im_start|>assistant\n")
-    proc.tokenizer.padding_side = side
-    kwargs = dict(text=texts, return_tensors="pt", padding=True)
-    if images:
-        kwargs["images"] = images
-    if videos:
-        kwargs["videos"] = videos
-    return proc(**kwargs)
+    # seeds from the sample itself: alone, it sees the same pixels
+    rows = [([(what, image(*size, seed=j)) if what == "i" else (what, video(j)) for j, (what, size) in enumerate(s.items)],
+             "What is in the picture? " * s.repeats) for s in samples]
+    return qwen_prompts(kind, rows, side)
 
 
 def token_counts(kind: str, samples, inputs) -> list[list[int]]:
@@ -198,6 +182,27 @@ def run(model, inputs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # keep above an image's tokens
         return model(**inputs).logits
+
+
+@torch.no_grad()
+def generate(model, inputs):
+    """Two greedy tokens (warnings of keep above an image's tokens silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def check_keep_all(model, inputs, method: str, keep) -> None:
+    """Keep-all (``keep`` 1.0 or above every image's tokens): the unpatched logits and generated tokens."""
+    ref, ref_tokens = run(model, inputs), generate(model, inputs)
+    try:
+        apply(model, method, keep, default_layer(method, model))
+        out, tokens = run(model, inputs), generate(model, inputs)
+    finally:
+        vtprune.remove(model)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
 
 
 def kept_rows(model, inputs, logits, st) -> list[torch.Tensor]:
@@ -332,9 +337,7 @@ def test_llava_every_preset_keeps_within_budget(samples, side, method, keep):
             return
         run(model, inputs)
         st_ = vtprune.stats(model)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        tokens = generate(model, inputs)
     finally:
         vtprune.remove(model)
     assert tokens.shape[0] == len(samples) and inputs["input_ids"].shape[1] < tokens.shape[1]
@@ -346,22 +349,7 @@ def test_llava_every_preset_keeps_within_budget(samples, side, method, keep):
 @given(samples=llava_samples(max_images=4), side=SIDES, method=st.sampled_from(PRESETS),
        keep=st.sampled_from([1.0, 100_000]))
 def test_llava_keep_all_is_the_unpatched_model(samples, side, method, keep):
-    model = get_model("llava")
-    inputs = llava_inputs(samples, side)
-    with torch.no_grad():
-        ref = run(model, inputs)
-        ref_tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    try:
-        apply(model, method, keep, default_layer(method, model))
-        out = run(model, inputs)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        vtprune.remove(model)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    assert torch.equal(tokens, ref_tokens)
+    check_keep_all(get_model("llava"), llava_inputs(samples, side), method, keep)
 
 
 BATCH_METHODS = ["uniform", "cls", "fastv", "divprune"]  # selections that depend on the sample only
@@ -442,21 +430,7 @@ def test_qwen_batch_rows_equal_single_runs(kind, samples, side, method, keep):
 @given(kind=QWEN_KINDS, samples=qwen_samples(), side=SIDES,
        method=st.sampled_from([m for m in PRESETS if m not in LLAVA_FAMILY_ONLY]), keep=st.sampled_from([1.0, 100_000]))
 def test_qwen_keep_all_is_the_unpatched_model(kind, samples, side, method, keep):
-    model = get_model(kind)
-    inputs = qwen_inputs(kind, samples, side)
-    with torch.no_grad():
-        ref = run(model, inputs)
-        ref_tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    try:
-        apply(model, method, keep, default_layer(method, model))
-        out = run(model, inputs)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        vtprune.remove(model)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    assert torch.equal(tokens, ref_tokens)
+    check_keep_all(get_model(kind), qwen_inputs(kind, samples, side), method, keep)
 
 
 # ---- LLaVA-NeXT ---------------------------------------------------------------------------------

@@ -126,6 +126,12 @@ def _feature_index(model) -> int:
     return layer + depth + 1 if layer < 0 else layer
 
 
+def _assert_scores_are(st, per_token: list[list[torch.Tensor]]) -> None:
+    """``st.scores[b]`` are sample ``b``'s per-image token scores ``per_token[b]``, concatenated."""
+    for b, images in enumerate(per_token):
+        torch.testing.assert_close(st.scores[b], torch.cat(images), atol=ATOL, rtol=RTOL)
+
+
 def _per_token(model, kind: str, rows: torch.Tensor, inputs) -> list[list[torch.Tensor]]:
     """CLS rows ``[tiles, P + 1]`` -> per sample, per image, the score of each of its visual tokens in
     sequence order (LLaVA-NeXT: the model's own packing of the tiles, newline tokens 0)."""
@@ -178,8 +184,7 @@ def test_cls_row_is_the_eager_cls_attention_row(kind):
     for other in range(len(rows)):
         if other != h - 1:
             assert _far(record.cls_attention, rows[other])
-    for b, images in enumerate(_per_token(model, kind, want, inputs)):
-        torch.testing.assert_close(st.scores[b], torch.cat(images), atol=ATOL, rtol=RTOL)
+    _assert_scores_are(st, _per_token(model, kind, want, inputs))
 
 
 @pytest.mark.parametrize("kind", CLS_KINDS)
@@ -192,12 +197,10 @@ def test_vtc_cls_sums_the_eager_cls_rows_up_to_the_feature_layer(kind):
     layers = range(max(1, h - 6), h + 1)  # the 7 hidden_states indices ending at the feature layer: 1, 2 here
     want = sum(rows[i - 1] for i in layers)
     assert _far(want, rows[h - 1])  # more than one layer
-    for b, images in enumerate(_per_token(model, kind, want, inputs)):
-        torch.testing.assert_close(st.scores[b], torch.cat(images), atol=ATOL, rtol=RTOL)
+    _assert_scores_are(st, _per_token(model, kind, want, inputs))
     st, _ = _run(model, inputs, "vtc-cls", vision_layer=[1, 3])  # explicit layers
     want = rows[0] + rows[2]
-    for b, images in enumerate(_per_token(model, kind, want, inputs)):
-        torch.testing.assert_close(st.scores[b], torch.cat(images), atol=ATOL, rtol=RTOL)
+    _assert_scores_are(st, _per_token(model, kind, want, inputs))
 
 
 @pytest.mark.parametrize("kind", CLS_KINDS)

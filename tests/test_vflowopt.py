@@ -99,21 +99,29 @@ def test_llm_stages_after_the_pre_llm_one_equal_staged_masking(processor):
     torch.testing.assert_close(pruned[check], ref[check], atol=3e-5, rtol=1e-4)
 
 
-def test_recycled_slots_hold_importance_weighted_cell_means(processor):
+def _recycling_run(processor, **options):
+    """VFlowOpt before the LLM only, on one LLaVA image: ``(inputs, projected features [576, D], the LLM's
+    input kwargs, the scorer, stats)``."""
     model = get_model("llava")
     inputs = batch(processor, [1])
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output[0]
     seen = {}
     h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    vtprune.apply(model, "vflowopt", keep=40, llm_layers=[], vision_ratio=0.5, cell=12)
-    with torch.no_grad():
-        model(**inputs)
-    h.remove()
-    scorer = model._vtprune_state.scorer
+    vtprune.apply(model, "vflowopt", llm_layers=[], **options)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        scorer = model._vtprune_state.scorer
+        return inputs, feats, seen, scorer, vtprune.stats(model)
+    finally:
+        h.remove()
+        vtprune.remove(model)
+
+
+def test_recycled_slots_hold_importance_weighted_cell_means(processor):
+    inputs, feats, seen, scorer, st = _recycling_run(processor, keep=40, vision_ratio=0.5, cell=12)
     imp = scorer.last_importance[0]
-    st = vtprune.stats(model)
-    vtprune.remove(model)
     kept = st.kept[0]
     assert st.visual_after == [kept.numel()] and kept.numel() <= 40 and st.contextual == [4]  # 2 x 2 cells of 12
     grid = torch.arange(576)
@@ -121,7 +129,7 @@ def test_recycled_slots_hold_importance_weighted_cell_means(processor):
     order = torch.sort(imp, descending=True, stable=True).indices
     chosen, removed = order[:40 - 4], order[40 - 4:]
     ids = inputs["input_ids"][0]
-    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
+    start = int(torch.nonzero(ids == get_model("llava").config.image_token_id)[0])
     short = seen["inputs_embeds"][0]
     for c in range(4):
         members = removed[cell[removed] == c]
@@ -151,20 +159,8 @@ def test_refusals(llava):
 def test_small_budgets_recycle_the_cells_that_lose_the_most_importance(processor):
     """``keep <= cells``: the top token plus ``keep - 1`` recycled slots, given to the cells whose removed
     tokens carry the most importance; the image keeps exactly ``keep`` tokens."""
-    model = get_model("llava")
-    inputs = batch(processor, [1])
-    with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output[0]
-    seen = {}
-    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    vtprune.apply(model, "vflowopt", keep=3, llm_layers=[], cell=12)  # 2 x 2 cells of 12 x 12 patches
-    with torch.no_grad():
-        model(**inputs)
-    h.remove()
-    scorer = model._vtprune_state.scorer
+    inputs, feats, seen, scorer, st = _recycling_run(processor, keep=3, cell=12)  # 2 x 2 cells of 12 x 12
     imp, recycled = scorer.last_importance[0], scorer.last_recycled[0].cpu()
-    st = vtprune.stats(model)
-    vtprune.remove(model)
     grid = torch.arange(576)
     cell = (grid // 24 // 12) * 2 + (grid % 24 // 12)
     order = torch.sort(imp, descending=True, stable=True).indices
@@ -176,7 +172,7 @@ def test_small_budgets_recycle_the_cells_that_lose_the_most_importance(processor
     assert recycled.tolist() == sorted(int(s) for s in slots)
     assert st.kept[0].tolist() == sorted([int(top[0]), *recycled.tolist()])
     ids = inputs["input_ids"][0]
-    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
+    start = int(torch.nonzero(ids == get_model("llava").config.image_token_id)[0])
     for c, slot in zip(cells, slots):
         members = removed[cell[removed] == c]
         w = imp[members].clamp(min=0) / imp[members].clamp(min=0).sum()
