@@ -10,6 +10,7 @@ in layers <= K and the dropped ones after K, as tests/oracle.py does for a singl
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 
 import pytest
@@ -161,12 +162,27 @@ def deep_llava():
     return _DEEP["m"]
 
 
+def _clip_layer(layer, h: torch.Tensor) -> torch.Tensor:
+    """One CLIP encoder layer without a mask (transformers 4.x also takes a causal mask, and returns a tuple)."""
+    extra = {"causal_attention_mask": None} if "causal_attention_mask" in inspect.signature(layer.forward).parameters else {}
+    out = layer(h, None, **extra)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def reference_clip_flowcut(model, pixels, target: int):
-    """FlowCut on each tile with dropped tokens and full attention rows: (kept patch ids, features)."""
-    tower = model.model.vision_tower
+    """FlowCut on each tile of transformers' LLaVA with dropped tokens and full attention rows."""
+    return reference_tower_flowcut(model.model.vision_tower, model.config.vision_feature_layer,
+                                   model.model.multi_modal_projector, pixels, target)
+
+
+@torch.no_grad()
+def reference_tower_flowcut(tower, feature_layer, projector, pixels, target: int):
+    """FlowCut on each tile of a CLIP vision transformer ``tower`` (``embeddings``, ``pre_layrnorm``,
+    ``encoder.layers``) with dropped tokens and full attention rows: (kept patch ids, projected features of
+    ``hidden_states[feature_layer]``, per tile the patch counts after each scoring layer)."""
     layers = tower.encoder.layers
-    last = fs.last_clip_layer(model.config.vision_feature_layer, len(layers))
+    last = fs.last_clip_layer(feature_layer, len(layers))
     feature = last + 1  # the layer whose output the projector reads
     kept_ids, feats, stages = [], [], []
     for r in range(pixels.shape[0]):
@@ -180,7 +196,7 @@ def reference_clip_flowcut(model, pixels, target: int):
             q = attn.q_proj(x).view(n, nh, d).transpose(0, 1).float()
             k = attn.k_proj(x).view(n, nh, d).transpose(0, 1).float()
             v = attn.v_proj(x).view(n, nh, d).transpose(0, 1).float()
-            h = layer(h, None)
+            h = _clip_layer(layer, h)
             if i > last or ids.numel() - 1 <= target:
                 if i == feature:
                     feats.append(h[0, 1:])
@@ -199,7 +215,7 @@ def reference_clip_flowcut(model, pixels, target: int):
                 feats.append(h[0, 1:])
         kept_ids.append(ids[1:] - 1)
         stages.append(counts)
-    projected = [model.model.multi_modal_projector(f) for f in feats]
+    projected = [projector(f) for f in feats]
     return kept_ids, projected, stages
 
 

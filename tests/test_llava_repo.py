@@ -149,7 +149,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("method,kw", [("fastv", {"layer": 1}), ("cls", {}), ("random", {"layer": 2})])
+VFLOWOPT = {"llm_layers": [1, 2], "cell": 8}  # the tiny LLM's stages after the pre-LLM one (4 layers)
+
+
+@pytest.mark.parametrize("method,kw", [("fastv", {"layer": 1}), ("cls", {}), ("random", {"layer": 2}),
+                                       ("flowcut", {}), ("vflowopt", VFLOWOPT)])
 def test_keep_all_is_identical(workdir, method, kw):
     model, tok, ip = get(workdir)
     ids, mask, images = make_batch(tok, ip, model, [1, 1], "right")
@@ -264,7 +268,8 @@ def test_generate_keep_all_and_pruned_decode_matches_masking(workdir):
         torch.testing.assert_close(step, logits[:, n - 1 + i], atol=3e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method,kw", [("cls", {}), ("fastv", {"layer": 1}), ("visionzip", {})])
+@pytest.mark.parametrize("method,kw", [("cls", {}), ("fastv", {"layer": 1}), ("visionzip", {}), ("flowcut", {}),
+                                       ("vflowopt", VFLOWOPT)])
 def test_generate_after_pruning(workdir, method, kw):
     model, tok, ip = get(workdir, "left")
     ids, mask, images = make_batch(tok, ip, model, [2, 1], "left")
@@ -282,10 +287,105 @@ def test_generate_after_pruning(workdir, method, kw):
         assert st.contextual is not None and all(c > 0 for c in st.contextual)
 
 
+def deep_tower_model(workdir):
+    """A tiny repository model with a 6-layer tower (FlowCut scores after layers 0..3, prunes after 1 and 3)
+    and sharper vision attention, so that its middle stage prunes."""
+    key = ("deep-tower",)
+    if key not in _MODELS:
+        model, tok, ip = tiny_llava_repo(workdir, vision_layers=6, seed=1)
+        for layer in _clip_layers(model):
+            layer.self_attn.q_proj.weight.data *= 8
+            layer.self_attn.k_proj.weight.data *= 8
+        _MODELS[key] = (model, tok, ip)
+    model, tok, ip = _MODELS[key]
+    vtprune.remove(model)
+    return model, tok, ip
+
+
+def _clip(model):
+    clip = model.get_vision_tower().vision_tower  # transformers' CLIPVisionModel (4.x: its .vision_model)
+    return getattr(clip, "vision_model", clip)
+
+
+def _clip_layers(model):
+    return _clip(model).encoder.layers
+
+
+@pytest.mark.parametrize("case", ["single", "ragged_images"])
+def test_flowcut_prunes_inside_the_repository_tower(workdir, case):
+    """FlowCut's vision stage inside the repository's CLIPVisionTower equals FlowCut run by dropping the
+    pruned patches from the tower (tests/test_flowcut.py's reference): the same kept patches, the same
+    features spliced into the prompt, and the unpatched LLM on that prompt gives the same logits."""
+    from test_flowcut import reference_tower_flowcut
+
+    n_images, side = CASES[case]
+    model, tok, ip = deep_tower_model(workdir)
+    ids, mask, images = make_batch(tok, ip, model, n_images, side)
+    t = 24
+    vtprune.apply(model, "flowcut", keep=t)
+    with torch.no_grad():
+        pruned = model(input_ids=ids, attention_mask=mask, images=images).logits
+        short = model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, None, images)
+    st = vtprune.stats(model)
+    vtprune.remove(model)
+    assert st.stage == "pre-llm" and st.visual_after == [t * k for k in n_images]
+    tower = model.get_vision_tower()
+    kept, feats, stages = reference_tower_flowcut(_clip(model), tower.select_layer, model.get_model().mm_projector,
+                                                  images, t)
+    assert all(P > c[1] > t for c in stages)  # layer 1 pruned (so the masking mattered) ...
+    assert all(c[-1] == t for c in stages)  # ... and the last one reached the target
+    image = 0
+    for b, k in enumerate(n_images):  # per sample the kept patches of its images, in order
+        want = torch.cat([kept[image + j] + j * P for j in range(k)])
+        assert torch.equal(st.kept[b], want)
+        image += k
+    _, _, short_mask, _, short_embeds, _ = short
+    visual, valid = spliced_layout(ids, mask, side)
+    dropped = dropped_from(st, visual)
+    image = 0
+    for b, k in enumerate(n_images):  # the spliced rows of the kept patches hold the dropped tower's features
+        rows = torch.nonzero(short_mask[b].bool()).flatten()
+        keep_rows = torch.nonzero(valid[b] & ~dropped[b]).flatten()
+        vis_rows = rows[visual[b, keep_rows]]
+        torch.testing.assert_close(short_embeds[b, vis_rows], torch.cat(feats[image:image + k]), atol=2e-5, rtol=1e-4)
+        image += k
+    with torch.no_grad():
+        ref = model(inputs_embeds=short_embeds, attention_mask=short_mask).logits
+    check = short_mask.bool()
+    torch.testing.assert_close(pruned[check], ref[check], atol=2e-5, rtol=1e-4)
+
+
+def test_vflowopt_generate_decodes_its_pruned_prompt(workdir):
+    """VFlowOpt's pre-LLM stage and LLM stages under the repository's generate(): every decode step equals
+    the pruned forward of the prompt plus the tokens generated so far (VFlowOpt's importance comes from the
+    vision tower only, so that forward keeps the same tokens), a left-padded batch of two."""
+    model, tok, ip = get(workdir, "left")
+    ids, mask, images = make_batch(tok, ip, model, [1, 1], "left")
+    if not repo_generate_works(model, tok, ip):
+        pytest.skip(f"the LLaVA repository's generate() does not run on transformers {transformers.__version__}")
+    vtprune.apply(model, "vflowopt", keep=24, **VFLOWOPT)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, images=images, max_new_tokens=4, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+        st = vtprune.stats(model)
+        new = out.sequences[:, -len(out.scores):]
+        full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+        # generate's positions count real tokens; given any position_ids, the repository builds exactly those
+        logits = model(input_ids=full_ids, attention_mask=full_mask, images=images,
+                       position_ids=torch.zeros_like(full_ids)).logits
+        st_full = vtprune.stats(model)
+    vtprune.remove(model)
+    assert [s["layer"] for s in st.stages] == [None, 1, 2] and st.visual_after == [24, 24]
+    assert all(torch.equal(a, b) for a, b in zip(st.kept, st_full.kept))
+    n = logits.shape[1] - new.shape[1]  # the shortened prompt's width
+    for i, step in enumerate(out.scores):
+        torch.testing.assert_close(step, logits[:, n - 1 + i], atol=3e-5, rtol=1e-4)
+
+
 def test_refuses_what_it_cannot_do(workdir):
     model, tok, ip = get(workdir)
-    with pytest.raises(ConfigError, match="flowcut is not supported on the original LLaVA codebase"):
-        vtprune.apply(model, "flowcut", keep=32)
+    with pytest.raises(ConfigError, match="vision tower only"):  # LLaVA-1.5: FlowCut prunes before the LLM
+        vtprune.apply(model, "flowcut", keep=32, layer=1)
     model.config.mm_patch_merge_type = "spatial_unpad"
     try:
         with pytest.raises(UnsupportedModelError, match="LLaVA-1.6 anyres"):
@@ -392,11 +492,13 @@ def transformers_twin(model):
 @pytest.mark.parametrize("method,kw", [
     (None, {}), ("fastv", {"keep": 64, "layer": 1}), ("cls", {"keep": 64}), ("vtc-cls", {"keep": 48}),
     ("visionzip", {"keep": 64}), ("debias+fastv", {"keep": 32, "layer": 2}), ("uniform", {"keep": 36}),
-    ("divprune", {"keep": 24}), ("zoo", {"keep": 24, "directions": 16}),
+    ("divprune", {"keep": 24}), ("zoo", {"keep": 24, "directions": 16}), ("flowcut", {"keep": 40}),
+    ("vflowopt", {"keep": 24, **VFLOWOPT}),
 ])
 def test_same_result_as_the_transformers_llava_with_the_same_weights(workdir, method, kw):
     """The repository's model and transformers' LLaVA carrying its weights prune alike: same kept tokens,
-    same logits on the real tokens (one sample and a right-padded batch of two)."""
+    same logits on the real tokens (one sample and a right-padded batch of two). VFlowOpt: the same tokens
+    after its pre-LLM stage and after each LLM stage, the logits of every token the LLM received."""
     model, tok, ip = get(workdir)
     twin = _MODELS.setdefault(("twin",), transformers_twin(model))
     vtprune.remove(twin)
@@ -420,10 +522,17 @@ def test_same_result_as_the_transformers_llava_with_the_same_weights(workdir, me
     st, st_twin = vtprune.stats(model), vtprune.stats(twin)
     vtprune.remove(model)
     vtprune.remove(twin)
+    lengths = hf_mask.sum(1).tolist()
     if method is not None:
         assert all(torch.equal(a, b) for a, b in zip(st.kept, st_twin.kept))
         assert st.seq_len_after == st_twin.seq_len_after
-    for b, n in enumerate(st.seq_len_after if method else hf_mask.sum(1).tolist()):
+        assert (st.stages is None) == (st_twin.stages is None)
+        for ours_stage, twin_stage in zip(st.stages or [], st_twin.stages or []):
+            assert ours_stage["layer"] == twin_stage["layer"]
+            assert all(torch.equal(a, b) for a, b in zip(ours_stage["kept"], twin_stage["kept"]))
+        first = st.stages[0]["visual_after"] if st.stages else st.visual_after  # what the LLM received
+        lengths = [n - v + k for n, v, k in zip(st.seq_len_before, st.visual_before, first)]
+    for b, n in enumerate(lengths):
         torch.testing.assert_close(ours[b, :n], theirs[b, :n], atol=2e-5, rtol=1e-4)
 
 

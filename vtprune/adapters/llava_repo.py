@@ -16,9 +16,11 @@ the decode steps) is the shared runtime, running on the repository's ``LlamaMode
 4.37 (its pin) or 5.x. This module only describes the model.
 
 Supported: LLaVA-1.5-style checkpoints (``mm_patch_merge_type="flat"``, ``mm_vision_select_feature``
-``"patch"`` or ``"cls_patch"``, any number of images per prompt), every method but FlowCut (VisionZip
+``"patch"`` or ``"cls_patch"``, any number of images per prompt), every LLaVA-family method: VisionZip
 merges in the tower's feature-layer space, recorded by a forward hook on its ``CLIPVisionModel``, and
-projects through ``mm_projector``). Not supported: LLaVA-1.6 checkpoints of the repository
+projects through ``mm_projector``; FlowCut's vision stage hooks the ``CLIPVisionModel``'s layers
+(`vision_encoder`); methods with LLM stages after a pre-LLM one (VFlowOpt) run those stages on the prompt
+shortened in ``prepare_inputs_labels_for_multimodal``. Not supported: LLaVA-1.6 checkpoints of the repository
 (``spatial_unpad`` anyres packing; use transformers' LLaVA-NeXT), and the MPT and Mistral variants.
 """
 
@@ -158,6 +160,11 @@ class LlavaRepoAdapter(Adapter):
         clip = self._tower().vision_tower  # transformers' CLIPVisionModel
         return getattr(clip, "vision_model", clip)
 
+    def vision_encoder(self) -> nn.Module:
+        """The CLIP vision transformer inside ``CLIPVisionTower`` (its forward takes the pixels, its
+        ``encoder.layers`` are the vision layers): where FlowCut's vision stage hooks."""
+        return self._clip()
+
     def vision_depth(self) -> int:
         return len(self._clip().encoder.layers)
 
@@ -172,17 +179,6 @@ class LlavaRepoAdapter(Adapter):
 
     def _grid(self) -> int:
         return int(self._tower().num_patches_per_side)
-
-    lacks = {
-        "pre_llm_then_llm": (
-            "vflowopt is not supported on the original LLaVA codebase yet (its LLM stages after the pre-LLM "
-            "one need the shortened prompt re-based inside the repository's generate); use it with "
-            "LlavaForConditionalGeneration"),
-        "vision_tower_masking": (
-            "flowcut is not supported on the original LLaVA codebase yet (its vision stage masks keys "
-            "inside transformers' LLaVA vision tower); use it with LlavaForConditionalGeneration, or pick "
-            "cls, vtc-cls, visionzip, fastv, random, uniform, debias, sink or ensemble here"),
-    }
 
     # ---- VisionZip's merge space: the tower's feature layer, before mm_projector -------------------
     def merge_features(self, images: Any) -> torch.Tensor:

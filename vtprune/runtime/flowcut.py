@@ -7,9 +7,11 @@ applies its decisions without changing any sequence length inside the vision tow
   key column. In a bidirectional ViT this gives every live token exactly the states it would have had the
   patch been dropped (the pruned rows still compute, and are never used). So the vision tower runs at full
   length (FlowCut's ViT speed-up is not realised); the saving is on the LLM side.
-- CLIP towers (LLaVA-1.5 / NeXT): a forward pre-hook on each layer's attention recomputes, from that
-  layer's input, the CLS query row, the keys and the values (no attention map is built), updates the
-  schedule, and passes the ``attention_mask`` that hides the pruned patches.
+- CLIP towers (LLaVA-1.5 / NeXT, and the original LLaVA codebase, whose ``CLIPVisionTower`` wraps the same
+  ``CLIPVisionModel``: `clip_transformer`): a forward pre-hook on each layer's attention recomputes, from
+  that layer's input, the CLS query row, the keys and the values (no attention map is built), updates the
+  schedule, and passes the ``attention_mask`` that hides the pruned patches (on transformers 4.37, the
+  repository's pin, expanded to the ``[R, 1, N, N]`` its ``CLIPAttention`` checks for).
 - Qwen-VL towers split attention by ``cu_seqlens`` and pass ``attention_mask=None`` themselves, so the mask
   enters through the attention-function registry instead: each vision attention module gets a stand-in
   config whose ``_attn_implementation`` names `masked_vision_attention`, which adds the key mask of the
@@ -21,8 +23,9 @@ applies its decisions without changing any sequence length inside the vision tow
   ``vision_cls_attention`` signal), in the adapter's usual layout (CLIP ``[tiles, patches + 1]``, CLS
   ``+inf``; Qwen-VL one row per merged token after the adapter's group mean).
 
-Pre-LLM (LLaVA-1.5): the vision stage prunes each image to ``keep`` and the pre-LLM stage keeps exactly
-its survivors; the LLM runs on the shortened sequence, as if the tower had dropped the others.
+Pre-LLM (LLaVA-1.5, transformers' or the repository's): the vision stage prunes each image to ``keep`` and
+the pre-LLM stage keeps exactly its survivors; the LLM runs on the shortened sequence, as if the tower had
+dropped the others.
 
 In-LLM (LLaVA-NeXT, Qwen-VL): the vision stage prunes to an intermediate target (NeXT: ``ceil(keep / 2)``
 patches per crop, or ``ceil(2 * keep * 576)`` of a crop's 576 for a fractional keep; Qwen-VL: ``2 * keep``
@@ -57,6 +60,7 @@ import torch
 from torch import nn
 
 from vtprune.adapters.attention_rows import _head_norm, _rotate_half
+from vtprune.adapters.base import transformers_version
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
 from vtprune.runtime.llm_stages import MASK_4D, llm_implementation
@@ -85,6 +89,10 @@ HIDDEN = "flowcut_hidden"  # Session.extras: [B, N] bool, the vision-pruned visu
 CANDIDATES = "flowcut_candidates"  # Session.extras: per sample [n_b] bool, vision-stage survivors
 ANY_HIDDEN = "flowcut_any_hidden"  # Session.extras: host bool, whether the vision stage hid any token
 
+
+# model types of LLaVA-1.5 (transformers' and the original LLaVA codebase's): one crop per image, pruned in
+# the vision tower only, straight to ``keep`` patches (FlowCut's LLaVA-1.5 setting)
+VISION_ONLY = ("llava", "llava_llama")
 
 ENSEMBLE_ERROR = ("flowcut prunes inside the vision tower, so it cannot be an ensemble member; use it alone or "
                   "under wrappers (e.g. 'sink+flowcut')")
@@ -115,11 +123,11 @@ def flowcut_hooks(adapter: Adapter, state: PruneState) -> list:
     if flowcut_host(state.scorer) is None:  # called through FlowCutStage: only for FlowCut setups
         return []
     model = adapter.model
-    if model.config.model_type == "llava" and state.stage == IN_LLM:
+    if model.config.model_type in VISION_ONLY and state.stage == IN_LLM:
         raise ConfigError(
             "flowcut prunes LLaVA-1.5 inside the vision tower only (the paper's setting): leave layer=None"
         )
-    impl = model.config.vision_config._attn_implementation or "eager"
+    impl = vision_implementation(adapter)
     if "flash" in impl:
         raise ConfigError(
             f"flowcut hides pruned patches from later vision layers with an attention mask, which "
@@ -135,6 +143,15 @@ def flowcut_hooks(adapter: Adapter, state: PruneState) -> list:
     if state.stage == IN_LLM:
         handles += LLMStage(adapter, state).install()
     return handles
+
+
+def vision_implementation(adapter: Adapter) -> str:
+    """The attention implementation of the vision tower: its config's (transformers' models), else that of
+    its attention modules (the LLaVA repository, whose config has no ``vision_config``)."""
+    vc = getattr(adapter.model.config, "vision_config", None)
+    if vc is None:
+        vc = adapter.vision_attention(-1).config
+    return vc._attn_implementation or "eager"
 
 
 def _hook(module: nn.Module, fn, pre: bool = True):
@@ -173,6 +190,14 @@ def last_clip_layer(feature_layer: int | list[int], depth: int) -> int:
     return last
 
 
+def clip_transformer(adapter: Adapter) -> nn.Module:
+    """The CLIP vision transformer FlowCut hooks (its forward takes the pixels, its ``encoder.layers`` are the
+    vision layers): the adapter's ``vision_encoder()`` where it names one (the LLaVA repository, whose
+    ``CLIPVisionTower`` wraps transformers' ``CLIPVisionModel``), else the core's ``vision_tower``."""
+    named = getattr(adapter, "vision_encoder", None)
+    return named() if named is not None else adapter.core().vision_tower
+
+
 class ClipVisionStage:
     """Hooks on a CLIP tower: schedule the patches of every tile, hide the pruned ones from later layers.
 
@@ -185,12 +210,17 @@ class ClipVisionStage:
     def __init__(self, adapter: Adapter, state: PruneState) -> None:
         self.adapter, self.state = adapter, state
         model = adapter.model
-        self.tower = adapter.core().vision_tower
+        self.tower = clip_transformer(adapter)
         self.layers = self.tower.encoder.layers
-        vc = model.config.vision_config
+        vc = self.tower.config
         self.patches = (vc.image_size // vc.patch_size) ** 2
-        self.last = last_clip_layer(model.config.vision_feature_layer, len(self.layers))
-        self.per_crop = model.config.model_type != "llava"  # LLaVA-NeXT: half the budget per crop
+        feature = getattr(model.config, "vision_feature_layer", None)
+        if feature is None:  # the LLaVA repository: its tower's mm_vision_select_layer
+            feature = adapter.default_vision_layer()
+        self.last = last_clip_layer(feature, len(self.layers))
+        self.per_crop = model.config.model_type not in VISION_ONLY  # LLaVA-NeXT: half the budget per crop
+        # transformers 4.x's CLIPAttention takes only a full [R, 1, Q, K] attention_mask (it checks the size)
+        self.full_mask = transformers_version()[0] < 5
 
     def install(self) -> list:
         handles = [_hook(self.tower, self._start), _hook(self.tower, self._finish, pre=False)]
@@ -226,7 +256,8 @@ class ClipVisionStage:
             live = torch.cat([torch.ones_like(tracker.live[:, :1]), tracker.live], dim=1)  # CLS stays
             changed = not bool(live.all())
             if changed:
-                kwargs["attention_mask"] = _hide(kwargs.get("attention_mask"), ~live, hidden.dtype)
+                mask = _hide(kwargs.get("attention_mask"), ~live, hidden.dtype)
+                kwargs["attention_mask"] = mask.expand(-1, -1, hidden.shape[1], -1) if self.full_mask else mask
             if index <= self.last and bool(tracker.active().any()):
                 r, n, _ = hidden.shape
                 h, d = module.num_heads, module.head_dim

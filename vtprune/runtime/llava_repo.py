@@ -4,7 +4,8 @@ The repository splices image features into the prompt inside ``prepare_inputs_la
 this runtime wraps that method on the instance and calls it with probe labels (see
 `vtprune.adapters.llava_repo`, which describes the model). Pre-LLM methods shorten the spliced prompt
 right there, so everything downstream (transformers 4.37's generate included) sees one consistent,
-shorter prompt; in-LLM methods hand the spliced prompt to the shared runtime's LLM forward.
+shorter prompt; LLM stages after the pre-LLM one (VFlowOpt) then run on that shorter prompt as its
+prefill; in-LLM methods hand the spliced prompt to the shared runtime's LLM forward.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vtprune.adapters.llava_repo import (
     tiles_per_image,
 )
 from vtprune.kernels import compact
+from vtprune.perthread import PerThread
 from vtprune.runtime.cache import check_cache
 from vtprune.runtime.hooks import Runtime, _InstanceWrap, register_runtime
 from vtprune.runtime.pre_llm import shorten_prefill_inputs
@@ -35,6 +37,8 @@ class RepoRuntime(Runtime):
     """The shared runtime plus the wrapped ``prepare_inputs_labels_for_multimodal``."""
 
     adapter: LlavaRepoAdapter
+    # per thread: the shortened inputs_embeds of a prefill whose LLM stages are still to run (VFlowOpt)
+    _llm_prefill = PerThread()
 
     def extra_hooks(self, state: PruneState) -> list:
         return [_InstanceWrap(self.adapter.model, "prepare_inputs_labels_for_multimodal", self._make_prepare(state))]
@@ -82,6 +86,10 @@ class RepoRuntime(Runtime):
         The shortened ``inputs_embeds``, mask, positions and labels go back to the caller (``forward`` or
         ``generate``), so everything downstream (transformers 4.37's generate, which sizes decode inputs
         from the cache length, included) sees one consistent, shorter prompt and needs no remapping.
+
+        With LLM stages to follow (``state.schedule``: VFlowOpt), the session stays, re-based on the
+        shortened prompt (`continue_in_llm`), for the LLM forward that receives exactly these
+        ``inputs_embeds`` (`_on_forward` recognises it); its decode steps need no mapping either.
         """
         sess = state.session = Session()
         images = ImageInputs(None, prefill.tiles, None, None, prefill.record)
@@ -90,11 +98,32 @@ class RepoRuntime(Runtime):
         shorten_prefill_inputs(self.adapter, state, kwargs, images, prefill.visual, trim_padding=True)
         if labels is not None:
             labels = compact(labels, sess.pre_index).masked_fill(~sess.pre_valid, IGNORE_INDEX)
-        state.session = Session()  # nothing to remap later: the LLM runs a plain, shorter prompt
-        return None, kwargs.get("position_ids"), kwargs.get("attention_mask"), cache, kwargs["inputs_embeds"], labels
+        embeds = kwargs["inputs_embeds"]
+        if state.schedule:
+            # the LLM sees the shortened prompt as its whole prefill: nothing maps back to the spliced one
+            sess.pre_index = None
+            sess.seq_len = sess.llm_len
+            self._llm_prefill = embeds
+        else:
+            state.session = Session()  # nothing to remap later: the LLM runs a plain, shorter prompt
+        return None, kwargs.get("position_ids"), kwargs.get("attention_mask"), cache, embeds, labels
 
     def _on_forward(self, state: PruneState, kwargs: dict[str, Any]):
-        if state.stage == PRE_LLM:  # pruned in prepare_inputs_labels_for_multimodal already
-            check_cache(cache_of(kwargs))
+        if state.stage != PRE_LLM:
+            return super()._on_forward(state, kwargs)
+        # pruned in prepare_inputs_labels_for_multimodal already
+        cache = cache_of(kwargs)
+        prepared, self._llm_prefill = self._llm_prefill, None
+        embeds = kwargs.get("inputs_embeds")
+        if (prepared is not None and embeds is not None and embeds.shape == prepared.shape
+                and embeds.data_ptr() == prepared.data_ptr()):
+            check_cache(cache)  # the prefill of the LLM stages (session re-based)
+            state.session.cache = cache
             return None
-        return super()._on_forward(state, kwargs)
+        if state.schedule and self._continues(state.session, cache, kwargs):
+            return super()._on_forward(state, kwargs)  # a decode step after those LLM stages (or a pass-through)
+        check_cache(cache)
+        if state.schedule:
+            state.session = Session()  # any other forward runs unpruned
+        return None
+

@@ -212,8 +212,8 @@ class FlowCutScorer(Scorer):
 
     Where it prunes (the paper's settings; the default layer follows the model, see `bind`):
 
-    - LLaVA-1.5: inside the vision tower only, straight to ``keep`` patches per image, handed to the
-      pre-LLM stage (``layer=None``).
+    - LLaVA-1.5 (transformers' and the original LLaVA codebase's): inside the vision tower only, straight
+      to ``keep`` patches per image, handed to the pre-LLM stage (``layer=None``).
     - LLaVA-NeXT: ``ceil(keep / 2)`` patches per crop in the tower, then ``keep`` per image at LLM layer 1.
     - Qwen2-VL / Qwen2.5-VL: ``2 * keep`` merged tokens per image in the tower (whole 2x2 merge groups),
       then ``keep`` at LLM layer 1. Qwen3-VL: the LLM stage runs at the first layer after its deepstack
@@ -247,7 +247,7 @@ class FlowCutScorer(Scorer):
 
     def bind(self, model: Any, adapter: Any) -> None:
         """LLaVA-1.5 prunes before the LLM (vision stage only); other models add the LLM stage at layer 1."""
-        self._default_layer = None if model.config.model_type == "llava" else 1
+        self._default_layer = None if model.config.model_type in ("llava", "llava_llama") else 1
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         if signals.stage == IN_LLM:

@@ -70,7 +70,8 @@ def tiny_llava_repo(
     """A tiny random ``llava.model.LlavaLlamaForCausalLM`` (LLaVA-1.5's geometry), its tokenizer and image processor.
 
     Args:
-        workdir: folder for the saved tiny CLIP tower (reused when already there).
+        workdir: folder for the saved tiny CLIP towers (one per ``vision_hidden`` x ``vision_layers``,
+            reused when already there).
         select_feature: ``mm_vision_select_feature``: ``"patch"`` (576 tokens per image, LLaVA-1.5) or
             ``"cls_patch"`` (577, CLS first).
         padding_side: ``tokenizer_padding_side`` of the config (where the repository re-pads a batch
@@ -82,7 +83,8 @@ def tiny_llava_repo(
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
     tok = tiny_repo_tokenizer()
-    clip = save_tiny_clip(Path(workdir) / "tiny-clip-vit", hidden=vision_hidden, layers=vision_layers)
+    clip = save_tiny_clip(Path(workdir) / f"tiny-clip-vit-{vision_hidden}x{vision_layers}", hidden=vision_hidden,
+                          layers=vision_layers)
     cfg = LlavaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=4096,
