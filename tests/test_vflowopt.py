@@ -3,14 +3,22 @@ pre-LLM one (staged masking on the shortened sequence the LLM sees)."""
 
 from __future__ import annotations
 
+import importlib
+import math
+
+import numpy as np
 import pytest
 import torch
-from conftest import batch, get_model
+from conftest import batch, get_model, qwen_batch, qwen_prompts
 from oracle import staged_masked_logits
+from PIL import Image
 
 import vtprune
+from vtprune.adapters.attention_rows import vit_context_relevance as context_relevance
+from vtprune.adapters.qwen import window_order
 from vtprune.config import ConfigError
-from vtprune.scorers.vflowopt import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, context_relevance, patch_entropy
+from vtprune.scorers.vflowopt import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, merged_token_entropy, patch_entropy
+from vtprune.toy.tiny_qwen import tiny_qwen
 from vtprune.tune import search_space
 
 
@@ -152,8 +160,10 @@ def test_tune_searches_the_release_space(llava):
 def test_refusals(llava):
     with pytest.raises(ConfigError, match="need at least 20 decoder layers"):
         vtprune.apply(llava, "vflowopt", keep=8, llm_layers=[9, 18])
-    with pytest.raises(ConfigError, match="LLaVA-family models only"):
-        vtprune.apply(get_model("qwen2_vl"), "vflowopt", keep=8, llm_layers=[1])
+    with pytest.raises(ConfigError, match="too early for Qwen3-VL"):  # its LLM stages come after deepstack
+        vtprune.apply(get_model("qwen3_vl"), "vflowopt", keep=8, llm_layers=[1])
+    with pytest.raises(ConfigError, match="pixel_mean and pixel_std together"):
+        vtprune.apply(llava, "vflowopt", keep=8, llm_layers=[], pixel_mean=[0.5, 0.5, 0.5])
 
 
 def test_small_budgets_recycle_the_cells_that_lose_the_most_importance(processor):
@@ -179,3 +189,117 @@ def test_small_budgets_recycle_the_cells_that_lose_the_most_importance(processor
         rank = int((st.kept[0] < slot).sum())
         expected = (w[:, None] * feats[members].float()).sum(0)
         torch.testing.assert_close(seen["inputs_embeds"][0][start + rank].float(), expected, atol=1e-5, rtol=1e-4)
+
+
+# ---- Qwen-VL ------------------------------------------------------------------------------------------
+def _eager_maps(kind, module):
+    """Patch the Qwen vision eager attention to record ``module``'s probabilities, one ``[H, n, n]`` per
+    segment; returns (records, restore)."""
+    mod = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    original = mod.eager_attention_forward
+    maps = []
+
+    def spy(self, query, key, value, attention_mask, **kwargs):
+        out, weights = original(self, query, key, value, attention_mask, **kwargs)
+        if self is module:
+            maps.append(weights[0].float())
+        return out, weights
+
+    mod.eager_attention_forward = spy
+    return maps, lambda: setattr(mod, "eager_attention_forward", original)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_global_tokens_are_those_receiving_more_than_t_times_the_mean(kind):
+    """Hand computation from the eager attention map of the default block (the last full-attention one):
+    per image, G = {patches whose received attention exceeds t x its mean}, c = mean of G's rows, then
+    the mean over each 2x2 merge group (Qwen2.5-VL: window order mapped back to raster)."""
+    model = tiny_qwen(kind, attn_implementation="eager")  # its own copy: sharpened below
+    inputs = qwen_batch(kind, "left_padded_2")
+    block = model.model.visual.blocks[-1].attn
+    with torch.no_grad():  # random tiny weights attend almost uniformly: sharpen q and k so G is a real subset
+        block.qkv.weight[: 2 * block.qkv.in_features] *= 8
+    maps, restore = _eager_maps(kind, block)
+    t = 1.2
+    vtprune.apply(model, "vflowopt", keep=1.0, llm_layers=[], t=t)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        imp = model._vtprune_state.scorer.last_importance
+    finally:
+        restore()
+        vtprune.remove(model)
+    assert len(maps) == 2  # one segment per image
+    vc = model.config.vision_config
+    for b, (a, grid) in enumerate(zip(maps, inputs["image_grid_thw"])):
+        a = a.mean(0)  # [n, n] head mean
+        received = a.mean(0)
+        glob = received > t * received.mean()
+        assert 0 < int(glob.sum()) < a.shape[0]  # a real subset: differs from the received attention
+        c = a[glob].mean(0).view(-1, 4).mean(1)  # per merged token (in the block's order)
+        if kind == "qwen2_5_vl":
+            order = window_order(grid[None], vc.spatial_merge_size, vc.window_size, vc.patch_size)
+            c = torch.empty_like(c).index_put_((order,), c)
+        torch.testing.assert_close(imp[b], c, atol=1e-7, rtol=1e-5)
+        plain = received.view(-1, 4).mean(1)  # what cls scores: all queries, not the global ones
+        assert float((c - (plain if kind == "qwen2_vl" else torch.empty_like(plain).index_put_((order,), plain)))
+                     .abs().max() / c.abs().max()) > 0.05
+
+
+def test_merged_token_entropy_on_constructed_patches():
+    """Qwen rows [patches, C * T * p * p], 4 rows per merged token: a flat token has entropy 0, a token
+    half one gray level and half another 1 bit, a token with 4 equally frequent levels 2 bits."""
+    p, temporal = 14, 2
+    levels = torch.zeros(3, 4, p * p)  # [tokens, 2x2 patches, pixels] gray levels
+    levels[0] = 90.0
+    levels[1, :2], levels[1, 2:] = 30.0, 200.0
+    for i in range(4):
+        levels[2, i] = 50.0 * i
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    # +0.5: the de-normalisation truncates to uint8, so sit mid-level; [C, T, p * p] per row, as the processor
+    rgb = ((levels.reshape(12, 1, 1, p * p) + 0.5) / 255).expand(12, 3, temporal, p * p)
+    e = merged_token_entropy(((rgb - mean) / std).reshape(12, -1), merge=2)
+    torch.testing.assert_close(e, torch.tensor([0.0, 1.0, 2.0]), atol=1e-5, rtol=0)
+
+
+def test_qwen_entropy_term_from_a_constructed_image():
+    """A 56 x 56 image is 2 x 2 merged tokens on Qwen2-VL: token 0 flat (0 bits), token 1 half black half
+    white (1 bit). alpha adds alpha * softmax(E) over the image's tokens, so the added terms of tokens 1
+    and 0 differ by a factor e^(1 - 0)."""
+    px = np.random.default_rng(0).integers(0, 256, (56, 56, 3)).astype("uint8")
+    px[:28, :28] = 128
+    px[:28, 28:42], px[:28, 42:56] = 0, 255
+    inputs = qwen_prompts("qwen2_vl", [([("i", Image.fromarray(px))], "What is it?")])
+    model = get_model("qwen2_vl")
+    out = {}
+    for alpha in (0.0, 0.5):
+        vtprune.apply(model, "vflowopt", keep=1.0, llm_layers=[], alpha=alpha)
+        with torch.no_grad():
+            model(**inputs)
+        out[alpha] = model._vtprune_state.scorer.last_importance[0]
+        vtprune.remove(model)
+    added = (out[0.5] - out[0.0]) / 0.5  # softmax(E) over the 4 tokens
+    assert added.shape == (4,) and float(added.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(added[1] / added[0]) == pytest.approx(math.e, rel=1e-4)
+    assert float(added[2]) > float(added[1])  # random pixels: far more than 1 bit
+
+
+def test_qwen_video_tokens_are_ranked_by_their_frames_context():
+    """A video is ranked per frame by the context relevance alone: in a prefill holding an image and then
+    a video, the video's importances are those of a prefill holding the video alone (the global tokens
+    are found per image or frame), and the image's are those of the image alone."""
+    model = get_model("qwen2_vl")
+    vtprune.apply(model, "vflowopt", keep=1.0, llm_layers=[])
+    try:
+        imp = {}
+        for case in ("mixed", "video", "single"):
+            with torch.no_grad():
+                model(**qwen_batch("qwen2_vl", case))
+            imp[case] = model._vtprune_state.scorer.last_importance[0]
+    finally:
+        vtprune.remove(model)
+    n_image = imp["single"].numel()
+    assert imp["mixed"].numel() == n_image + imp["video"].numel()
+    torch.testing.assert_close(imp["mixed"][:n_image], imp["single"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(imp["mixed"][n_image:], imp["video"], rtol=1e-4, atol=1e-6)

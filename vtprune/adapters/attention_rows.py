@@ -168,6 +168,37 @@ def vit_cls_attention(attn: nn.Module, hidden_in: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1).mean(dim=1)
 
 
+def vit_rotated_qk(attn: nn.Module, hidden_in: torch.Tensor,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The post-RoPE queries and keys ``[H, S, d]`` float32 of a Qwen-VL vision attention call (fused ``qkv``,
+    ``num_heads``); ``hidden_in`` ``[S, C]`` (after the block's norm), ``position_embeddings`` ``(cos, sin)``
+    each ``[S, head_dim]``."""
+    s = hidden_in.shape[0]
+    q, k, _ = attn.qkv(hidden_in).reshape(s, 3, attn.num_heads, -1).float().unbind(1)  # [S, H, d]
+    cos, sin = (x.float()[:, None, :] for x in position_embeddings)
+    q = (q * cos + _rotate_half(q) * sin).transpose(0, 1)  # [H, S, d]
+    k = (k * cos + _rotate_half(k) * sin).transpose(0, 1)
+    return q, k
+
+
+def _bounds(cu_seqlens: torch.Tensor | list[int]) -> list[int]:
+    return cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+
+
+def _column_sums(q: torch.Tensor, k: torch.Tensor, scaling: float, query_block: int,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n]``: the sum over heads and queries (each weighted by ``weights`` ``[n_q]`` when given) of
+    softmax(q . k^T * scaling) for one segment (``q`` ``[H, n_q, d]``, ``k`` ``[H, n, d]``), built
+    ``query_block`` query rows at a time."""
+    acc = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
+    for qa in range(0, q.shape[1], query_block):
+        probs = torch.softmax(torch.matmul(q[:, qa:qa + query_block], k.transpose(-1, -2)) * scaling, dim=-1)
+        if weights is not None:
+            probs = probs * weights[None, qa:qa + query_block, None]
+        acc += probs.sum(dim=(0, 1))
+    return acc
+
+
 @torch.no_grad()
 def vit_received_attention(
     attn: nn.Module,
@@ -192,17 +223,70 @@ def vit_received_attention(
         softmax(q . k^T * scaling)[:, j] (the column mean of the block's attention map).
     """
     s = hidden_in.shape[0]
-    q, k, _ = attn.qkv(hidden_in).reshape(s, 3, attn.num_heads, -1).float().unbind(1)  # [S, H, d]
-    cos, sin = (x.float()[:, None, :] for x in position_embeddings)
-    q = (q * cos + _rotate_half(q) * sin).transpose(0, 1)  # [H, S, d]
-    k = (k * cos + _rotate_half(k) * sin).transpose(0, 1)
+    q, k = vit_rotated_qk(attn, hidden_in, position_embeddings)
     out = torch.zeros(s, dtype=torch.float32, device=hidden_in.device)
-    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    bounds = _bounds(cu_seqlens)
     for a, b in zip(bounds[:-1], bounds[1:]):
-        ks = k[:, a:b]
-        acc = torch.zeros(b - a, dtype=torch.float32, device=hidden_in.device)
-        for qa in range(a, b, query_block):
-            logits = torch.matmul(q[:, qa:min(b, qa + query_block)], ks.transpose(-1, -2)) * attn.scaling
-            acc += torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+        acc = _column_sums(q[:, a:b], k[:, a:b], attn.scaling, query_block)
         out[a:b] = acc / (q.shape[0] * (b - a))
+    return out
+
+
+@torch.no_grad()
+def vit_global_context(
+    attn: nn.Module,
+    hidden_in: torch.Tensor,
+    cu_seqlens: torch.Tensor | list[int],
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    t: float,
+    query_block: int = 256,
+) -> torch.Tensor:
+    """VFlowOpt's context relevance in a Qwen-VL vision block: what the *global* tokens attend to.
+
+    Per segment (image or frame), with ``A`` the head-mean attention map: received ``r_j = mean_i A_ij``
+    (`vit_received_attention`); global queries ``G = {i : r_i > t mean(r)}``; ``c_j = mean_{i in G} A_ij``,
+    or ``r_j`` when no token qualifies. Two blockwise passes over the queries (the second weights each
+    query row by its membership of ``G``), so no full map is built and the device is never read.
+
+    Args: as `vit_received_attention`, plus ``t`` the global-token threshold.
+
+    Returns:
+        ``[S]`` float32 context relevance of each patch.
+    """
+    s = hidden_in.shape[0]
+    q, k = vit_rotated_qk(attn, hidden_in, position_embeddings)
+    heads = q.shape[0]
+    out = torch.zeros(s, dtype=torch.float32, device=hidden_in.device)
+    bounds = _bounds(cu_seqlens)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks = q[:, a:b], k[:, a:b]
+        received = _column_sums(qs, ks, attn.scaling, query_block) / (heads * (b - a))
+        glob = (received > t * received.mean()).float()  # [n]
+        count = glob.sum()
+        context = _column_sums(qs, ks, attn.scaling, query_block, weights=glob) / (heads * count.clamp(min=1))
+        out[a:b] = torch.where(count > 0, context, received)
+    return out
+
+
+@torch.no_grad()
+def vit_context_relevance(attn: nn.Module, hidden_in: torch.Tensor, t: float, block: int = 1) -> torch.Tensor:
+    """``[T, N]`` float32 VFlowOpt context relevance of a CLIP-style attention module's tokens, per tile.
+
+    A = head-mean attention of the tile (N x N, recomputed from q and k); received ``r_j = mean_i A_ij``;
+    global tokens ``G = {i : r_i > t mean(r)}`` (all tokens when none qualifies); ``c_j = mean_{i in G} A_ij``.
+    ``attn``: ``q_proj``, ``k_proj``, ``num_heads``, ``head_dim``, ``scale``; ``hidden_in`` ``[T, N, C]``.
+    """
+    tiles, n, _ = hidden_in.shape
+    out = torch.empty(tiles, n, dtype=torch.float32, device=hidden_in.device)
+    for a in range(0, tiles, block):
+        h = hidden_in[a:a + block]
+        b = h.shape[0]
+        q = attn.q_proj(h).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        k = attn.k_proj(h).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1)  # [b, N, N]
+        received = probs.mean(dim=1)  # [b, N]
+        for i in range(b):
+            g = received[i] > t * received[i].mean()
+            rows = probs[i][g] if bool(g.any()) else probs[i]
+            out[a + i] = rows.mean(dim=0)
     return out

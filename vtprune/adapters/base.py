@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vtprune.adapters.attention_rows import vit_cls_attention
+from vtprune.adapters.attention_rows import vit_cls_attention, vit_context_relevance
 from vtprune.config import ConfigError
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
@@ -308,12 +308,18 @@ class Adapter:
 
     def merge_features(self, images: Any) -> torch.Tensor:
         """``[tiles, patches + 1, C]`` the vision features entering the projector, CLS row kept (VisionZip
-        merges contextual tokens in this space; CLIP-family adapters)."""
+        merges contextual tokens in this space; CLIP-family adapters). Qwen-VL: ``[merged tokens, 1, 4 C]``
+        (the ``vision_features`` signal only)."""
         raise NotImplementedError
 
     def merge_projector(self) -> nn.Module:
         """The projector from `merge_features` space to LLM embeddings (CLIP-family adapters)."""
         raise NotImplementedError
+
+    def feature_projector(self) -> nn.Module:
+        """The per-token map from the ``vision_features`` signal to LLM embeddings (``[..., C] -> [..., D]``):
+        the CLIP-family projector (`merge_projector`); Qwen-VL: its merger's MLP."""
+        return self.merge_projector()
 
     def shortened_positions(self, sess: Session, original: dict[str, Any], kwargs: dict[str, Any],
                             dropped: torch.Tensor) -> None:
@@ -360,6 +366,13 @@ class Adapter:
     def finish_vision_scores(self, modality: str, summed: torch.Tensor, bound: dict[str, Any]) -> torch.Tensor:
         """Turn the summed rows of one encoder call into the recorded ``cls_attention``."""
         return summed
+
+    def vision_context_rows(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], t: float) -> torch.Tensor:
+        """VFlowOpt's context relevance at one vision attention call (what its global tokens, those receiving
+        more than ``t`` times the mean attention, attend to), rows laid out like the recorded
+        ``cls_attention``: CLIP ``[tiles, patches + 1]`` (`vit_context_relevance`)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return vit_context_relevance(module, hidden, t)
 
     def token_kinds(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         """``[B, N]`` long: 0 for text, ``i + 1`` for the ``i``-th id of `visual_token_ids`."""

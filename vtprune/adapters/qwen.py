@@ -17,6 +17,11 @@ its image or frame), recomputed from q and k blockwise, averaged over each 2x2 m
 from Qwen2.5-VL's window order back to raster order. Pre-LLM pruning therefore selects whole merge
 groups, never single patches.
 
+Vision features. The ``vision_features`` signal is each merged token's merger-MLP input (its 2x2 patches
+of the last block's output after the merger's norm, concatenated, raster order), recorded by a hook on
+the norm of the merger whose outputs enter the LLM; `feature_projector` is that merger's MLP, so the two
+reproduce the visual embeddings exactly.
+
 Qwen3-VL deepstack. Its first decoder layers add features from intermediate vision layers at the visual
 positions. In-LLM pruning must come after them: ``layer >= len(deepstack_visual_indexes)`` (the default
 layer moves there; an explicit smaller layer is refused). Pre-LLM pruning gathers the deepstack features
@@ -32,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtprune.adapters.attention_rows import vit_received_attention
+from vtprune.adapters.attention_rows import vit_global_context, vit_received_attention
 from vtprune.adapters.base import (
     Adapter,
     ImageTokens,
@@ -43,9 +48,11 @@ from vtprune.adapters.base import (
 )
 from vtprune.kernels import compact
 from vtprune.layout import VisualLayout
+from vtprune.signals import VISION_FEATURES
 from vtprune.state import PruneState, Session, VisionRecord
 
 IMAGE, VIDEO = 1, 2  # token kinds (index + 1 into visual_token_ids)
+MERGER_INPUT = "qwen_merger_input"  # VisionRecord.extras: [merged tokens, 4 C] the merger MLP's input
 
 
 @dataclass
@@ -229,16 +236,28 @@ class _QwenFamily(Adapter):
         return torch.cat(parts)
 
     # ---- vision-side scores: attention received in full-attention blocks -------------------------
-    def vision_score_row(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def _segments(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | list[int]:
+        """The full-attention segments (images or frames) of a vision attention call, as patch bounds."""
         grid = self.encoding_geometry
         if grid is not None:  # the full-attention segments (frames) from the host grid: no device read
             bounds = [0]
             for t, h, w in grid.tolist():
                 bounds += [bounds[-1] + (f + 1) * h * w for f in range(t)]
-        else:
-            bounds = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        return vit_received_attention(module, hidden, bounds, kwargs["position_embeddings"])
+            return bounds
+        return kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+
+    def vision_score_row(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return vit_received_attention(module, hidden, self._segments(args, kwargs), kwargs["position_embeddings"])
+
+    def vision_context_rows(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], t: float) -> torch.Tensor:
+        """``[merged tokens, 1]`` (raster order, like ``cls_attention``): the per-patch context relevance of a
+        full-attention block (`vit_global_context`: global tokens per image or frame), averaged over each 2x2
+        merge group."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        patches = vit_global_context(module, hidden, self._segments(args, kwargs), kwargs["position_embeddings"], t)
+        groups = patches.view(-1, self._merge() ** 2).mean(dim=1)
+        return self._to_raster(groups, self.encoding_geometry)[:, None]
 
     def finish_vision_scores(self, modality: str, summed: torch.Tensor, bound: dict[str, Any]) -> torch.Tensor:
         groups = summed.view(-1, self._merge() ** 2).mean(dim=1)  # one score per merged token
@@ -247,6 +266,52 @@ class _QwenFamily(Adapter):
 
     def _to_raster(self, groups: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         return groups
+
+    # ---- the merger: the projector of the vision_features signal ---------------------------------
+    def _merger_parts(self) -> tuple[nn.Module, nn.Module]:
+        """``(norm, mlp)`` of the merger whose outputs enter the LLM (not Qwen3-VL's deepstack mergers): the
+        merger computes ``mlp(norm(x).view(-1, 4 C))`` from the last block's output ``x`` ``[patches, C]``."""
+        merger = self.core().visual.merger
+        if hasattr(merger, "mlp"):  # Qwen2-VL, Qwen2.5-VL: ln_q, then mlp
+            return merger.ln_q, merger.mlp
+        if getattr(merger, "use_postshuffle_norm", False):  # Qwen3-VL's main merger norms each patch first
+            raise UnsupportedModelError("the merger normalises the concatenated patches; vtprune expects one norm per patch")
+        return merger.norm, nn.Sequential(merger.linear_fc1, merger.act_fn, merger.linear_fc2)
+
+    def feature_projector(self) -> nn.Module:
+        """The merger's MLP (shared parameters): ``[..., 4 C] -> [..., D]``, row-wise."""
+        return self._merger_parts()[1]
+
+    def merge_features(self, images: QwenInputs) -> torch.Tensor:
+        """``[merged tokens, 1, 4 C]``: each merged token's merger-MLP input (its 2x2 patches of the last
+        block's output, each after the merger's norm, concatenated), raster order, the images then the
+        videos of the call (the rows of `vision_scores`). Recorded while encoding (`extra_hooks`)."""
+        parts = []
+        for rec, name in ((images.record, "image"), (images.video_record, "video")):
+            if rec is None:
+                continue
+            feats = rec.extras.get(MERGER_INPUT)
+            if feats is None:
+                raise RuntimeError(f"the merger input was not recorded while the {name}s were encoded")
+            parts.append(self._to_raster(feats, rec.geometry))
+        return torch.cat(parts)[:, None]
+
+    def _merger_input_hook(self, state: PruneState):
+        width = self._merge() ** 2
+
+        def hook(module, args, output):
+            extras = state.vision_extras
+            if state.enabled and extras is not None:
+                extras[MERGER_INPUT] = output.reshape(-1, width * output.shape[-1])  # the merger's own view
+            return None
+
+        return hook
+
+    def extra_hooks(self, state: PruneState, features: bool = False) -> list:
+        # ``features`` (VisionZip) merges the merger *outputs* on Qwen-VL: only vision_features needs the input
+        if not state.scorer.needs_signal(VISION_FEATURES):
+            return []
+        return [self._merger_parts()[0].register_forward_hook(self._merger_input_hook(state))]
 
     # ---- positions ------------------------------------------------------------------------------
     def _full_positions(self, original: dict[str, Any]) -> torch.Tensor:
@@ -380,6 +445,8 @@ class Qwen3VLAdapter(_QwenFamily):
         sess.deepstack = (short_visual, embeds)
 
     def extra_hooks(self, state: PruneState, features: bool = False) -> list:
+        handles = super().extra_hooks(state, features)
+
         def hook(module, args, kwargs):
             sess = state.session
             pending = sess.deepstack
@@ -389,4 +456,4 @@ class Qwen3VLAdapter(_QwenFamily):
             sess.deepstack = None
             return args, kwargs
 
-        return [self.core().language_model.register_forward_pre_hook(hook, with_kwargs=True)]
+        return [*handles, self.core().language_model.register_forward_pre_hook(hook, with_kwargs=True)]

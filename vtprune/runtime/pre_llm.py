@@ -62,8 +62,9 @@ def shorten_prefill_inputs(
 
     with state.timer.part("score"):  # signals, scores and selection
         budget = state.pre_keep if state.pre_keep is not None else state.config.keep
-        record = images.record if images.record is not None else state.vision_record
-        signals = Signals(layout=lay, stage=PRE_LLM, keep=budget, extras=sess.extras, vision_record=record)
+        record = images.record  # set by ensure_encoded where the call holds images; never an earlier call's
+        signals = Signals(layout=lay, stage=PRE_LLM, keep=budget, extras=sess.extras, vision_record=record,
+                          video_record=getattr(images, "video_record", None))
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
             # one gather; per-sample views only if a scorer asks
             signals.padded_scores[VISION_CLS_ATTENTION] = cls_scores_padded(adapter.vision_scores(images), lay)

@@ -46,7 +46,12 @@ class ZOOScorer(Scorer):
     the unperturbed projector outputs. The projector runs in a float32 copy (fp16 would swallow ``h``).
 
     Options: ``directions`` (m, 64), ``h`` (0.01), ``seed`` (0), ``chunk`` (token-direction pairs per pass).
-    LLaVA-family models (LLaVA-1.5, NeXT, the LLaVA repository); pre-LLM only. Query-free, no attention.
+    LLaVA-family models (LLaVA-1.5, NeXT, the LLaVA repository: the multimodal projector, its input the
+    feature layer) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the projector is the MLP of the merger whose
+    outputs enter the LLM (Qwen3-VL's deepstack mergers are not perturbed), its input per merged token the
+    4 patches of the last vision block's output after the merger's norm, concatenated (``[4 C]``; the norm
+    acts per patch, so it stays outside the perturbed map, as the feature layer's own norm does on LLaVA).
+    Pre-LLM only. Query-free, no attention.
     Cost: ``2 m`` projector passes per visual token (chunked). Written from the paper's description (the
     official repository holds only a README): bank sharing and min-max normalisation as described there.
     """
@@ -75,12 +80,14 @@ class ZOOScorer(Scorer):
         return {"h": (Param("log", 1e-4, 1.0), self.h)}
 
     def bind(self, model: Any, adapter: Any) -> None:
+        # `feature_projector` (Adapter); an adapter-like object without it offers its merge_projector
+        projector_of = getattr(adapter, "feature_projector", None) or adapter.merge_projector
         try:
-            projector = adapter.merge_projector()
+            projector = projector_of()
         except NotImplementedError:
             raise ConfigError(
-                f"zoo perturbs the projector input, which vtprune reaches on LLaVA-family models only "
-                f"({type(model).__name__} is not one); use divprune or cls there"
+                f"zoo perturbs the projector input, which vtprune does not reach on {type(model).__name__} "
+                "(LLaVA-family and Qwen-VL models only); use divprune or cls there"
             ) from None
         self._projector = copy.deepcopy(projector).float().eval()
         for p in self._projector.parameters():
