@@ -276,8 +276,9 @@ def test_sink_errors_name_the_fix():
         assert vtprune.stats(model).layer == 2 and vtprune.stats(model).visual_after == [8]
     finally:
         vtprune.remove(model)
-    with pytest.raises(ConfigError, match="vtprune calibrate"):
-        vtprune.apply(model, method="sink+fastv", keep=8)  # hidden size 64: no published dims
+    vtprune.apply(model, method="sink+fastv", keep=8)  # hidden size 64: no published dims -> found on the fly
+    assert "on the fly" in model._vtprune_state.scorer.dims_source
+    vtprune.remove(model)
     with pytest.raises(ConfigError, match="out of range"):
         vtprune.apply(model, method="sink+fastv", keep=8, dims=[64])
     with pytest.raises(ConfigError, match="mode"):
@@ -445,6 +446,44 @@ def test_calibrate_finds_planted_sink_dims(tmp_path, processor):
     sink.bind(model, adapter_for(model))
     assert sink._dims == [3, 17] and "planted.json" in sink.dims_source
     assert not hasattr(model, "_vtprune_state")
+
+
+def test_sink_dims_on_the_fly_from_the_first_token(processor):
+    """No dims, no calibration file: the sink dimensions are the first token's massive activations in the
+    prefill itself (VAR's definition), per sample; visual tokens massive there rank last."""
+    model = get_model("llava")
+    inputs = batch(processor, [1, 1])
+    ids = inputs["input_ids"]
+    token = model.config.image_token_id
+    first = inputs["attention_mask"].int().argmax(1)  # left padding: each row's first real token
+
+    def hook(module, args, kwargs, output):  # sample 0: dims 3 and 17 massive on its first token; sample 1: 5
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        if h.shape[1] != ids.shape[1]:
+            return None  # decode steps
+        vis0 = torch.nonzero(ids[0] == token).flatten()
+        vis1 = torch.nonzero(ids[1] == token).flatten()
+        h[0, first[0], 3] += 40.0
+        h[0, first[0], 17] += 40.0
+        h[0, vis0[[10, 50]], 17] += 40.0
+        h[0, vis0[70], 5] += 40.0  # massive, but not in sample 0's sink dims
+        h[1, first[1], 5] += 40.0
+        h[1, vis1[[7]], 5] += 40.0
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = model.model.language_model.layers[0].register_forward_hook(hook, with_kwargs=True)
+    try:
+        vtprune.apply(model, method="sink+fastv", keep=8, layer=1, tau=4.0)
+        sink = model._vtprune_state.scorer
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+    finally:
+        handle.remove()
+        vtprune.remove(model)
+    assert [d.tolist() for d in sink.last_dims] == [[3, 17], [5]]
+    assert [s.tolist() for s in sink.last_sinks] == [[10, 50], [7]]
+    assert not set(st.kept[0].tolist()) & {10, 50} and 7 not in st.kept[1].tolist()
 
 
 def test_calibrate_bad_inputs(tmp_path, capsys):

@@ -20,7 +20,9 @@ HIDDEN_STATES = "hidden_states"
 PIXEL_VALUES = "pixel_values"
 VISION_FEATURES = "vision_features"
 INSTRUCTION = "instruction"
-SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES, VISION_FEATURES, INSTRUCTION)
+FIRST_TOKEN_STATE = "first_token_state"
+SIGNALS = (VISION_CLS_ATTENTION, LLM_ATTENTION, HIDDEN_STATES, PIXEL_VALUES, VISION_FEATURES, INSTRUCTION,
+           FIRST_TOKEN_STATE)
 
 PRE_LLM = "pre-llm"
 IN_LLM = "llm"
@@ -44,11 +46,15 @@ class Signals:
     - ``pixel_values``: the pixel input of the call's image encoding, as the processor gave it (all
       images of the call; LLaVA: ``[images or tiles, 3, H, W]``, Qwen-VL: flattened patches).
     - ``vision_features``: pre-LLM, per sample ``[n_b, C]`` float, each visual token's vision feature as
-      it enters the projector (the encoder's feature layer; LLaVA-family models only), so that
-      ``projector(vision_features)`` gives the token's embedding.
+      it enters the projector (LLaVA family: the encoder's feature layer; Qwen-VL: the merger MLP's input,
+      its 2x2 patches after the merger's norm, ``C = 4 x`` the tower width), so that
+      ``Adapter.feature_projector()(vision_features)`` gives the token's embedding.
     - ``instruction`` (pre-LLM): per sample the real text tokens after the sample's last visual token:
       ``instruction_embeds`` ``[T_b, D]`` (LLM input embeddings) and ``instruction_ids`` ``[T_b]`` (None
       where the model was given embeddings only, as in the LLaVA repository).
+    - ``first_token_state`` (in-LLM): ``[B, D]``, the pruning layer's output at each sample's first real
+      token (the BOS / first prompt token, after left padding), the row where massive activations show
+      the LLM's sink dimensions (VAR).
     - ``padded_scores``: the batched form of the score-like signals the runtime computed as one tensor
       (``{name: [B, N_max] float32}``, ``-inf`` on padding slots, see `VisualLayout.padded`):
       ``llm_attention`` and ``vision_cls_attention``; the per-sample lists above are views of it. Read
@@ -57,8 +63,9 @@ class Signals:
     - ``extras``: method-specific values that a method's own adapter-side stage computed for this prefill
       (``Session.extras``; FlowCut's LLM-stage scores), empty for other methods.
     - ``vision_record``: the encoder run of this prefill's images (a `VisionRecord`, its per-tile tensors
-      expanded to generate()'s beams / return sequences), where the images were encoded before the call;
-      None otherwise (read ``PruneState.vision_record``).
+      expanded to generate()'s beams / return sequences); None where the prefill holds no image (in-LLM
+      stages: read ``PruneState.vision_record``).
+    - ``video_record``: the same for the prefill's videos (Qwen-VL); None where it holds none.
     """
 
     layout: VisualLayout
@@ -72,9 +79,11 @@ class Signals:
     vision_features: list[torch.Tensor] | None = None
     instruction_embeds: list[torch.Tensor] | None = None
     instruction_ids: list[torch.Tensor] | None = None
+    first_token_state: torch.Tensor | None = None
     stage_index: int = 0
     extras: dict = field(default_factory=dict)
     vision_record: Any = None
+    video_record: Any = None
     padded_scores: dict = field(default_factory=dict)
 
     def padded(self, name: str) -> torch.Tensor:

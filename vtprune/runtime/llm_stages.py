@@ -33,7 +33,14 @@ from vtprune.plan import in_llm_plan
 from vtprune.runtime.cache import is_block_mask
 from vtprune.runtime.continuation import replayed_selection
 from vtprune.runtime.stages import CONTEXTUAL, contextual_among, stage_for
-from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, LLM_ATTENTION, PIXEL_VALUES, Signals
+from vtprune.scorers.base import (
+    FIRST_TOKEN_STATE,
+    HIDDEN_STATES,
+    IN_LLM,
+    LLM_ATTENTION,
+    PIXEL_VALUES,
+    Signals,
+)
 from vtprune.scorers.select import Selection, select
 from vtprune.signals import gather_padded, per_sample
 from vtprune.state import PruneState, PruneStats, Session, cache_length
@@ -450,6 +457,10 @@ class LLMStageHooks:
             signals.padded_scores[LLM_ATTENTION] = gather_padded(sess.llm_attention, lay)
         if self.state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [hidden[b, p] for b, p in enumerate(lay.positions)]
+        if self.state.scorer.needs_signal(FIRST_TOKEN_STATE):
+            valid = self._current(sess)[2].to(hidden.device)  # [B, N_cur]; argmax: each row's first real token
+            signals.first_token_state = hidden[torch.arange(hidden.shape[0], device=hidden.device),
+                                               valid.int().argmax(1)]
         if self.state.scorer.needs_signal(PIXEL_VALUES) and self.state.vision_record is not None:
             signals.pixel_values = self.state.vision_record.pixel_values
         self.method.llm_signals(signals, self, hidden, layer)  # staged methods' own (TransPrune's, SparseVLM's)

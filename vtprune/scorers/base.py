@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from vtprune.signals import (  # noqa: F401  (the signal vocabulary, re-exported for scorers)
+    FIRST_TOKEN_STATE,
     HIDDEN_STATES,
     IN_LLM,
     INSTRUCTION,

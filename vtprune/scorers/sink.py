@@ -16,7 +16,7 @@ import torch
 from vtprune.calibration import CalibrationError, find_calibration, load_calibration, text_hidden_size
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
-from vtprune.scorers.base import HIDDEN_STATES, IN_LLM, Scorer, Signals, register
+from vtprune.scorers.base import FIRST_TOKEN_STATE, HIDDEN_STATES, IN_LLM, Scorer, Signals, register
 from vtprune.scorers.compose import Wrapper, method_string
 
 # (text model_type, hidden size, intermediate size) -> D_sink, from the VAR paper's code (constants.py)
@@ -94,8 +94,10 @@ class Sink(Wrapper):
 
     D_sink, resolved by `bind` in this order: ``dims=[...]``; the file given as ``calibration=PATH``;
     the published dims of LLaMA-2/Vicuna-7B ``{1415, 2533}`` and 13B ``{2100, 4743}``; the model's
-    calibration file (see `vtprune.calibration`); otherwise a `ConfigError` that says to run
-    ``vtprune calibrate``.
+    calibration file (see `vtprune.calibration`); otherwise found on the fly in every prefill, as VAR
+    finds them (massive activations of the first token): per sample the dimensions where the first real
+    token's residual stream at the pruning layer has ``phi > tau`` (`first_token_sink_dims`; none found:
+    no token is a sink). ``dims_source`` says which applied.
 
     Options:
         tau: sink threshold on ``phi`` (default 20, the paper's). ``phi <= sqrt(D)``, so tiny test models
@@ -105,7 +107,8 @@ class Sink(Wrapper):
         calibration: path of a calibration file to read ``sink.dims`` from.
 
     After each scoring call ``last_sinks`` holds per sample a sorted ``[s_b]`` LongTensor of the visual
-    tokens (indices into that sample's visual tokens, as in `PruneStats.kept`) detected as sinks.
+    tokens (indices into that sample's visual tokens, as in `PruneStats.kept`) detected as sinks, and
+    ``last_dims`` per sample the ``[s_d]`` sink dimensions used (the on-the-fly ones, or the fixed ones).
     """
 
     name = "sink"
@@ -116,6 +119,7 @@ class Sink(Wrapper):
     allowed_stages = (IN_LLM,)
 
     last_sinks = PerThread(factory=list)  # a per-call debugging record: each thread sees its own
+    last_dims = PerThread(factory=list)
 
     @property
     def default_layer(self) -> int:  # type: ignore[override]
@@ -169,12 +173,9 @@ class Sink(Wrapper):
             path = find_calibration(model)
             if path is not None:
                 dims, source = self._dims_from_file(load_calibration(path, model), path)
-        if dims is None:
-            raise ConfigError(
-                f"sink: no sink dimensions are known for this model ({model.config.model_type}, hidden size "
-                f"{hidden}); run `vtprune calibrate --model <model> --images DIR` to find them, or pass "
-                "dims=[...] (or calibration=PATH)"
-            )
+        if dims is None:  # neither given, published nor calibrated: VAR's rule on every prefill
+            self._dims, self.dims_source = None, "on the fly (the first token's massive activations, each prefill)"
+            return
         bad = [d for d in dims if d >= hidden]
         if bad:
             raise ConfigError(f"sink: dims {bad} are out of range for hidden size {hidden} (from {source})")
@@ -191,19 +192,38 @@ class Sink(Wrapper):
             )
         return [int(d) for d in dims], f"calibration file {path}"
 
-    def detect(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[n, D]`` residual-stream rows -> ``[n]`` bool, True on sinks."""
-        if self._dims is None:
-            raise RuntimeError("sink: dims are unknown; call bind(model, adapter) or pass dims=[...]")
-        dims = torch.tensor(self._dims, device=hidden.device)
-        return massive_activation(hidden).index_select(-1, dims).amax(-1) > self.tau
+    def needs_signal(self, name: str) -> bool:
+        # the first token's state only where the dims are found on the fly
+        return (name == FIRST_TOKEN_STATE and self.dims_source is not None and self._dims is None) \
+            or super().needs_signal(name)
+
+    def detect(self, hidden: torch.Tensor, dims: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n, D]`` residual-stream rows -> ``[n]`` bool, True on sinks: ``phi > tau`` in a sink dimension.
+
+        ``dims``: ``[D]`` bool, the sink dimensions (default: the resolved ``dims``)."""
+        if dims is None:
+            if self._dims is None:
+                raise RuntimeError("sink: dims are unknown; call bind(model, adapter) or pass dims=[...]")
+            index = torch.tensor(self._dims, device=hidden.device)
+            return massive_activation(hidden).index_select(-1, index).amax(-1) > self.tau
+        return ((massive_activation(hidden) > self.tau) & dims.to(hidden.device)).any(-1)
 
     def transform(self, scores: list[torch.Tensor], signals: Signals) -> list[torch.Tensor]:
         hidden = signals.require(HIDDEN_STATES)
-        out, found = [], []
-        for s, h in zip(scores, hidden):
-            sinks = self.detect(h).to(s.device)
+        first = signals.require(FIRST_TOKEN_STATE) if self._dims is None else None  # [B, D]
+        out, found, used = [], [], []
+        for b, (s, h) in enumerate(zip(scores, hidden)):
+            dims = first_token_sink_dims(first[b], self.tau) if first is not None else None
+            sinks = self.detect(h, dims).to(s.device)
             found.append(torch.nonzero(sinks).flatten().cpu())
+            used.append(torch.nonzero(dims).flatten() if dims is not None else torch.tensor(self._dims))
             out.append(rank_last(s, sinks, first=self.mode == "keep"))
         self.last_sinks = found
+        self.last_dims = used
         return out
+
+
+def first_token_sink_dims(first: torch.Tensor, tau: float) -> torch.Tensor:
+    """``[D]`` first-token residual stream -> ``[D]`` bool: the dimensions of its massive activations
+    (``phi > tau``), VAR's definition of the sink dimensions, found from the prefill itself."""
+    return massive_activation(first) > tau
