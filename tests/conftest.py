@@ -69,6 +69,17 @@ def register_tiny_clip(folder, name: str) -> str:
     return name
 
 
+EXITS = {"dyvte"}  # visual-token exits: every visual token leaves at the exit (0 kept); they refuse token counts
+
+
+def budget_for(method: str, keep):
+    """The budget a test that sweeps presets gives ``method``: an exit (`EXITS`) takes no token count, so a
+    count covering every image (>= 10 000, a keep-all test) becomes 1.0 and any other count 0.5 ("exit")."""
+    if method.split("+")[-1] in EXITS and isinstance(keep, int) and not isinstance(keep, bool):
+        return 1.0 if keep >= 10_000 else 0.5
+    return keep
+
+
 def make_image(h: int, w: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QWEN_IMAGE, batch, get_model, get_qwen_processor, make_image, prompts
+from conftest import QWEN_IMAGE, batch, budget_for, get_model, get_qwen_processor, make_image, prompts
 from test_presets import LLAVA_FAMILY_ONLY, method_strings, options_for, setup_of
 
 import vtprune
@@ -85,7 +85,7 @@ def test_text_only_sample_beside_an_image_sample(kind, side):
         name = method + "".join(f" {k}={v}" for k, v in extra.items())
         try:
             _, layer = setup_of(method, model)
-            vtprune.apply(model, method=method, keep=KEEP, layer=layer, **{**options_for(method, model), **extra})
+            vtprune.apply(model, method=method, keep=budget_for(method, KEEP), layer=layer, **{**options_for(method, model), **extra})
             logits, mask = _run(model, both)
             st = vtprune.stats(model)
             ref_image, ref_mask = _run(model, alone)

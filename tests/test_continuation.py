@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model, qwen_batch
+from conftest import batch, budget_for, get_model, qwen_batch
 from test_presets import method_strings, options_for, setup_of
 
 import vtprune
@@ -17,7 +17,8 @@ KEEP = 12
 def _apply(model, method: str, **extra) -> None:
     stage, layer = setup_of(method, model)
     options = {**options_for(method, model), **extra}
-    vtprune.apply(model, method=method, keep=KEEP, layer=layer if stage == "llm" else None, **options)
+    vtprune.apply(model, method=method, keep=budget_for(method, KEEP), layer=layer if stage == "llm" else None,
+                  **options)
 
 
 def _kept(model) -> list[list[int]]:

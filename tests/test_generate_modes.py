@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model, qwen_batch
+from conftest import batch, budget_for, get_model, qwen_batch
 from test_presets import LLAVA_FAMILY_ONLY, method_strings, options_for, setup_of
 from transformers.generation.streamers import BaseStreamer
 
@@ -62,7 +62,7 @@ def _inputs(kind: str):
 
 def _apply(model, method: str, keep=KEEP) -> None:
     stage, layer = setup_of(method, model)
-    vtprune.apply(model, method=method, keep=keep, layer=layer if stage == "llm" else None,
+    vtprune.apply(model, method=method, keep=budget_for(method, keep), layer=layer if stage == "llm" else None,
                   **options_for(method, model), **EXTRA.get(method, {}))
 
 
@@ -119,7 +119,8 @@ def _unpatched(kind: str) -> dict:
 
 
 def _check_stats_describe(st, inputs, model, rows: int = 1) -> None:
-    """``st`` describes the prompt (each row repeated ``rows`` times), not a decode step."""
+    """``st`` describes the prompt (each row repeated ``rows`` times), not a decode step; a row that
+    exited (``dyvte``) keeps no visual token and names its exit layer."""
     mask, ids = inputs["attention_mask"], inputs["input_ids"]
     placeholders = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
     visual = torch.isin(ids, torch.tensor([t for t in placeholders if t is not None])).sum(1)
@@ -127,7 +128,8 @@ def _check_stats_describe(st, inputs, model, rows: int = 1) -> None:
     assert st.seq_len_before == expand
     assert st.visual_before == [int(n) for n in visual for _ in range(rows)]
     assert st.visual_after == [int(k.numel()) for k in st.kept]
-    assert all(0 < a < b for a, b in zip(st.visual_after, st.visual_before))
+    for a, b, exit_layer in zip(st.visual_after, st.visual_before, st.exit_layers):
+        assert (a == 0) == (exit_layer is not None) and a < b
 
 
 def _kept(st) -> list[list[int]]:

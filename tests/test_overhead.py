@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model, qwen_batch
+from conftest import batch, budget_for, get_model, qwen_batch
 from test_presets import OPTIONS, method_strings
 
 import vtprune
@@ -28,7 +28,7 @@ def _inputs(kind: str, n: int):
 
 def _counts(model, kind: str, method: str, n: int, **opts):
     vtprune.remove(model)
-    vtprune.apply(model, method=method, keep=8, **opts)
+    vtprune.apply(model, method=method, keep=budget_for(method, 8), **opts)
     try:
         return count_prefill_decode(model, _inputs(kind, n), decode_steps=2)
     finally:

@@ -10,36 +10,37 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model, qwen_batch
+from conftest import EXITS, batch, budget_for, get_model, qwen_batch
 from oracle import dropped_positions, lm_on_kept, masked_logits, staged_masked_logits
 
 import vtprune
 from vtprune.adapters import adapter_for
-from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer, registry
+from vtprune.scorers import IN_LLM, PRE_LLM, build_scorer
+from vtprune.support import preset_strings
 
 MODELS = ["llava", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 OPTIONS = {"ensemble": {"members": ["random", "uniform"]},
            "transprune": {"layers": [0, 1, 2], "ratios": [0.5, 0.25]},  # the tiny models have 4 layers
            "sparsevlm": {"layers": [0, 1, 2], "ratios": [0.5, 0.25], "recycle": False},  # recycling: its own file
-           "vflowopt": {"llm_layers": [1, 2], "cell": 8},
+           "vflowopt": {"llm_layers": [2], "cell": 8},  # Qwen3-VL's tiny deepstack allows layer 2 only
            "sink": {"dims": [3, 17], "tau": 4.0}}  # tiny models: phi <= sqrt(64) = 8, so tau 20 is out of reach
-RECYCLING = {"visionzip", "vflowopt"}  # presets that write merged features into kept slots
+RECYCLING = {"visionzip", "vflowopt", "prumerge", "prumerge+"}  # presets that write merged features into kept slots
 OWN_REFERENCE = {"flowcut"}  # presets that hide tokens inside the vision tower: their own test file checks
 # them against references that drop those tokens (tests/test_flowcut.py)
-LLAVA_FAMILY_ONLY = {"zoo", "vflowopt"}  # perturbs the CLIP-side projector input: refused on Qwen-VL with a ConfigError
-STAGED = {"transprune", "sparsevlm"}  # prune at the layers of their options, in several stages
+LLAVA_FAMILY_ONLY: set[str] = set()  # presets refused on Qwen-VL with a ConfigError (none since zoo, vflowopt)
+STAGED = {"transprune", "sparsevlm", "pyramiddrop"}  # prune at the layers of their options, in several stages
 KEEP = 12
 LLM_LAYER = 2
 
 
+def host_name(method: str) -> str:
+    """The host of a method string; a host name may itself end with '+' (``prumerge+``)."""
+    parts = method.split("+")
+    return parts[-2] + "+" if parts[-1] == "" else parts[-1]
+
+
 def method_strings() -> list[str]:
-    out = []
-    for name, cls in sorted(registry().items()):
-        if getattr(cls, "is_wrapper", False):
-            out.append(name if getattr(cls, "default_host", None) else f"{name}+fastv")
-        else:
-            out.append(name)
-    return out
+    return preset_strings()
 
 
 def setup_of(method: str, model) -> tuple[str, int | None]:
@@ -84,16 +85,19 @@ def test_preset_keep_all_and_exactness(kind, method, processor, next_processor):
         ref = model(**inputs).logits
         _apply(model, method, 1.0, layer)
         same = model(**inputs).logits
-        _apply(model, method, KEEP, layer)
+        _apply(model, method, budget_for(method, KEEP), layer)  # an exit refuses a token count
         pruned = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     st = vtprune.stats(model)
     vtprune.remove(model)
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=0)
     assert st.stage == stage and tokens.shape[0] == inputs["input_ids"].shape[0]
-    assert all(0 < a <= b for a, b in zip(st.visual_after, st.visual_before))
-    assert any(a < b for a, b in zip(st.visual_after, st.visual_before))
-    if method.split("+")[-1] in OWN_REFERENCE:
+    if method in EXITS:
+        assert st.visual_after == [0] * len(st.visual_before) and None not in st.exit_layers
+    else:
+        assert all(0 < a <= b for a, b in zip(st.visual_after, st.visual_before))
+        assert any(a < b for a, b in zip(st.visual_after, st.visual_before))
+    if host_name(method) in OWN_REFERENCE:
         return
     if stage == IN_LLM and st.stages:
         stages = [(s["layer"], dropped_positions(model, inputs["input_ids"], _as_stats(st, s))) for s in st.stages]
@@ -106,7 +110,7 @@ def test_preset_keep_all_and_exactness(kind, method, processor, next_processor):
         expected = masked_logits(model, inputs, st.layer, dropped)
         check = inputs["attention_mask"].bool() & ~dropped
         torch.testing.assert_close(pruned[check], expected[check], atol=2e-5, rtol=1e-4)
-    elif method.split("+")[-1] not in RECYCLING:
+    elif host_name(method) not in RECYCLING:
         expected, valid = lm_on_kept(model, inputs, st)
         assert pruned.shape[1] == expected.shape[1]
         torch.testing.assert_close(pruned[valid], expected[valid], atol=2e-5, rtol=1e-4)

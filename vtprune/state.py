@@ -81,6 +81,18 @@ class PruneStats:
     stages: list[dict] | None = None
 
     @property
+    def exit_layers(self) -> list[int | None]:
+        """Per sample the decoder layer after which it had no visual token left (a visual-token exit,
+        ``dyvte``), None where some remain or where it had none to begin with."""
+        stages = self.stages or ([{"layer": self.layer, "visual_after": self.visual_after}] if self.stage != "pre-llm"
+                                 else [])
+        out: list[int | None] = []
+        for b, before in enumerate(self.visual_before):
+            gone = [s["layer"] for s in stages if s["layer"] is not None and s["visual_after"][b] == 0]
+            out.append(gone[0] if before and gone else None)
+        return out
+
+    @property
     def keep_ratio(self) -> float:
         before = sum(self.visual_before)
         return sum(self.visual_after) / before if before else 1.0

@@ -7,7 +7,7 @@
 - `cache`: which KV caches fit; `llava_repo`: the original LLaVA codebase's runtime.
 """
 
-from vtprune.runtime import flowcut, llava_repo, visionzip  # noqa: F401  (registration)
+from vtprune.runtime import flowcut, llava_repo, prumerge, visionzip  # noqa: F401  (registration)
 from vtprune.runtime.cache import check_cache
 from vtprune.runtime.hooks import Runtime, install, register_runtime
 from vtprune.runtime.stages import MethodStage, register_stage, stage_for

@@ -111,7 +111,7 @@ def _recorded(rec: VisionRecord, what: str) -> Any:
     value = rec.extras.get(what)
     if value is None:
         raise RuntimeError(
-            "visionzip: no vision keys were recorded for these images. The images must be encoded by this "
+            "no vision keys were recorded for these images. The images must be encoded by this "
             "patched model (pass pixel inputs, or let generate() encode them)"
         )
     return value

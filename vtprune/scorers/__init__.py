@@ -5,15 +5,20 @@ from vtprune.scorers import (  # noqa: F401  (registration)
     cdpruner,
     cls,
     compose,
+    dart,
     debias,
     diversity,
+    dyvte,
     fastv,
     flowcut,
+    prumerge,
+    pyramiddrop,
     sink,
     sparsevlm,
     transprune,
     vflowopt,
     visionzip,
+    vispruner,
     zoo,
 )
 from vtprune.scorers.base import (
@@ -49,10 +54,22 @@ ZOO = zoo.ZOOScorer
 TransPrune = transprune.TransPruneScorer
 SparseVLM = sparsevlm.SparseVLMScorer
 VFlowOpt = vflowopt.VFlowOptScorer
+PyramidDrop = pyramiddrop.PyramidDropScorer
+DART = dart.DARTScorer
+VisPruner = vispruner.VisPrunerScorer
+PruMerge = prumerge.PruMergeScorer
+PruMergePlus = prumerge.PruMergePlusScorer
+DyVTE = dyvte.DyVTEScorer
 
 __all__ = [
     "CDPruner",
     "CLS",
+    "DART",
+    "DyVTE",
+    "PruMerge",
+    "PruMergePlus",
+    "PyramidDrop",
+    "VisPruner",
     "VTCCLS",
     "Debias",
     "DivPrune",

@@ -133,7 +133,15 @@ def scorer_config_options(scorer: Scorer) -> dict[str, Any]:
 
 
 def _split(method: str) -> list[str]:
-    parts = [p.strip().lower() for p in method.split("+")]
+    """Components of a method string, outermost first. A registered name may itself end with '+'
+    (``prumerge+``): an empty component right after such a name belongs to it."""
+    reg = registry()
+    parts: list[str] = []
+    for p in (p.strip().lower() for p in method.split("+")):
+        if not p and parts and parts[-1] + "+" in reg:
+            parts[-1] += "+"
+        else:
+            parts.append(p)
     if any(not p for p in parts):
         raise ConfigError(f"method {method!r} has an empty component; join names with '+', e.g. 'debias+fastv'")
     return parts

@@ -1,0 +1,151 @@
+"""VisPruner: important tokens by CLS attention, diverse tokens by iterative duplicate removal.
+
+Constructed cases with a known answer (the budget split, an exact duplicate dropped and a distinct token
+kept, the release's round structure), then end to end on tiny LLaVA: the kept set equals a selection
+built by hand from the unpatched vision tower (head-mean CLS attention and features of the feature
+layer), and on every tiny model the counts equal ``keep`` and the features used are the documented ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch, get_model, qwen_batch
+
+import vtprune
+from vtprune.adapters import adapter_for
+from vtprune.config import ConfigError
+from vtprune.scorers import HIDDEN_STATES, VISION_CLS_ATTENTION, VISION_FEATURES, build_scorer
+from vtprune.scorers.vispruner import remove_duplicates, split_budget, vispruner_order
+
+MODELS = ["llava", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+def test_budget_split_truncates_like_the_release():
+    assert split_budget(64) == (32, 32)
+    assert split_budget(13) == (6, 7)  # int(6.5) = 6
+    assert split_budget(1) == (0, 1)
+    assert split_budget(10, 0.75) == (7, 3) and split_budget(10, 1.0) == (10, 0)
+
+
+def test_duplicate_removal_drops_an_exact_duplicate_and_keeps_a_distinct_token():
+    e = torch.eye(4)
+    unit = torch.stack([e[0], e[1], e[2], e[2]])  # token 2 duplicates token 3; token 0 is distinct
+    out = remove_duplicates(unit, torch.tensor([0, 1, 2, 3]), target=3)  # a = [0, 2], b = [1, 3]: r = 1
+    assert out.tolist() == [0, 1, 3]
+    # the duplicate leaves wherever it sits in the order: as an odd token its even twin goes
+    out = remove_duplicates(unit, torch.tensor([3, 0, 1, 2]), target=3)  # a = [3, 1], b = [0, 2]
+    assert 0 in out.tolist() and sorted(out.tolist()) == [0, 1, 2]
+
+
+def _release_loop(unit: torch.Tensor, residual: list[int], target: int) -> list[int]:
+    """The release's rounds, written with Python lists: drop min(8, R - target) even tokens of highest
+    max-cosine to the odd ones; the survivors in descending score order, then the odd tokens."""
+    while True:
+        r = min(8, len(residual) - target)
+        if r <= 0:
+            return residual
+        a, b = residual[0::2], residual[1::2]
+        # the release's similarity product (the same matrix product as the implementation: later rounds
+        # depend on the order of near-ties, so a differently rounded cosine would diverge)
+        closest = (unit[a] @ unit[b].T).max(dim=1).values.tolist()
+        score = dict(zip(a, closest))
+        a = sorted(a, key=lambda i: -score[i])[r:]
+        residual = a + b
+
+
+def test_selection_equals_the_release_rounds_on_random_features():
+    torch.manual_seed(0)
+    att, feats = torch.rand(120), torch.randn(120, 16)
+    unit = feats / feats.norm(dim=-1, keepdim=True)
+    for k in (1, 13, 40, 119, 120):
+        order = vispruner_order(att, feats, k)
+        ranked = torch.argsort(att, descending=True).tolist()
+        n_imp, n_div = split_budget(k)
+        assert order.tolist() == ranked[:n_imp] + _release_loop(unit, ranked[n_imp:], n_div)
+        assert len(set(order.tolist())) == k
+    # important_ratio=1: the top-k by attention
+    assert vispruner_order(att, feats, 10, 1.0).tolist() == torch.argsort(att, descending=True)[:10].tolist()
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="important_ratio"):
+        build_scorer("vispruner", {"important_ratio": 1.5})
+    with pytest.raises(ConfigError, match="vision_layer"):
+        build_scorer("vispruner", {"vision_layer": [-2]})
+    with pytest.raises(ConfigError, match="adaptive|auto"):
+        vtprune.apply(get_model("llava"), method="vispruner", keep="auto:0.9")
+    vtprune.remove(get_model("llava"))
+
+
+@pytest.mark.parametrize("kind,features", [("llava", VISION_FEATURES), ("next", VISION_FEATURES),
+                                           ("qwen2_vl", HIDDEN_STATES), ("qwen3_vl", HIDDEN_STATES)])
+def test_features_follow_the_tower(kind, features):
+    model = get_model(kind)
+    scorer = build_scorer("vispruner", {})
+    scorer.bind(model, adapter_for(model))
+    assert scorer.needs_signal(VISION_CLS_ATTENTION) and scorer.needs_signal(features)
+    assert not scorer.needs_signal(({VISION_FEATURES, HIDDEN_STATES} - {features}).pop())
+
+
+def _llava_by_hand(model, inputs, k):
+    """Per image: VisPruner's kept raster indices from the unpatched tower's feature layer."""
+    core = model.model
+    attn = core.vision_tower.encoder.layers[-2].self_attn  # CLIP layer whose output is hidden_states[-2]
+    cap = {}
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(h=a[0] if a else kw["hidden_states"]),
+                                            with_kwargs=True)
+    with torch.no_grad():
+        out = core.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+    handle.remove()
+    h, t, n = cap["h"], cap["h"].shape[0], cap["h"].shape[1]
+    heads, hd = attn.num_heads, attn.head_dim
+    with torch.no_grad():
+        q = attn.q_proj(h[:, :1]).view(t, 1, heads, hd).transpose(1, 2)
+        kk = attn.k_proj(h).view(t, n, heads, hd).transpose(1, 2)
+        cls = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1)[:, 0, 1:]  # head mean
+        x = out.hidden_states[-2][:, 1:]
+        unit = x / x.norm(dim=-1, keepdim=True)
+    kept = []
+    n_imp, n_div = split_budget(k)
+    for i in range(t):
+        ranked = torch.argsort(cls[i], descending=True).tolist()
+        kept.append(sorted(ranked[:n_imp] + _release_loop(unit[i], ranked[n_imp:], n_div)))
+    return kept
+
+
+def test_llava_selection_equals_hand_computation(processor):
+    model = get_model("llava")
+    inputs = batch(processor, [1, 1])
+    keep = 40
+    vtprune.apply(model, method="vispruner", keep=keep)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+    finally:
+        vtprune.remove(model)
+    assert [k.tolist() for k in st.kept] == _llava_by_hand(model, inputs, keep)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_counts_equal_keep_on_every_model(kind, processor, next_processor):
+    model = get_model(kind)
+    if kind == "llava":
+        inputs = batch(processor, [1, 1])
+    elif kind == "next":
+        inputs = batch(next_processor, [1], sizes=((300, 620),))
+    else:
+        inputs = qwen_batch(kind, "left_padded_2")
+    vtprune.apply(model, method="vispruner", keep=12)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+        lay = model._vtprune_state.session.layout
+    finally:
+        vtprune.remove(model)
+    for b, kept in enumerate(st.kept):
+        items = len(lay.image_slices(b))
+        assert int(lay.prunable[b][kept].sum()) == 12 * items  # exactly keep per image
+        assert bool(torch.isin(torch.nonzero(~lay.prunable[b]).flatten(), kept).all())  # NeXT newlines stay
