@@ -193,8 +193,13 @@ def cmd_demo(args) -> int:
 def cmd_methods(args) -> int:
     import vtprune
 
+    if args.table:
+        from vtprune.support import markdown_table, support_matrix
+
+        print(markdown_table(support_matrix()))
+        return 0
     for name, desc in vtprune.methods().items():
-        print(f"{name:10s} {desc}")
+        print(f"{name:11s} {desc}")
     return 0
 
 
@@ -242,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vtprune", description="Training-free visual token pruning for VLMs")
     parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the pruning methods").set_defaults(func=cmd_methods)
+    methods = sub.add_parser("methods", help="list the pruning methods")
+    methods.add_argument("--table", action="store_true",
+                         help="print which method runs on which model family (tried on tiny random models, ~30 s)")
+    methods.set_defaults(func=cmd_methods)
     run = sub.add_parser(
         "run",
         help="prune one synthetic image on a model and print kept tokens and prefill time vs unpruned",
