@@ -23,8 +23,11 @@ OPTIONS = {"ensemble": {"members": ["random", "uniform"]},
            "transprune": {"layers": [0, 1, 2], "ratios": [0.5, 0.25]},  # the tiny models have 4 layers
            "sparsevlm": {"layers": [0, 1, 2], "ratios": [0.5, 0.25], "recycle": False},  # recycling: its own file
            "vflowopt": {"llm_layers": [2], "cell": 8},  # Qwen3-VL's tiny deepstack allows layer 2 only
+           # holov's default rewrites the kept slots (the release's order, zero vectors): a pure selection
+           # here, its default against the release's sequence in tests/test_holov.py
+           "holov": {"order": "raster", "overflow": "drop"},
            "sink": {"dims": [3, 17], "tau": 4.0}}  # tiny models: phi <= sqrt(64) = 8, so tau 20 is out of reach
-RECYCLING = {"visionzip", "vflowopt", "prumerge", "prumerge+"}  # presets that write merged features into kept slots
+RECYCLING = {"visionzip", "vflowopt", "prumerge", "prumerge+", "vscan"}  # presets that write merged features into kept slots
 OWN_REFERENCE = {"flowcut"}  # presets that hide tokens inside the vision tower: their own test file checks
 # them against references that drop those tokens (tests/test_flowcut.py)
 LLAVA_FAMILY_ONLY: set[str] = set()  # presets refused on Qwen-VL with a ConfigError (none since zoo, vflowopt)

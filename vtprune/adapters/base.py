@@ -367,6 +367,13 @@ class Adapter:
         """Turn the summed rows of one encoder call into the recorded ``cls_attention``."""
         return summed
 
+    def vision_layer_scores(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """One hooked vision attention call's scores on their own (not summed with other layers), laid out
+        like the recorded ``cls_attention``: CLIP ``[tiles, patches + 1]`` CLS rows. For methods that record
+        several layers separately (VScan's shallow and deep scans); call it from a hook that runs while the
+        encoder does (the Qwen-VL layout needs the encoder call's geometry)."""
+        return self.vision_score_row(module, args, kwargs)
+
     def vision_context_rows(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], t: float) -> torch.Tensor:
         """VFlowOpt's context relevance at one vision attention call (what its global tokens, those receiving
         more than ``t`` times the mean attention, attend to), rows laid out like the recorded

@@ -250,6 +250,12 @@ class _QwenFamily(Adapter):
         hidden = args[0] if args else kwargs["hidden_states"]
         return vit_received_attention(module, hidden, self._segments(args, kwargs), kwargs["position_embeddings"])
 
+    def vision_layer_scores(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``[merged tokens, 1]`` (raster order, like ``cls_attention``): one full-attention block's received
+        attention, averaged over each 2x2 merge group."""
+        groups = self.vision_score_row(module, args, kwargs).view(-1, self._merge() ** 2).mean(dim=1)
+        return self._to_raster(groups, self.encoding_geometry)[:, None]
+
     def vision_context_rows(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], t: float) -> torch.Tensor:
         """``[merged tokens, 1]`` (raster order, like ``cls_attention``): the per-patch context relevance of a
         full-attention block (`vit_global_context`: global tokens per image or frame), averaged over each 2x2

@@ -11,6 +11,7 @@ from vtprune.scorers import (  # noqa: F401  (registration)
     dyvte,
     fastv,
     flowcut,
+    holov,
     prumerge,
     pyramiddrop,
     sink,
@@ -19,6 +20,7 @@ from vtprune.scorers import (  # noqa: F401  (registration)
     vflowopt,
     visionzip,
     vispruner,
+    vscan,
     zoo,
 )
 from vtprune.scorers.base import (
@@ -60,6 +62,8 @@ VisPruner = vispruner.VisPrunerScorer
 PruMerge = prumerge.PruMergeScorer
 PruMergePlus = prumerge.PruMergePlusScorer
 DyVTE = dyvte.DyVTEScorer
+HoloV = holov.HoloVScorer
+VScan = vscan.VScanScorer
 
 __all__ = [
     "CDPruner",
@@ -74,6 +78,7 @@ __all__ = [
     "Debias",
     "DivPrune",
     "FastV",
+    "HoloV",
     "FlowCut",
     "Random",
     "Sink",
@@ -82,6 +87,7 @@ __all__ = [
     "Uniform",
     "VFlowOpt",
     "VisionZip",
+    "VScan",
     "ZOO",
     "HIDDEN_STATES",
     "IN_LLM",
