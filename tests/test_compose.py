@@ -166,3 +166,24 @@ def test_short_names_compose_like_strings(processor):
     kept_b = vtprune.stats(model).kept[0]
     vtprune.remove(model)
     assert torch.equal(kept_a, kept_b) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("host", ["pyramiddrop", "vscan", "vflowopt"])
+def test_a_wrapper_keeps_every_stage_its_host_plans(host):
+    """debias over a staged or two-stage host prunes at the same stages with the same budgets as the
+    host alone (a wrapper corrects scores; it never drops the host's later stages)."""
+    model = get_model("llava")
+    plans = {}
+    for method in (host, f"debias+{host}"):
+        vtprune.apply(model, method=method, keep=8, **({"trend": [0.1, 0.0, 0.0]} if method.startswith("debias") else {}))
+        st = model._vtprune_state
+        plans[method] = (st.stage, st.layer, st.pre_keep, list(st.schedule))
+        vtprune.remove(model)
+    assert plans[f"debias+{host}"] == plans[host]
+    assert plans[host][3], f"{host} plans LLM stages"
+
+
+@pytest.mark.parametrize("member", ["vscan", "vflowopt", "pyramiddrop", "dart", "holov", "debias+pyramiddrop"])
+def test_an_ensemble_refuses_members_that_plan_their_own_stages(member):
+    with pytest.raises(ConfigError, match="plans its own stages or selection.*run it alone"):
+        build_scorer("ensemble", {"members": [member, "cls" if member in ("vscan", "vflowopt", "holov") else "fastv"]})

@@ -69,6 +69,13 @@ class Wrapper(Scorer):
         self.inner.bind(model, adapter)
         self.bind_self(model, adapter)
 
+    # the host's plan: a wrapper corrects scores wherever the host prunes, at every stage it plans
+    def schedule(self, model, adapter, layer, keep):
+        return self.inner.schedule(model, adapter, layer, keep)
+
+    def llm_stages(self, model, adapter, keep):
+        return self.inner.llm_stages(model, adapter, keep)
+
     def bind_self(self, model, adapter) -> None:
         """The wrapper's own `bind` (the host is bound first)."""
 
@@ -103,6 +110,16 @@ def host_of(scorer: Scorer, cls: type[Scorer], ensemble_error: str) -> Scorer | 
         if host_of(member, cls, ensemble_error) is not None:
             raise ConfigError(ensemble_error)
     return None
+
+
+# a member overriding one of these plans or selects itself; an ensemble only combines scores, so it would be lost
+SELF_PLANNING = ("schedule", "llm_stages", "select_and_merge", "stage_select", "stage_signals", "model_hooks")
+
+
+def self_planning(scorer: Scorer) -> list[str]:
+    """The `Scorer` methods of ``SELF_PLANNING`` that ``scorer``'s host (under any wrappers) overrides."""
+    host = innermost(scorer)
+    return [name for name in SELF_PLANNING if getattr(type(host), name) is not getattr(Scorer, name)]
 
 
 def method_string(scorer: Scorer) -> str:
@@ -259,6 +276,13 @@ class Ensemble(Scorer):
             raise ConfigError(f"ensemble mode must be 'score' or 'rank', got {mode!r}")
         self.weights = [float(w) for w in weights]
         self.mode = mode
+        for m in self.members:
+            own = self_planning(m)
+            if own and not isinstance(innermost(m), Ensemble):
+                raise ConfigError(
+                    f"{method_string(m)} plans its own stages or selection ({', '.join(own)}), which an ensemble "
+                    "of scores would silently drop: run it alone, or ensemble scorers that only score "
+                    "(cls, fastv, vtc-cls, divprune, ...)")
         common = [s for s in self.members[0].stages if all(s in m.stages for m in self.members)]
         if not common:
             raise ConfigError(
