@@ -196,6 +196,8 @@ def cmd_methods(args) -> int:
     if args.table:
         from vtprune.support import markdown_table, support_matrix
 
+        print("trying every preset on a tiny random model of each family (1-2 min on 2 CPU cores) ...",
+              file=sys.stderr)
         print(markdown_table(support_matrix()))
         return 0
     for name, desc in vtprune.methods().items():
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     methods = sub.add_parser("methods", help="list the pruning methods")
     methods.add_argument("--table", action="store_true",
-                         help="print which method runs on which model family (tried on tiny random models, ~30 s)")
+                         help="print which method runs on which model family (tried on tiny random models, 1-2 min)")
     methods.set_defaults(func=cmd_methods)
     run = sub.add_parser(
         "run",
