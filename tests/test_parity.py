@@ -37,6 +37,8 @@ def test_parity_with_the_release(stem):
         assert r["jaccard"] == 1.0 and r["kept_equal"], r
         if r.get("logit_max_abs") is not None:
             assert r["logit_max_abs"] < module.LOGIT_TOLERANCE, r
+        if r.get("feature_max_abs") is not None:  # merged features (PruMerge, VScan)
+            assert r["feature_max_abs"] < getattr(module, "FEATURE_TOLERANCE", 1e-4), r
 
 
 def test_parity_checks_skip_cleanly_without_a_checkout(capsys):

@@ -1,0 +1,180 @@
+"""Parity of vtprune's ``vispruner`` with VisPruner's released code (github.com/Theia-4869/VisPruner).
+
+The release selects its tokens in ``LlavaMetaForCausalLM.encode_images`` (``llava/model/llava_arch.py``),
+fed by ``CLIPVisionTower.forward`` / ``feature_select`` (``llava/model/multimodal_encoder/clip_encoder.py``):
+the feature layer's head-mean CLS attention (``attentions[-2]``) and features (``hidden_states[-2]``).
+Both are called here unbound, with minimal stand-ins for ``self``, on the tiny LLaVA-1.5 model's own CLIP
+tower and the same pixels vtprune's run sees. The model runs eager attention (so that the tower returns
+attention maps, as the release's transformers-4.37 tower does, and both sides see bit-identical
+features). The release's index mask is compared with vtprune's kept set, and the release's pruned
+sequence (its mask applied to the visual tokens, raster order kept, as
+``prepare_inputs_labels_for_multimodal`` does) is run through the same language model to compare the
+first-token logits with vtprune's.
+
+Budgets: the release's 64 / 128 / 192 of LLaVA-1.5's 576 tokens (the tiny tower has the same 24 x 24
+grid), ``important_ratio`` 0.5 (the release's default) on both sides.
+
+The input is a noise image. Duplicate removal is chaotic: one tie broken the other way changes the
+even/odd split of every later round. On an image of flat colour regions (many near-identical patches)
+the CLS attention and the max-cosine scores hold exact and near ties; vtprune breaks exact ties by a
+stable sort (documented in ``vtprune/scorers/vispruner.py``), the release by ``argsort``'s unspecified
+order, and vtprune's recomputed CLS attention differs from the tower's eager attention maps by ~3e-10.
+There the kept sets differ (Jaccard about 0.6-0.8); the release's own selection changes as much between
+float32 and float64.
+
+    python benchmarks/parity/vispruner.py --ref /path/to/VisPruner
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_name, jaccard, load_file, peaked, reference_path, write_rows  # noqa: E402
+
+METHOD = "vispruner"
+ENV = env_name(METHOD)
+LOGIT_TOLERANCE = 1e-4
+BUDGETS = (64, 128, 192)
+IMPORTANT_RATIO = 0.5
+PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+
+
+@contextmanager
+def fake_modules(modules: dict[str, dict[str, Any]]):
+    """Put modules with the given attributes into ``sys.modules`` for an import (restored afterwards): the
+    release's imports that the compared functions never use."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__path__ = []  # importable as a package too
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+
+
+def load_release(ref: Path) -> tuple[Any, Any]:
+    """The release's ``CLIPVisionTower`` and ``LlavaMetaForCausalLM`` classes."""
+    encoder = load_file(ref / "llava/model/multimodal_encoder/clip_encoder.py", "vispruner_release_clip_encoder")
+    unused = lambda *a, **k: None  # noqa: E731
+    with fake_modules({
+        "vispruner_release": {},
+        "vispruner_release.multimodal_encoder": {},
+        "vispruner_release.multimodal_encoder.builder": {"build_vision_tower": unused},
+        "vispruner_release.multimodal_projector": {},
+        "vispruner_release.multimodal_projector.builder": {"build_vision_projector": unused},
+        "llava": {},
+        "llava.constants": {"IGNORE_INDEX": -100, "IMAGE_TOKEN_INDEX": -200, "DEFAULT_IMAGE_PATCH_TOKEN": "",
+                            "DEFAULT_IM_START_TOKEN": "", "DEFAULT_IM_END_TOKEN": ""},
+        "llava.mm_utils": {"get_anyres_image_grid_shape": unused},
+    }):
+        arch = load_file(ref / "llava/model/llava_arch.py", "vispruner_release.llava_arch")
+    return encoder.CLIPVisionTower, arch.LlavaMetaForCausalLM
+
+
+def release_mask(classes: tuple[Any, Any], tower: Any, pixels: Any, budget: int) -> Any:
+    """The release's ``index_masks`` ``[B, 576]`` for ``pixels``: its ``encode_images`` on its
+    ``CLIPVisionTower.forward`` over ``tower`` (a CLIPVisionModel), both called with stand-in selves."""
+    import torch
+
+    tower_cls, meta_cls = classes
+    vt = types.SimpleNamespace(vision_tower=tower, select_layer=-2, select_feature="patch",
+                               device=pixels.device, dtype=pixels.dtype)
+    vt.feature_select = lambda outs, output_attentions=False: tower_cls.feature_select(vt, outs, output_attentions)
+    core = types.SimpleNamespace(mm_projector=torch.nn.Identity(),
+                                 get_vision_tower=lambda: (lambda images, output_attentions=False:
+                                                           tower_cls.forward(vt, images, output_attentions)))
+    host = types.SimpleNamespace(get_model=lambda: core, get_visual_token_num=lambda: budget,
+                                 get_important_ratio=lambda: IMPORTANT_RATIO)
+    with torch.no_grad():
+        _, masks = meta_cls.encode_images(host, pixels)
+    return masks
+
+
+def inputs_for(seed: int = 0) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    from vtprune.toy.tiny import tiny_llava_processor
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8))
+    return tiny_llava_processor()(images=[image], text=[PROMPT], return_tensors="pt")
+
+
+def logits_on_mask(model: Any, inputs: Any, mask: Any) -> Any:
+    """First-token logits ``[V]`` of the unpatched model on its own input embeddings with the visual tokens
+    outside ``mask`` ``[576]`` removed (the release's pruned sequence; contiguous positions)."""
+    import torch
+
+    seen: dict[str, Any] = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    handle.remove()
+    ids = inputs["input_ids"][0]
+    visual = torch.nonzero(ids == model.config.image_token_id).flatten()
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    keep[visual[~mask.cpu()]] = False
+    short = seen["inputs_embeds"][:, keep]
+    with torch.no_grad():
+        h = lm(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long),
+               use_cache=False).last_hidden_state
+        return model.lm_head(h[:, -1])[0]
+
+
+def compare(ref: Path) -> list[dict[str, Any]]:
+    import torch
+
+    import vtprune
+    from vtprune.toy.tiny import tiny_llava
+
+    classes = load_release(ref)
+    inputs = inputs_for()
+    rows = []
+    for variant in ("random", "peaked"):
+        model = tiny_llava(attn_implementation="eager")  # the release's CLIP tower: eager attention
+        if variant == "peaked":
+            peaked(model)
+        tower = model.model.vision_tower
+        for budget in BUDGETS:
+            mask = release_mask(classes, tower, inputs["pixel_values"], budget)[0]
+            theirs = torch.nonzero(mask).flatten().tolist()
+            vtprune.apply(model, METHOD, keep=budget)
+            try:
+                with torch.no_grad():
+                    ours_logits = model(**inputs).logits[0, -1]
+                ours = vtprune.stats(model).kept[0].tolist()
+            finally:
+                vtprune.remove(model)
+            logit = float((ours_logits - logits_on_mask(model, inputs, mask)).abs().max())
+            rows.append({"method": METHOD, "model": "tiny-llava-1.5", "variant": variant, "budget": budget,
+                         "jaccard": jaccard(ours, theirs), "kept_equal": sorted(ours) == theirs,
+                         "logit_max_abs": logit,
+                         "note": "eager attention, noise image (see the module docstring on tie-heavy images)"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ref, args = reference_path(METHOD, argv, __doc__ or "")
+    if ref is None:
+        return 0
+    rows = compare(ref)
+    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/vispruner.py --ref {ref}")
+    return 0 if all(r["kept_equal"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
