@@ -28,14 +28,17 @@ def main(argv: list[str] | None = None) -> int:
              "scores are well separated.", ""]
     for f in files:
         data = json.loads(f.read_text())
-        commit = (data.get("reference_commit") or "unknown")[:12]
+        commit = (data.get("reference_commit") or "the commit its docstring names")[:40]
         lines += [f"## `{data['method']}`", "", f"Command: `{data['command']}` (reference {data['reference']} at "
-                  f"{commit})", "", "| model | variant | budget | Jaccard | kept sets equal | max abs logit diff |",
-                  "|---|---|---:|---:|---|---:|"]
+                  f"{commit})", "",
+                  "| model | variant | budget | Jaccard | kept sets equal | max abs logit diff | max abs merged-feature "
+                  "diff | note |", "|---|---|---:|---:|---|---:|---:|---|"]
         for r in data["rows"]:
-            logit = r.get("logit_max_abs")
+            logit, feat = r.get("logit_max_abs"), r.get("feature_max_abs")
+            note = " ".join(str(r.get("note") or "").split())
             lines.append(f"| {r['model']} | {r['variant']} | {r['budget']} | {r['jaccard']:.3f} | "
-                         f"{'yes' if r.get('kept_equal') else 'no'} | {'-' if logit is None else f'{logit:.2e}'} |")
+                         f"{'yes' if r.get('kept_equal') else 'no'} | {'-' if logit is None else f'{logit:.2e}'} | "
+                         f"{'-' if feat is None else f'{feat:.2e}'} | {note or '-'} |")
         lines.append("")
     if not files:
         lines.append("No parity results yet: run `python benchmarks/parity/<method>.py --ref PATH`.")

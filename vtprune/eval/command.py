@@ -138,6 +138,12 @@ def run_eval(args) -> int:
     options = parse_options(args.option)
     cells = build_cells(args.method, args.keep, args.layer, options)
     cells += config_cells(configs)
+    from vtprune.eval.oracle import EVAL_ONLY
+
+    for cell in cells:
+        if cell.method in EVAL_ONLY and any(s.question_cells is None for s in task.samples):
+            raise EvalError(f"--method {cell.method} knows the answer cells of the toy tasks only: use --task "
+                            "toy-shapes (not a jsonl task or the noise control)")
     shard = launched_shard()
     device = resolve_device(args.device)
     if shard.world > 1 and device.type == "cuda" and device.index is None:

@@ -42,6 +42,8 @@ def sample_log(run: CellRun, task: Task) -> list[dict[str, Any]]:
         entry.update(prediction=r.prediction, correct=r.correct, kept=r.kept, visual_tokens=r.visual_before)
         if r.kept_indices is not None:
             entry["kept_indices"] = r.kept_indices
+        if r.recall_question is not None:
+            entry.update(recall_question=r.recall_question, recall_objects=r.recall_objects)
         if r.error is not None:
             entry["error"] = r.error
         out.append(entry)
@@ -91,13 +93,18 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per cell, the unpruned baseline first."""
-    head = ["method", "keep", "where", "visual tokens", "accuracy", "retention", "prefill ms", "end-to-end ms",
-            "prefill GFLOPs", "peak MiB", "failed"]
+    rows = [results["baseline"], *results["cells"]]
+    recall = any(r.get("recall_question") is not None for r in rows)  # toy tasks: relevant-token recall
+    head = ["method", "keep", "where", "visual tokens", "accuracy", "retention",
+            *(["recall (question)", "recall (objects)"] if recall else []),
+            "prefill ms", "end-to-end ms", "prefill GFLOPs", "peak MiB", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
-    for row in [results["baseline"], *results["cells"]]:
+    for row in rows:
         keep = "-" if row["keep"] is None else str(row["keep"])
         cells = [row["method"], keep, row["where"], _fmt(row["visual_tokens"], ".1f"),
-                 _fmt(row["accuracy"], ".1%"), _fmt(row["retention"], ".1%"), _fmt(row["prefill_ms"], ".1f"),
+                 _fmt(row["accuracy"], ".1%"), _fmt(row["retention"], ".1%"),
+                 *([_fmt(row.get("recall_question"), ".1%"), _fmt(row.get("recall_objects"), ".1%")] if recall else []),
+                 _fmt(row["prefill_ms"], ".1f"),
                  _fmt(row["e2e_ms"], ".1f"), _fmt(row["prefill_gflops"], ".3g"), _fmt(row["peak_memory_mib"], ".1f"),
                  str(row["failed"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -28,6 +28,8 @@ import vtprune
 from vtprune.eval.distributed import Shard
 from vtprune.eval.flops import image_geometry, llm_flops, vision_flops
 from vtprune.eval.memory import PeakMemory
+from vtprune.eval.oracle import EVAL_ONLY
+from vtprune.eval.recall import cell_recall
 from vtprune.eval.tasks import EvalSample, Task
 from vtprune.loading import placeholder_in
 
@@ -54,10 +56,14 @@ class Cell:
             return "-"
         return "pre-LLM" if self.stage == "pre-llm" else f"LLM layer {self.resolved_layer}"
 
-    def configure(self, model) -> None:
-        """Patch ``model`` for this cell (or remove any patch for the baseline)."""
+    def configure(self, model, samples: list[EvalSample] | None = None) -> None:
+        """Patch ``model`` for this cell (or remove any patch for the baseline); an eval-only method
+        (`vtprune.eval.oracle`) is built for the batch's ``samples``."""
         if self.method is None:
             vtprune.remove(model)
+        elif self.method in EVAL_ONLY:
+            vtprune.apply(model, EVAL_ONLY[self.method](samples or [], **self.options), keep=self.keep,
+                          layer=self.layer)
         else:
             vtprune.apply(model, method=self.method, keep=self.keep, layer=self.layer, **self.options)
 
@@ -90,13 +96,15 @@ def build_cells(methods: list[str], keeps: list[int | float], layer: int | None 
     for key in options:
         if not any(_declares(m, key) for m in methods):
             for m in methods:
-                build_scorer(m, {})  # an unknown method is the better message
+                if m not in EVAL_ONLY:
+                    build_scorer(m, {})  # an unknown method is the better message
             raise ConfigError(f"option {key!r} belongs to none of the methods {', '.join(methods)}; "
                               "see the README's method table for their options")
     cells = []
     for method in methods:
         own = {k: v for k, v in options.items() if _declares(method, k)}
-        cell_layer = layer if layer is not None and IN_LLM in build_scorer(method, own).stages else None
+        stages = EVAL_ONLY[method]([]).stages if method in EVAL_ONLY else build_scorer(method, own).stages
+        cell_layer = layer if layer is not None and IN_LLM in stages else None
         cells.extend(Cell(method, keep, cell_layer, dict(own)) for keep in keeps)
     return cells
 
@@ -126,6 +134,8 @@ class SampleRecord:
     vision_flops: float | None = None
     error: str | None = None
     kept_indices: list[int] | None = None  # indices into the sample's visual tokens (pruned cells)
+    recall_question: float | None = None  # toy tasks: share of the question's object cells kept
+    recall_objects: float | None = None  # ... and of all object cells (`vtprune.eval.recall`)
 
 
 @dataclass
@@ -178,6 +188,8 @@ class CellRun:
             "retention": retention,
             "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
             "visual_tokens": mean(r.kept for r in ok),
+            "recall_question": mean(r.recall_question for r in ok),
+            "recall_objects": mean(r.recall_objects for r in ok),
             "visual_tokens_before": mean(r.visual_before for r in ok),
             "prefill_ms": median_ms(self.prefill_s),
             "e2e_ms": median_ms(self.e2e_s),
@@ -265,6 +277,10 @@ class Runner:
                 rec.kept = int(st.visual_after[b])
                 rec.kept_indices = st.kept[b].tolist()
                 llm = llm_flops(self.model.config, st.seq_len_before[b], st.seq_len_after[b], st.stage, st.layer)
+            if s.cell_grid is not None:
+                kept = rec.kept_indices if rec.kept_indices is not None else range(rec.visual_before)
+                rec.recall_question = cell_recall(kept, rec.visual_before, s.question_cells or [], s.cell_grid)
+                rec.recall_objects = cell_recall(kept, rec.visual_before, s.object_cells or [], s.cell_grid)
             vis = vision_flops(self.model.config, geometry[b]) if geometry is not None else None
             rec.vision_flops, rec.flops = vis, llm + (vis or 0.0)
             records.append(rec)
@@ -273,12 +289,12 @@ class Runner:
     def _run_cell(self, run: CellRun, samples: list[EvalSample], images: list[Any], inputs,
                   timed: bool = True) -> None:
         try:
-            run.cell.configure(self.model)
+            run.cell.configure(self.model, samples)
             records, prefill, e2e, mib = self._run_batch(samples, inputs)
         except Exception:  # retry one by one: only the samples that fail themselves are lost
             for s, im in zip(samples, images):
                 try:
-                    run.cell.configure(self.model)
+                    run.cell.configure(self.model, [s])
                     records, _, _, _ = self._run_batch([s], self._inputs([s], [im]))
                     run.records[s.index] = records[0]
                 except Exception as err:
@@ -297,7 +313,7 @@ class Runner:
         """One untimed prefill per cell on the first batch (first-call costs: allocator, kernels)."""
         for run in runs:
             try:
-                run.cell.configure(self.model)
+                run.cell.configure(self.model, samples)
                 with torch.inference_mode():
                     self.model(**inputs, logits_to_keep=1)
             except Exception:  # the timed run records the failure

@@ -49,6 +49,10 @@ class EvalSample:
     one_word: bool = False  # ask for a one-word answer
     id: Any = None  # the record's id, if any
     line: int | None = None  # the record's line in its jsonl file
+    # toy tasks: the (row, col) cells of the question's objects and of all objects, on a cell_grid lattice
+    question_cells: list[tuple[int, int]] | None = None
+    object_cells: list[tuple[int, int]] | None = None
+    cell_grid: int | None = None
 
     @property
     def metric(self) -> str:
@@ -123,7 +127,9 @@ def toy_shapes_task(n: int, seed: int = 0, noise: bool = False) -> Task:
         if noise:
             image = Image.fromarray(rng.integers(0, 256, (*s.image.size[::-1], 3), dtype=np.uint8))
         samples.append(EvalSample(index=i, question=s.question, answer=s.answer, qtype=s.qtype, image=image,
-                                  one_word=True))
+                                  one_word=True, question_cells=None if noise else s.cells("question"),
+                                  object_cells=None if noise else s.cells("objects"),
+                                  cell_grid=s.image.size[0] // shapes.CELL))
     info = {"split": "test", "seed": seed, "chance_accuracy": shapes.chance_accuracy(data), "noise_images": noise}
     return Task(TOY_SHAPES_NOISE if noise else TOY_SHAPES, samples, info)
 

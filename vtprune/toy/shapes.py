@@ -69,6 +69,13 @@ class Sample:
     answer: str
     qtype: str
     objects: list[ShapeObject] = field(default_factory=list)
+    relevant: list[ShapeObject] = field(default_factory=list)  # the objects the question is about
+
+    def cells(self, which: str = "question") -> list[tuple[int, int]]:
+        """``(row, col)`` of the 28 px cells (one visual token each on the toys) of the question's objects
+        (``which="question"``) or of every object (``"objects"``)."""
+        objs = self.relevant if which == "question" else self.objects
+        return sorted({cell for o in objs for cell in o.cells})
 
     def object_mask(self, grid: int) -> np.ndarray:
         """``[grid, grid]`` bool: patches (of an image split into ``grid`` x ``grid``) that overlap an object."""
@@ -167,7 +174,9 @@ def _a(word: str) -> str:
 
 
 def _question(rng: np.random.Generator, objects: list[ShapeObject], qtype: str, grid: int):
-    """(question, answer) of type ``qtype`` for ``objects``, or None when the type does not apply."""
+    """``(question, answer, relevant)`` of type ``qtype`` for ``objects``, or None when the type does not
+    apply; ``relevant``: the objects the question is about (what a model must look at to answer): the named
+    object; for a count all of them; for an absent pair the objects sharing its colour or its shape."""
     colours = [o.colour for o in objects]
     shapes = [o.shape for o in objects]
     if qtype == "colour":
@@ -175,30 +184,30 @@ def _question(rng: np.random.Generator, objects: list[ShapeObject], qtype: str, 
         if not unique:
             return None
         o = unique[rng.integers(len(unique))]
-        return f"What colour is the {o.shape}?", o.colour
+        return f"What colour is the {o.shape}?", o.colour, [o]
     if qtype == "shape":
         unique = [o for o in objects if colours.count(o.colour) == 1]
         if not unique:
             return None
         o = unique[rng.integers(len(unique))]
-        return f"What shape is the {o.colour} object?", o.shape
+        return f"What shape is the {o.colour} object?", o.shape, [o]
     if qtype == "count":
-        return "How many shapes are there?", COUNTS[len(objects) - 1]
+        return "How many shapes are there?", COUNTS[len(objects) - 1], list(objects)
     if qtype == "exist":
         present = {(o.colour, o.shape) for o in objects}
         if rng.random() < 0.5:
             c, s = sorted(present)[rng.integers(len(present))]
-            return f"Is there {_a(c)} {c} {s}?", "yes"
+            return f"Is there {_a(c)} {c} {s}?", "yes", [o for o in objects if (o.colour, o.shape) == (c, s)]
         # an absent pair that shares its colour or its shape with a present object (so it needs looking)
         near = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present
                 and (c in colours or s in shapes)]
         c, s = near[rng.integers(len(near))]
-        return f"Is there {_a(c)} {c} {s}?", "no"
+        return f"Is there {_a(c)} {c} {s}?", "no", [o for o in objects if o.colour == c or o.shape == s]
     o = objects[rng.integers(len(objects))]
     if qtype == "side":
-        return f"Which side is the {o.colour} {o.shape} on?", "left" if o.col < grid // 2 else "right"
+        return f"Which side is the {o.colour} {o.shape} on?", "left" if o.col < grid // 2 else "right", [o]
     if qtype == "size":
-        return f"Is the {o.colour} {o.shape} big or small?", "big" if o.big else "small"
+        return f"Is the {o.colour} {o.shape} big or small?", "big" if o.big else "small", [o]
     raise ValueError(f"unknown question type {qtype!r}; known: {QTYPES}")
 
 
@@ -260,7 +269,7 @@ def make_sample(split: str, index: int, seed: int = 0, size: int = 224, qtype: s
         if qa is not None:
             break
     image = render(objects, rng, size)
-    return Sample(image, qa[0], qa[1], kind, objects)
+    return Sample(image, qa[0], qa[1], kind, objects, qa[2])
 
 
 def dataset(split: str, n: int, seed: int = 0, size: int = 224) -> list[Sample]:
