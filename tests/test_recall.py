@@ -92,3 +92,17 @@ def test_oracle_is_refused_outside_the_toy_tasks(tmp_path, capsys):
                  "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "oracle" in err and "toy tasks only" in err and "Traceback" not in err
+
+
+def test_crowded_task_has_four_to_six_objects_and_no_counts():
+    from vtprune.eval.tasks import load_task
+
+    task = load_task("toy-shapes-crowded", 60)
+    assert task.name == "toy-shapes-crowded" and task.info["crowded"]
+    data = shapes.dataset("test", 60, crowded=True)
+    assert all(4 <= len(s.objects) <= 6 for s in data) and {s.qtype for s in data} <= set(shapes.CROWDED_QTYPES)
+    assert "count" not in {s.qtype for s in task.samples}
+    # at 7 tokens not every object cell fits in most images: the method must choose
+    assert sum(len(s.object_cells) > 7 for s in task.samples) > len(task.samples) // 2
+    # its own random stream: the standard split is unchanged by the variant
+    assert shapes.make_sample("test", 3).question == load_task("toy-shapes", 4).samples[3].question

@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per image (int) or fraction (float); repeat for several (default: 64)")
     ev.add_argument("--task", default="toy-shapes",
                     help="toy-shapes (the synthetic test split), toy-shapes-noise (its questions on noise images: "
-                         "a model that looks falls to chance) or the path of a .jsonl task (default: toy-shapes)")
+                         "a model that looks falls to chance), toy-shapes-crowded (4-6 objects, no count questions) "
+                         "or the path of a .jsonl task (default: toy-shapes)")
     ev.add_argument("--limit", type=int, default=None,
                     help="first N samples (default: 300 for toy-shapes, every record of a jsonl task)")
     ev.add_argument("--batch-size", type=int, default=8, help="samples per batch (left padded; default 8)")

@@ -29,6 +29,7 @@ from vtprune.eval.metrics import LETTERS, choice_correct, exact_match, format_ch
 
 TOY_SHAPES = "toy-shapes"
 TOY_SHAPES_NOISE = "toy-shapes-noise"  # the same questions, images replaced by noise (a control)
+TOY_SHAPES_CROWDED = "toy-shapes-crowded"  # 4-6 objects, no count questions: separates pruners
 TOY_SHAPES_DEFAULT_LIMIT = 300
 ONE_WORD = "Answer with one word."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
@@ -97,19 +98,22 @@ def load_task(spec: str, limit: int | None = None, seed: int = 0) -> Task:
     """
     if limit is not None and limit <= 0:
         raise EvalError(f"--limit must be positive, got {limit}")
-    if spec in (TOY_SHAPES, TOY_SHAPES_NOISE):
-        return toy_shapes_task(limit or TOY_SHAPES_DEFAULT_LIMIT, seed, noise=spec == TOY_SHAPES_NOISE)
+    if spec in (TOY_SHAPES, TOY_SHAPES_NOISE, TOY_SHAPES_CROWDED):
+        return toy_shapes_task(limit or TOY_SHAPES_DEFAULT_LIMIT, seed, noise=spec == TOY_SHAPES_NOISE,
+                               crowded=spec == TOY_SHAPES_CROWDED)
     path = Path(spec)
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise EvalError(f"task file {spec} not found; give an existing .jsonl file")
         return jsonl_task(path, limit)
-    raise EvalError(f"unknown task {spec!r}: use {TOY_SHAPES!r}, {TOY_SHAPES_NOISE!r} or the path of a .jsonl file "
+    raise EvalError(f"unknown task {spec!r}: use {TOY_SHAPES!r}, {TOY_SHAPES_NOISE!r}, {TOY_SHAPES_CROWDED!r} or the "
+                    "path of a .jsonl file "
                     "(see the README)")
 
 
-def toy_shapes_task(n: int, seed: int = 0, noise: bool = False) -> Task:
-    """The first ``n`` samples of the toy-shapes test split (`vtprune.toy.shapes`), one-word answers.
+def toy_shapes_task(n: int, seed: int = 0, noise: bool = False, crowded: bool = False) -> Task:
+    """The first ``n`` samples of the toy-shapes test split (`vtprune.toy.shapes`), one-word answers
+    (``crowded=True``: of its crowded variant, ``toy-shapes-crowded``).
 
     ``noise=True`` is the control task ``toy-shapes-noise``: the same questions with every image replaced
     by uniform noise (deterministic by seed), so a model that really looks falls to chance accuracy.
@@ -119,7 +123,7 @@ def toy_shapes_task(n: int, seed: int = 0, noise: bool = False) -> Task:
 
     from vtprune.toy import shapes
 
-    data = shapes.dataset("test", n, seed=seed)
+    data = shapes.dataset("test", n, seed=seed, crowded=crowded)
     rng = np.random.default_rng([seed, 99])
     samples = []
     for i, s in enumerate(data):
@@ -130,8 +134,9 @@ def toy_shapes_task(n: int, seed: int = 0, noise: bool = False) -> Task:
                                   one_word=True, question_cells=None if noise else s.cells("question"),
                                   object_cells=None if noise else s.cells("objects"),
                                   cell_grid=s.image.size[0] // shapes.CELL))
-    info = {"split": "test", "seed": seed, "chance_accuracy": shapes.chance_accuracy(data), "noise_images": noise}
-    return Task(TOY_SHAPES_NOISE if noise else TOY_SHAPES, samples, info)
+    info = {"split": "test", "seed": seed, "chance_accuracy": shapes.chance_accuracy(data), "noise_images": noise,
+            "crowded": crowded}
+    return Task(TOY_SHAPES_NOISE if noise else TOY_SHAPES_CROWDED if crowded else TOY_SHAPES, samples, info)
 
 
 def jsonl_task(path: Path, limit: int | None = None) -> Task:

@@ -254,17 +254,33 @@ def describe(objects: list[ShapeObject], size: int = 224) -> str:
     return " ".join(parts)
 
 
-def make_sample(split: str, index: int, seed: int = 0, size: int = 224, qtype: str | None = None) -> Sample:
-    """Sample ``index`` of ``split`` ("train", "test", "calib"), deterministic in (split, index, seed)."""
+CROWDED_OBJECTS = (4, 6)  # toy-shapes-crowded: 4 to 6 objects per image
+CROWDED_QTYPES = tuple(q for q in QTYPES if q != "count")  # beyond the trained counts (one to four)
+
+
+def make_sample(split: str, index: int, seed: int = 0, size: int = 224, qtype: str | None = None,
+                crowded: bool = False) -> Sample:
+    """Sample ``index`` of ``split`` ("train", "test", "calib"), deterministic in (split, index, seed).
+
+    ``crowded=True``: the ``toy-shapes-crowded`` variant, from its own random stream: 4 to 6 objects (as
+    many as fit with a free ring around each), every question type but ``count``; at a small budget not
+    every object cell fits, so a pruner must keep the cells the question is about.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)}")
     if size % CELL:
         raise ValueError(f"image size must be a multiple of {CELL} px, got {size}")
-    rng = np.random.default_rng([seed, SPLITS[split], index])
+    rng = np.random.default_rng([seed, SPLITS[split], index, 1] if crowded else [seed, SPLITS[split], index])
     grid = size // CELL
+    qtypes = CROWDED_QTYPES if crowded else QTYPES
     while True:
-        objects = _place(rng, int(rng.integers(1, 5)), grid)
-        kind = qtype or QTYPES[int(rng.integers(len(QTYPES)))]
+        if crowded:
+            objects = _place(rng, int(rng.integers(CROWDED_OBJECTS[0], CROWDED_OBJECTS[1] + 1)), grid)
+            if len(objects) < CROWDED_OBJECTS[0]:
+                continue
+        else:
+            objects = _place(rng, int(rng.integers(1, 5)), grid)
+        kind = qtype or qtypes[int(rng.integers(len(qtypes)))]
         qa = _question(rng, objects, kind, grid)
         if qa is not None:
             break
@@ -272,9 +288,9 @@ def make_sample(split: str, index: int, seed: int = 0, size: int = 224, qtype: s
     return Sample(image, qa[0], qa[1], kind, objects, qa[2])
 
 
-def dataset(split: str, n: int, seed: int = 0, size: int = 224) -> list[Sample]:
-    """The first ``n`` samples of ``split``."""
-    return [make_sample(split, i, seed, size) for i in range(n)]
+def dataset(split: str, n: int, seed: int = 0, size: int = 224, crowded: bool = False) -> list[Sample]:
+    """The first ``n`` samples of ``split`` (of the crowded variant with ``crowded=True``)."""
+    return [make_sample(split, i, seed, size, crowded=crowded) for i in range(n)]
 
 
 def chance_accuracy(samples: list[Sample]) -> float:
