@@ -63,6 +63,28 @@ def test_dpc_knn_finds_the_clusters():
         assert len(set(assign[g * 5:(g + 1) * 5].tolist())) == 1
 
 
+def test_dpc_knn_density_counts_the_row_itself():
+    # SparseVLM's cluster_and_merge: rho_i = exp(-mean of the c smallest squared distances of row i), its own 0
+    # among them; so with c = 2 only the nearest neighbour counts. A tight pair (0, 0.1) far from an evenly
+    # spaced group (step 0.5): the pair is densest (0.1 < 0.5), the densest row's delta is the largest
+    # distance of all, the group's densest row (its last, ties to the later row) has delta 21.4.
+    # Counting the two nearest others instead would make the pair sparse (its second neighbour is 20 away).
+    x = torch.tensor([[0.0], [0.1], [20.0], [20.5], [21.0], [21.5]])
+    centers, assign = dpc_knn(x, 2)
+    assert centers.tolist() == [1, 5]
+    assert assign.tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_dpc_knn_breaks_density_ties_towards_the_later_row():
+    # With c = 2 every mutual nearest pair ties exactly. The pair (10, 10.2) is densest: only its later row
+    # may count as densest (delta = the largest distance), its earlier one is 0.2 from a denser row, so the
+    # second center is the other pair's later row (9 from the denser pair), not the tight pair's twin.
+    x = torch.tensor([[0.0], [1.0], [10.0], [10.2]])
+    centers, assign = dpc_knn(x, 2)
+    assert centers.tolist() == [3, 1]
+    assert assign.tolist() == [1, 1, 0, 0]
+
+
 def _dropped(ids, kept, image_id):
     visual = ids == image_id
     d = visual.clone()

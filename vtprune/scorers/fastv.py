@@ -13,7 +13,9 @@ class FastVScorer(Scorer):
 
     The attention row is recomputed from the layer input (one query row, all keys), so the model keeps
     running under SDPA. Kept tokens keep their original positions. ``layer=2`` here prunes before
-    decoder layer 3, i.e. FastV's paper K=3 (its K names the first layer that sees fewer tokens).
+    decoder layer 3, i.e. the release's K=3 (its K names the first layer that sees fewer tokens), the value
+    its lmms-eval variant (``lmms-eval/fastv_kvcache.py``) hard-codes; the paper's headline K=2, also the
+    setting of its released evaluation scripts, is ``layer=1`` (benchmarks/parity/fastv.py compares both).
     """
 
     name = "fastv"

@@ -29,26 +29,32 @@ def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN clustering of the rows of ``x`` ``[n, d]`` into ``clusters`` groups.
+    """DPC-kNN clustering of the rows of ``x`` ``[n, d]`` into ``clusters`` groups, as SparseVLM's release
+    (``cluster_and_merge`` in llava/model/language_model/utils.py) computes it.
 
-    Distance ``||x_i - x_j|| / sqrt(d)``; density ``rho_i = exp(-mean of the squared distances to its
-    k = clusters nearest others)``; ``delta_i`` = distance to the nearest denser row (the largest distance
-    of ``i`` when none is denser); centers = the top ``clusters`` by ``rho * delta``; every row joins its
-    nearest center. Returns ``(centers [c], assignment [n] in [0, c))``.
+    Distance ``||x_i - x_j|| / sqrt(d)``; density ``rho_i = exp(-mean of the c smallest squared distances of
+    row i)`` with ``c = clusters``, its own zero distance among them (so the ``c - 1`` nearest others count,
+    divided by ``c``); ``delta_i`` = distance to the nearest denser row (the largest distance of the whole
+    matrix for the densest row); centers = the top ``clusters`` by ``rho * delta`` (in that order); every
+    row joins its nearest center. Returns ``(centers [c], assignment [n] in [0, c))``.
+
+    Deviation: of two rows with the same density the later one counts as denser; the release adds uniform
+    noise of up to 1e-6 to the densities (``torch.rand``), which breaks such ties at random and also reorders
+    densities closer than that. Ties are structural, not rare: with 2 clusters a density is that of the
+    nearest neighbour alone, so every mutual nearest pair ties, and without a tie-break both rows of the
+    densest pair would become centers.
     """
     n, d = x.shape
     c = max(1, min(clusters, n))
-    dist = torch.cdist(x.float(), x.float()) / d**0.5
-    k = min(c, n - 1)
-    if k > 0:
-        near = torch.topk(dist, k + 1, dim=1, largest=False).values[:, 1:]
-        rho = torch.exp(-(near**2).mean(dim=1))
-    else:
-        rho = torch.ones(n, device=x.device)
-    rho = rho + torch.arange(n, device=x.device) * 1e-12  # break ties towards the later row, deterministically
-    denser = rho[None, :] > rho[:, None]
+    # the direct form: cdist's matmul shortcut leaves ~1e-2 on the diagonal of states of norm ~10
+    dist = torch.cdist(x.float(), x.float(), compute_mode="donot_use_mm_for_euclid_dist") / d**0.5
+    nearest = torch.topk(dist, c, dim=1, largest=False).values  # [n, c], the row's own 0 first
+    rho = torch.exp(-(nearest**2).mean(dim=1))
+    later = torch.arange(n, device=x.device)
+    later = later[None, :] > later[:, None]  # [i, j]: j comes after i
+    denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & later)  # [i, j]: j is denser than i
     delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(dim=1).values
-    delta = torch.where(torch.isfinite(delta), delta, dist.max(dim=1).values)
+    delta = torch.where(torch.isfinite(delta), delta, dist.max())
     centers = torch.topk(rho * delta, c).indices
     assign = dist[:, centers].argmin(dim=1)
     assign[centers] = torch.arange(c, device=x.device)
