@@ -13,8 +13,7 @@ from vtprune.config import ConfigError
 from vtprune.layout import VisualLayout
 from vtprune.scorers import CDPruner
 from vtprune.scorers.base import Signals
-from vtprune.scorers.cdpruner import dpp_kernel
-from vtprune.scorers.greedy import minmax
+from vtprune.scorers.cdpruner import dpp_kernel, normalise_relevance
 from vtprune.scorers.select import select_topk
 from vtprune.toy.tiny import tiny_llava_tokenizer
 
@@ -29,9 +28,29 @@ def _layout(n: int) -> VisualLayout:
 def test_kernel_and_normalisation():
     s = torch.eye(3)
     r = torch.tensor([0.0, 0.5, 1.0])
-    torch.testing.assert_close(dpp_kernel(s, r, 0.5), torch.diag(torch.exp(0.5 * r) ** 2))
-    torch.testing.assert_close(dpp_kernel(s, r, 0.0), torch.diag(r**2))
-    torch.testing.assert_close(minmax(torch.tensor([2.0, 4.0, 3.0])), torch.tensor([0.0, 1.0, 0.5]))
+    torch.testing.assert_close(dpp_kernel(s, r, None), torch.diag(r**2))  # the release's kernel (no theta)
+    torch.testing.assert_close(dpp_kernel(s, r, 0.5), torch.diag(torch.exp(0.5 * r) ** 2))  # the paper's
+    torch.testing.assert_close(dpp_kernel(s, r, 0.0), s)  # exp(0): relevance has no weight
+    # the release's (r - min + 1e-6) / (max - min): the least relevant token keeps a small weight
+    torch.testing.assert_close(normalise_relevance(torch.tensor([2.0, 4.0, 3.0])),
+                               torch.tensor([0.5e-6, 1.0 + 0.5e-6, 0.5 + 0.5e-6]), atol=1e-9, rtol=0)
+    assert torch.equal(normalise_relevance(torch.full((4,), 3.0)), torch.ones(4))  # constant: all ones
+    assert CDPruner().theta is None
+
+
+def test_default_kernel_follows_the_release_not_the_papers_theta():
+    """Two near-duplicate relevant tokens and one irrelevant orthogonal token, keep 2. The release's kernel
+    (q = r) gives the irrelevant token a weight of ~1e-6, so the second pick is the near-duplicate;
+    the paper's theta=0.5 (q = exp(r / 2), at least 1) lets diversity win: the orthogonal token."""
+    z = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.05, 0.0], [0.0, 0.0, 1.0]])
+    words = torch.tensor([[1.0, 0.0, 0.0]])
+    sig = Signals(layout=_layout(3), stage="pre-llm", keep=2, hidden_states=[z], instruction_embeds=[words])
+    picks = {}
+    for theta in (None, 0.5):
+        scores = CDPruner(theta=theta).score(sig)[0]
+        picks[theta] = sorted(select_topk([scores], sig.layout, 2)[0].tolist())
+        assert int(torch.argmax(scores)) == 0  # the most relevant token first
+    assert picks[None] == [0, 1] and picks[0.5] == [0, 2]
 
 
 def test_relevant_first_then_diverse():
@@ -56,6 +75,8 @@ def test_options_are_checked(llava):
         vtprune.apply(llava, "cdpruner", keep=8, relevance="clip")
     with pytest.raises(ConfigError, match=r"theta=1.0 must be in \[0, 1\)"):
         vtprune.apply(llava, "cdpruner", keep=8, theta=1.0)
+    with pytest.raises(ConfigError, match="or None for the release's kernel"):
+        vtprune.apply(llava, "cdpruner", keep=8, theta="0.5")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +112,8 @@ def test_clip_relevance_matches_an_independent_computation(processor, tiny_clip)
         last_image = int(torch.nonzero(ids == model.config.image_token_id).max())
         text = tiny_llava_tokenizer().decode(ids[last_image + 1:].tolist(), skip_special_tokens=True)
         t = torch.nn.functional.normalize(clip.encode_text(open_clip.get_tokenizer(name)([text])), dim=-1)
-        expected = minmax(-(e @ t.T).mean(1))
+        r = -(e @ t.T).mean(1)
+        expected = (r - r.min() + 1e-6) / (r.max() - r.min())  # the release's normalisation
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 

@@ -2,8 +2,9 @@
 
 Constructed cases with a known answer (planted attention, planted keys, budgets, default layer ranges),
 then end to end on the tiny models: vtc-cls equals the unpatched language model on the shortened sequence,
-visionzip equals a reference built by hand from the unpatched model's vision tower (features with the
-merged values at the target slots, then shortened), and both run under generate().
+visionzip equals a reference built by hand from the unpatched model's vision tower (LLaVA-1.5's default:
+the release's sequence, CLS + dominant patches + contextual tokens, in the kept slots; raster order and
+Qwen-VL: the merged values at the target slots; then shortened), and both run under generate().
 """
 
 from __future__ import annotations
@@ -124,6 +125,35 @@ def test_plan_picks_planted_dominant_tokens_and_merges_the_rest():
     assert plan.slot.tolist() == [0] * (len(rest0) - 1) + [1] * (len(rest1) - 1)
 
 
+def test_plan_in_release_order_sends_cls_first_then_dominant_then_contextual():
+    """VisionZip's release: ``D`` dominant tokens include CLS, so ``D - 1`` patches; the sequence is CLS, the
+    dominant patches (raster order), the contextual tokens (target order); CLS takes the image's last
+    remaining slot that is no target."""
+    lay = _layout([30, 30])
+    torch.manual_seed(0)
+    scores = torch.rand(60) * 0.1
+    planted = [[3, 7, 11, 12, 20], [31, 40, 41, 50, 59]]
+    scores[planted[0] + planted[1]] = 1.0 + torch.arange(10.0)  # image 0: 20 ranks first, 3 last
+    keys = torch.randn(60, 4)
+    with_cls = [[True, False]]  # image 0 in release order, image 1 raster
+    (plan,) = plan_visionzip([scores], [keys], lay, keep=7, with_cls=with_cls)  # 7 = 6 dominant + 1 contextual
+    dom0 = [3, 7, 11, 12, 20]  # 6 dominant incl. CLS: the 5 planted patches
+    rest0 = [i for i in range(30) if i not in dom0]
+    top1 = sorted(torch.topk(scores[30:], 6).indices.add(30).tolist())  # raster: 6 dominant patches
+    rest1 = [i for i in range(30, 60) if i not in top1]
+    cls_slot = rest0[-1]  # the last remaining token of image 0 that is no target (target: rest0[0])
+    assert plan.kept.tolist() == sorted(dom0 + [rest0[0], cls_slot]) + sorted(top1 + [rest1[0]])
+    assert plan.sequence.tolist() == [cls_slot, *dom0, rest0[0]] + sorted(top1 + [rest1[0]])
+    assert plan.cls_at.tolist() == [0] and plan.per_image == [7, 7]
+    assert plan.targets.tolist() == [rest0[0], rest1[0]]
+    assert sorted(plan.members.tolist()) == rest0[1:] + rest1[1:]  # the CLS slot's token is merged as well
+    # without a contextual token the CLS slot is the last non-dominant token; keep covering the image: raster
+    (one,) = plan_visionzip([scores[:30]], [keys[:30]], _layout([30]), keep=1, with_cls=[[True]])
+    assert one.kept.tolist() == [29] and one.cls_at.tolist() == [0] and one.targets.numel() == 0
+    (whole,) = plan_visionzip([scores[:30]], [keys[:30]], _layout([30]), keep=30, with_cls=[[True]])
+    assert whole.kept.tolist() == list(range(30)) and whole.cls_at.numel() == 0 and whole.members.numel() == 0
+
+
 def test_plan_keep_all_merges_nothing():
     lay = _layout([20])
     (plan,) = plan_visionzip([torch.rand(20)], [torch.randn(20, 4)], lay, keep=1.0)
@@ -137,6 +167,26 @@ def test_options_are_validated():
         build_scorer("visionzip", {"contextual_ratio": 1.5})
     with pytest.raises(ConfigError, match="n_layers"):
         build_scorer("vtc-cls", {"n_layers": 0})
+    with pytest.raises(ConfigError, match="order must be one of"):
+        build_scorer("visionzip", {"order": "appended"})
+
+
+def test_release_order_is_refused_where_the_release_has_no_such_sequence(next_processor):
+    with pytest.raises(ConfigError, match="Qwen-VL towers have no CLS token"):
+        vtprune.apply(get_model("qwen2_vl"), method="visionzip", keep=12, order="release")
+    model = get_model("next")  # tiled images: the release compresses per crop, vtprune per image
+    vtprune.apply(model, method="visionzip", keep=12, order="release")
+    try:
+        with pytest.raises(ConfigError, match="order='release' reproduces the release's LLaVA-1.5 sequence"):
+            with torch.no_grad():
+                model(**batch(next_processor, [1], sizes=((300, 620),)))
+        vtprune.apply(model, method="visionzip", keep=12)  # None: raster on NeXT
+        with torch.no_grad():
+            model(**batch(next_processor, [1], sizes=((300, 620),)))
+        assert model._vtprune_state.scorer.release_order  # resolved for the model; the image decides
+        assert vtprune.stats(model).contextual == [2]
+    finally:
+        vtprune.remove(model)
 
 
 # ---- vtc-cls: default layer ranges and the planted layer ensemble -------------------------------
@@ -250,11 +300,12 @@ def test_vtc_cls_equals_lm_on_shortened_sequence(kind, processor, next_processor
 
 
 # ---- visionzip: a reference built by hand from the unpatched vision tower ---------------------------
-def _plan_by_hand(dom: torch.Tensor, keys: torch.Tensor, k: int):
-    """Plain-loop VisionZip on one image: dominant top-D, targets every s-th remaining, cosine argmax."""
+def _plan_by_hand(dom: torch.Tensor, keys: torch.Tensor, k: int, with_cls: bool = False):
+    """Plain-loop VisionZip on one image: dominant top-D (D - 1 patches with CLS), targets every s-th
+    remaining, cosine argmax; with CLS also the CLS slot (the last remaining token that is no target)."""
     d, c = split_budget(k)
-    dominant = set(torch.topk(dom, d).indices.tolist())
-    rest = [i for i in range(dom.numel()) if i not in dominant]
+    dominant = sorted(torch.topk(dom, d - int(with_cls)).indices.tolist())
+    rest = [i for i in range(dom.numel()) if i not in set(dominant)]
     step = max(1, len(rest) // c)
     targets = rest[::step][:c]
     groups = {t: [] for t in targets}
@@ -263,7 +314,8 @@ def _plan_by_hand(dom: torch.Tensor, keys: torch.Tensor, k: int):
             continue
         cos = [float(torch.nn.functional.cosine_similarity(keys[i], keys[t], dim=0)) for t in targets]
         groups[targets[max(range(c), key=lambda j: (cos[j], -j))]].append(i)
-    return sorted(dominant | set(targets)), groups
+    cls_slot = [i for i in rest if i not in groups][-1:] if with_cls else []
+    return sorted(dominant + targets + cls_slot), dominant, groups, cls_slot
 
 
 def _merge_by_hand(x: torch.Tensor, groups) -> torch.Tensor:
@@ -274,8 +326,10 @@ def _merge_by_hand(x: torch.Tensor, groups) -> torch.Tensor:
     return x
 
 
-def _llava_by_hand(model, inputs, k):
-    """Per image: kept raster indices and the projected features with merged values at the targets."""
+def _llava_by_hand(model, inputs, k, with_cls: bool):
+    """Per image: kept raster indices and the projected features of its visual tokens as the LLM gets them
+    before shortening: merged values at the targets (raster order), or in release order the kept slots
+    refilled with CLS, the dominant patches and the contextual tokens."""
     core = model.model
     attn = core.vision_tower.encoder.layers[-2].self_attn  # CLIP layer whose output is hidden_states[-2]
     cap = {}
@@ -286,6 +340,7 @@ def _llava_by_hand(model, inputs, k):
     handle.remove()
     h, t, n = cap["h"], cap["h"].shape[0], cap["h"].shape[1]
     heads, hd = attn.num_heads, attn.head_dim
+    project = core.multi_modal_projector
     with torch.no_grad():
         q = attn.q_proj(h[:, :1]).view(t, 1, heads, hd).transpose(1, 2)
         kk = attn.k_proj(h).view(t, n, heads, hd).transpose(1, 2)
@@ -294,9 +349,13 @@ def _llava_by_hand(model, inputs, k):
         x = out.hidden_states[-2][:, 1:]
         kept, rows = [], []
         for i in range(t):
-            keep_i, groups = _plan_by_hand(cls[i], keys[i], k)
+            keep_i, dominant, groups, cls_slot = _plan_by_hand(cls[i], keys[i], k, with_cls)
             kept.append(keep_i)
-            rows.append(core.multi_modal_projector(_merge_by_hand(x[i], groups)))
+            merged = project(_merge_by_hand(x[i], groups))
+            if with_cls:  # the release's sequence in the kept slots
+                seq = torch.cat([project(out.hidden_states[-2][i, :1]), merged[dominant], merged[list(groups)]])
+                merged[keep_i] = seq
+            rows.append(merged)
     return kept, rows
 
 
@@ -322,27 +381,41 @@ def _qwen2_by_hand(model, inputs, k):
             p = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b].float(), kk[a:b].float()) * attn.scaling, -1)
             received = p.mean(dim=(0, 1)).view(-1, 4).mean(1)
             keys = raw_keys[a:b].view(-1, 4, raw_keys.shape[-1]).mean(1)
-            keep_i, groups = _plan_by_hand(received, keys, k)
+            keep_i, _, groups, _ = _plan_by_hand(received, keys, k)
             kept.append(keep_i)
             rows.append(_merge_by_hand(feats[i], groups))
     return kept, rows
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("kind,order", [("llava", None), ("llava", "raster"), ("qwen2_vl", None)])
 @pytest.mark.parametrize("case", ["single", "left_padded_2"])
-def test_visionzip_equals_hand_built_reference(kind, case, processor, next_processor):
+def test_visionzip_equals_hand_built_reference(kind, order, case, processor, next_processor):
+    """LLaVA-1.5's default is the release's sequence (CLS + 12 dominant patches + 3 contextual at 16);
+    ``order="raster"`` and Qwen-VL: 13 dominant patches, contextual tokens at their targets' slots."""
     model = get_model(kind)
     inputs = inputs_for(kind, case, processor, next_processor)
     keep = 16  # 13 dominant + 3 contextual per image (16 * 10 / 64 = 2.5, rounded up)
-    pruned, gen, st = _run(model, inputs, "visionzip", keep)
-    kept, rows = (_llava_by_hand if kind == "llava" else _qwen2_by_hand)(model, inputs, keep)
+    vtprune.apply(model, method="visionzip", keep=keep, **({"order": order} if order else {}))
+    try:
+        with torch.no_grad():
+            pruned = model(**inputs).logits
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, eos_token_id=NO_EOS)
+        st = vtprune.stats(model)
+    finally:
+        vtprune.remove(model)
+    release = kind == "llava" and order is None
+    kept, rows = _llava_by_hand(model, inputs, keep, release) if kind == "llava" else _qwen2_by_hand(model, inputs, keep)
     assert [k.tolist() for k in st.kept] == kept  # one image per sample
     assert st.visual_after == [keep] * len(kept) and st.contextual == [3] * len(kept)
     ref, valid = lm_on_kept(model, inputs, st, visual_rows=rows)
-    plain, _ = lm_on_kept(model, inputs, st)  # the same tokens without merging
+    plain, _ = lm_on_kept(model, inputs, st)  # the same tokens without merging (nor reordering)
     torch.testing.assert_close(pruned[valid], ref[valid], atol=2e-5, rtol=1e-4)
     assert not torch.allclose(pruned[valid], plain[valid], atol=1e-3)  # the merge changed the output
     torch.testing.assert_close(gen.logits[0], pruned[:, -1], atol=2e-5, rtol=1e-4)
+    if kind == "llava":  # the two orders differ: the release's sequence is not a raster-order reading
+        other, other_rows = _llava_by_hand(model, inputs, keep, not release)
+        assert other != kept
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -366,21 +439,28 @@ def test_visionzip_generate_on_every_model(kind, processor, next_processor):
 
 
 def test_visionzip_planted_dominant_tokens_and_uniform_targets(processor):
+    """Keep 12 = 10 dominant + 2 contextual. Default (the release's): CLS and 9 patches (the planted tokens
+    tie: the first 9), the 10th planted patch is a remaining one; raster: all 10 planted patches."""
     model = get_model("llava")
     inputs = batch(processor, [1])
     planted = tuple(range(100, 110))
     fake, _, _ = _planted_rows(model, "llava", inputs, {2: {planted: 1.0}})
-    vtprune.apply(model, method="visionzip", keep=12)  # 10 dominant + 2 contextual
-    model._vtprune_state.adapter.vision_score_row = fake
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = vtprune.stats(model)
-    finally:
-        vtprune.remove(model)
+    kept = {}
+    for order in (None, "raster"):
+        vtprune.apply(model, method="visionzip", keep=12, **({"order": order} if order else {}))
+        model._vtprune_state.adapter.vision_score_row = fake
+        try:
+            with torch.no_grad():
+                model(**inputs)
+            st = vtprune.stats(model)
+        finally:
+            vtprune.remove(model)
+        assert "2 contextual" in st.summary() and st.visual_after == [12]
+        kept[order] = st.kept[0].tolist()
+    rest = [i for i in range(576) if i not in planted[:9]]  # 567 remaining: step 283
+    assert kept[None] == sorted([*planted[:9], rest[0], rest[283], 575])  # 575: the CLS slot
     rest = [i for i in range(576) if i not in planted]
-    assert st.kept[0].tolist() == sorted([*planted, rest[0], rest[283]])  # step 566 // 2 = 283
-    assert "2 contextual" in st.summary()
+    assert kept["raster"] == sorted([*planted, rest[0], rest[283]])  # step 566 // 2 = 283
 
 
 def test_visionzip_keep_all_is_identity_and_beams_run(processor):

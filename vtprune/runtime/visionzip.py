@@ -1,8 +1,9 @@
 """VisionZip's model side: record the vision keys while the tower runs, merge contextual tokens before the LLM.
 
-`vtprune.scorers.visionzip` decides which tokens are dominant, which are contextual targets and which
-tokens merge into which target (a `ZipPlan`). This module supplies what the plan needs from the model and
-writes the result into the embedding sequence that the pre-LLM stage then shortens:
+`vtprune.scorers.visionzip` decides which tokens are dominant, which are contextual targets, which
+tokens merge into which target and in which order the kept slots are filled (a `ZipPlan`). This module
+supplies what the plan needs from the model and writes the result into the embedding sequence that the
+pre-LLM stage then shortens:
 
 - Keys: a forward pre-hook on the attention module of the key layer (the scorer's ``vision_layer``, by
   default the adapter's feature layer) records the head-mean raw keys of each encoder call in
@@ -13,8 +14,11 @@ writes the result into the embedding sequence that the pre-LLM stage then shorte
   ``hidden_states`` of the encoder call, exactly what enters ``multi_modal_projector``) and project
   the contextual tokens; the projector acts per token, so this equals rewriting the projector's input at
   the target slots. Qwen-VL merges the merger outputs (the visual rows of the embeddings).
-- Each contextual token is written at its target's slot, so the token count still matches the
-  placeholders, and positions (1-D or M-RoPE) are the target's.
+- Raster order: each contextual token is written at its target's slot, so the token count still matches
+  the placeholders, and positions (1-D or M-RoPE) are the target's.
+- Release order (LLaVA-1.5, the default there): the image's kept slots are then refilled with the
+  release's sequence, its CLS token (the feature layer's CLS row, projected), its dominant patches, its
+  contextual tokens (positions are contiguous, so only the order matters).
 
 ``generate(num_beams > 1)`` / ``num_return_sequences > 1`` expand the encoded images; the recorded keys
 are expanded with them (`vtprune.adapters.base.match_record`).
@@ -152,7 +156,8 @@ def vision_features(adapter: Adapter, images: Any, source: list[torch.Tensor]) -
 def contextual_merge(
     adapter: Adapter, state: PruneState, images: Any, signals: Signals, embeds: torch.Tensor
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[int], list[list[int]]]:
-    """Plan VisionZip's selection and write the contextual tokens into the embeddings.
+    """Plan VisionZip's selection and write the contextual tokens (and, in release order, the CLS token
+    and the release's order) into the embeddings.
 
     No host read on the way: sizes come from the layout's host-known spans and the budgets; only a scorer
     that may exclude tokens (``state.scorer.excludes``, e.g. ``debias+visionzip``) costs one read of the
@@ -163,33 +168,49 @@ def contextual_merge(
         embeds: ``[B, N, D]`` prompt embeddings with the visual features in place.
 
     Returns:
-        Per sample the kept visual-token indices ``[k_b]`` (sorted), the embeddings with every contextual
-        token's features at its target's slot (``embeds`` itself when nothing merged), per sample the
-        number of contextual tokens (included in the kept ones), and per sample the kept count of each
-        image (host ints; contextual targets and non-prunable tokens included).
+        Per sample the kept visual-token indices ``[k_b]`` (sorted), the embeddings with every kept slot
+        holding what the plan puts there (``embeds`` itself when nothing changed), per sample the number
+        of contextual tokens (included in the kept ones), and per sample the kept count of each image
+        (host ints; contextual targets, CLS slots and non-prunable tokens included).
     """
     host = recycling_host(state.scorer)
     lay = signals.layout
     scores = per_sample(state.scorer.score(signals), lay)  # wrappers (sink, debias) act on the dominance scores
     keys = [k.to(p.device) for k, p in zip(token_keys(adapter, images, lay.source), lay.positions)]
-    plans = host.plan(scores, keys, lay, state.config.keep, excludes=state.scorer.excludes)
-    if adapter.vision_family == "qwen":
+    qwen = adapter.vision_family == "qwen"
+    table, width, with_cls = None, 0, None
+    if not qwen:
+        tiles = adapter.merge_features(images)  # [T, P + 1, C], CLS rows kept
+        table, width = tiles.flatten(0, 1), int(tiles.shape[1])
+        with_cls = host.cls_images(lay, width - 1)
+    plans = host.plan(scores, keys, lay, state.config.keep, excludes=state.scorer.excludes, with_cls=with_cls)
+    if qwen:
         feats = [embeds[b, p] for b, p in enumerate(lay.positions)]
         project: Callable[[torch.Tensor], torch.Tensor] = nn.Identity()  # merger outputs: already LLM features
     else:
-        feats = vision_features(adapter, images, lay.source)
+        feats = _gather(table, lay.source)
         project = adapter.merge_projector()
     out = embeds
     for b, plan in enumerate(plans):
-        if plan.members.numel() == 0:
+        reorder = plan.cls_at.numel() > 0  # a shape: host-known
+        if plan.members.numel() == 0 and not reorder:
             continue
-        dev = feats[b].device
-        ctx, merged = contextual_tokens(feats[b], plan.targets.to(dev), plan.members.to(dev), plan.slot.to(dev))
         if out is embeds:
             out = embeds.clone()
-        pos = lay.positions[b][plan.targets.to(lay.positions[b].device)].to(out.device)
-        # every target is written (a host-known count): the merged ones get their projected contextual
-        # token, the others keep their embedding bit-exact
-        new = project(ctx).to(out.device, out.dtype)
-        out[b, pos] = torch.where(merged.to(out.device)[:, None], new, out[b, pos])
+        pos_b = lay.positions[b]
+        if plan.members.numel():
+            dev = feats[b].device
+            ctx, merged = contextual_tokens(feats[b], plan.targets.to(dev), plan.members.to(dev), plan.slot.to(dev))
+            pos = pos_b[plan.targets.to(pos_b.device)].to(out.device)
+            # every target is written (a host-known count): the merged ones get their projected contextual
+            # token, the others keep their embedding bit-exact
+            new = project(ctx).to(out.device, out.dtype)
+            out[b, pos] = torch.where(merged.to(out.device)[:, None], new, out[b, pos])
+        if reorder:  # the release's sequence: each slot takes its token's final row, CLS slots the CLS token
+            seq = plan.sequence.to(pos_b.device)
+            rows = out[b, pos_b[seq].to(out.device)]  # a copy: the rows before the refill
+            src = lay.source[b].to(seq.device)[seq.index_select(0, plan.cls_at.to(seq.device))]
+            cls_rows = table.index_select(0, (src - src % width).to(table.device))  # the tile's CLS row
+            rows.index_copy_(0, plan.cls_at.to(rows.device), project(cls_rows).to(rows.device, rows.dtype))
+            out[b, pos_b[plan.kept.to(pos_b.device)].to(out.device)] = rows
     return [p.kept for p in plans], out, [int(p.targets.numel()) for p in plans], [p.per_image for p in plans]

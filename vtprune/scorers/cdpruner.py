@@ -1,5 +1,12 @@
 """CDPruner: a conditional DPP over the visual tokens, diversity from the projector outputs, quality from
-their relevance to the instruction."""
+their relevance to the instruction.
+
+Released code: github.com/Theia-4869/CDPruner, ``llava/model/llava_arch.py``
+(``LlavaMetaForCausalLM.encode_images``). The release builds the kernel from the plain normalised
+relevance, ``L = diag(r) S diag(r)``: its ``theta`` lines (``relevance = exp(theta / (2 (1 - theta)) r)``
+with ``theta = 0.5``) are commented out. That kernel is the default here (``theta=None``); the paper's
+exponential form is the option ``theta=<float>``.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +26,26 @@ from vtprune.scorers.base import (
     Signals,
     register,
 )
-from vtprune.scorers.greedy import cosine_matrix, dpp_map, minmax, per_image
+from vtprune.scorers.greedy import cosine_matrix, dpp_map, per_image
 
 RELEVANCE = ("clip", "text")
+RELEVANCE_EPS = 1e-6  # the release's offset in its min-max normalisation
 
 
-def dpp_kernel(similarity: torch.Tensor, relevance: torch.Tensor, theta: float) -> torch.Tensor:
-    """``L = diag(q) S diag(q)`` with ``q = exp(theta / (2 (1 - theta)) r)`` (``theta = 0``: ``q = r``)."""
-    q = torch.exp(theta / (2.0 * (1.0 - theta)) * relevance) if theta > 0 else relevance
+def normalise_relevance(r: torch.Tensor) -> torch.Tensor:
+    """The release's min-max normalisation ``(r - min + 1e-6) / (max - min)`` (the least relevant token keeps
+    a small positive weight); all ones when ``r`` is constant (where the release would divide by zero)."""
+    lo = r.min()
+    span = r.max() - lo
+    return torch.where(span > 0, (r - lo + RELEVANCE_EPS) / span, torch.ones_like(r))
+
+
+def dpp_kernel(similarity: torch.Tensor, relevance: torch.Tensor, theta: float | None) -> torch.Tensor:
+    """``L = diag(q) S diag(q)``: ``q = r`` for ``theta=None`` (the release's kernel), the paper's
+    ``q = exp(theta / (2 (1 - theta)) r)`` for a float ``theta`` in [0, 1) (0: ``q = 1``, diversity only).
+
+    ``similarity``: ``[n, n]``; ``relevance``: ``[n]`` (normalised, `normalise_relevance`)."""
+    q = relevance if theta is None else torch.exp(theta / (2.0 * (1.0 - theta)) * relevance)
     return q[:, None] * similarity * q[None, :]
 
 
@@ -86,9 +105,12 @@ class CDPrunerScorer(Scorer):
     Token Pruning in MLLMs"): greedy MAP of a DPP whose kernel joins diversity and instruction relevance.
 
     Per image: ``S`` = cosine similarity of the projector outputs; relevance ``r`` min-max normalised over
-    the image; kernel ``L = diag(q) S diag(q)`` with ``q = exp(theta r / (2 (1 - theta)))``; the kept set
-    is the greedy DPP MAP of the image's budget (incremental Cholesky). A selection: adaptive budgets are
-    refused.
+    the image as the release does (``(r - min + 1e-6) / (max - min)``); kernel ``L = diag(q) S diag(q)``
+    with ``q = r`` (``theta=None``, the release: its ``theta`` term is commented out) or the paper's
+    ``q = exp(theta r / (2 (1 - theta)))`` (``theta=0.5`` in the paper); the kept set is the greedy DPP MAP
+    of the image's budget (incremental Cholesky, float64; the release runs it in float32). A selection:
+    adaptive budgets are refused. LLaVA-NeXT: per image over all its tiles (the release: per tile, each
+    tile its own budget, the relevance normalised over the call's tiles together).
 
     Relevance (``relevance=``):
     - ``"clip"`` (the paper's): ``r_i = mean_m -cos(e_i, t_m)`` with ``e_i`` the token's feature-layer
@@ -100,7 +122,8 @@ class CDPrunerScorer(Scorer):
     - ``"text"`` (our stand-in where no CLIP text tower fits, e.g. Qwen-VL): ``r_i = mean_m cos(z_i, w_m)``
       with ``z_i`` the projector output and ``w_m`` the LLM input embeddings of the instruction tokens.
 
-    Options: ``relevance`` ("text"), ``theta`` (0.5), ``clip_model``, ``clip_pretrained``, ``tokenizer``.
+    Options: ``relevance`` ("text"), ``theta`` (None: the release's kernel; a float in [0, 1): the paper's
+    exponential weighting), ``clip_model``, ``clip_pretrained``, ``tokenizer``.
 
     After each scoring call ``last_relevance`` holds, per image of the batch, its min-max normalised
     relevance ``r`` (on the device), a debug record of the calling thread (`vtprune.perthread.PerThread`:
@@ -114,16 +137,18 @@ class CDPrunerScorer(Scorer):
     accepts_auto_keep = False
     last_relevance = PerThread(factory=list)
 
-    def __init__(self, relevance: str = "text", theta: float = 0.5, clip_model: str | None = None,
+    def __init__(self, relevance: str = "text", theta: float | None = None, clip_model: str | None = None,
                  clip_pretrained: str | None = None, tokenizer: str | None = None) -> None:
         if relevance not in RELEVANCE:
             raise ConfigError(f"cdpruner: relevance={relevance!r} must be one of {RELEVANCE}")
-        if not 0.0 <= float(theta) < 1.0:
-            raise ConfigError(f"cdpruner: theta={theta} must be in [0, 1)")
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
+                                  or not 0.0 <= float(theta) < 1.0):
+            raise ConfigError(f"cdpruner: theta={theta} must be in [0, 1) (the paper's exponential weighting), "
+                              "or None for the release's kernel diag(r) S diag(r)")
         if relevance == "clip" and not clip_model:
             raise ConfigError("cdpruner: relevance='clip' needs clip_model=<open_clip name> (e.g. 'ViT-L-14-336') "
                               "and clip_pretrained=<checkpoint file>")
-        self.relevance, self.theta = relevance, float(theta)
+        self.relevance, self.theta = relevance, None if theta is None else float(theta)
         self.clip_model, self.clip_pretrained, self.tokenizer = clip_model, clip_pretrained, tokenizer
         self._clip: ClipText | None = None
         self._tokenizer: Any = None
@@ -198,7 +223,7 @@ class CDPrunerScorer(Scorer):
         def pick(b: int, idx: torch.Tensor, k: int) -> torch.Tensor:
             if self.relevance == "clip" and b not in texts:
                 texts[b] = self._text(signals, b)
-            r = minmax(self._relevance(signals, b, idx, texts.get(b)).float())
+            r = normalise_relevance(self._relevance(signals, b, idx, texts.get(b)).float())
             self.last_relevance.append(r)
             sim = cosine_matrix(signals.hidden_states[b][idx.to(signals.hidden_states[b].device)])
             return dpp_map(dpp_kernel(sim, r.to(sim.device), self.theta), k)

@@ -1,6 +1,8 @@
 """VisionZip: dominant tokens by CLS attention, plus contextual tokens merged from the rest by key similarity.
 
-Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (CVPR 2025).
+Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (CVPR 2025);
+released code github.com/dvlab-research/VisionZip (``visionzip/clip_encoder.py``,
+``CLIPVisionTower_VisionZip.forward``; ``visionzip/main.py``, ``visionzip(model, dominant, contextual)``).
 This module holds the model-independent part: the budget split, the selection plan and the merge rule,
 as pure functions of scores, keys and features. `vtprune.runtime.visionzip` records the keys
 while the vision tower runs and applies the plan to the model's features before the LLM.
@@ -8,21 +10,28 @@ while the vision tower runs and applies the plan to the model's features before 
 Per image with budget ``k`` (a float ``keep`` is first converted to a count, see `image_budget`):
 
 1. ``k = D + C`` with VisionZip's ratio 54:10 (`split_budget`: 64 = 54 + 10, 128 = 108 + 20,
-   192 = 162 + 30).
-2. Dominant: the ``D`` tokens of highest CLS attention at the feature layer (VisionZip sums over heads;
-   the head mean used here ranks the same).
-3. Contextual: the ``R`` remaining tokens, in sequence order. Targets are the remaining tokens at
+   192 = 162 + 30, the release's ``dominant`` / ``contextual`` arguments).
+2. Dominant: the CLS token and the ``D - 1`` patches of highest CLS attention at the feature layer (the
+   release's ``visionzip(model, dominant=54)`` keeps CLS + 53 patches; it sums over heads, the head mean
+   used here ranks the same).
+3. Contextual: the ``R`` remaining patches, in sequence order. Targets are the remaining tokens at
    ``0, s, 2s, ...`` with ``s = max(1, R // C)`` (the first ``C``); every other remaining token joins the
    target whose unit-normalised key has the highest cosine with its own (ties: the earlier target).
    Contextual token ``c`` = ``x_target + mean of x over its members`` (``x_target`` when it has none).
+4. Order (``order="release"``): the LLM receives the release's sequence, CLS, the dominant patches in
+   raster order, then the contextual tokens in target order. The image keeps ``k`` slots (its dominant
+   patches, its targets and one slot for CLS: its last remaining token that is no target); the LLaVA
+   family's positions are contiguous, so a slot only fixes a position, and the slots are filled in that
+   order.
 
-Deviations from the reference code, on purpose:
+``order="raster"`` (the behaviour before the release order was the default, and the only one on Qwen-VL
+and on LLaVA-NeXT's tiled images): no CLS token, all ``D`` dominant tokens are patches, and each
+contextual token sits at its target's slot, so the kept tokens stay in raster order (and keep the target's
+position, Qwen's M-RoPE included).
 
-- Layout: each contextual token sits at its target's position, so the kept tokens stay in raster order
-  (and keep the target's position, Qwen's M-RoPE included); VisionZip appends the contextual tokens after
-  the dominant ones.
-- CLS: VisionZip sends the CLS token to the LLM as one of the ``D`` dominant tokens; here the LLM gets
-  the model's own visual tokens only (LLaVA drops CLS), so all ``D`` dominant tokens are patches.
+Deviations from the release: a ``keep`` covering the image keeps it whole (no CLS, nothing merged);
+LLaVA-NeXT and Qwen-VL (see `VisionZipScorer`); ties among the CLS scores go to the earlier token (a
+stable sort; the release's ``topk`` leaves them unspecified).
 """
 
 from __future__ import annotations
@@ -34,12 +43,14 @@ from typing import Any
 
 import torch
 
+from vtprune.config import ConfigError
 from vtprune.kernels import recycle
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import PRE_LLM, VISION_CLS_ATTENTION, Scorer, Signals, register
 from vtprune.scorers.select import image_budget
 
 CONTEXTUAL_RATIO = 10 / 64  # VisionZip's dominant:contextual split, 54:10
+ORDERS = ("release", "raster")
 
 
 def split_budget(k: int, contextual_ratio: float = CONTEXTUAL_RATIO) -> tuple[int, int]:
@@ -113,11 +124,17 @@ def contextual_tokens(
 class ZipPlan:
     """One sample's VisionZip selection, as indices into that sample's visual tokens (``[n_b]``).
 
-    - ``kept``: ``[k]`` sorted, the tokens the LLM sees (dominant, contextual targets, non-prunable).
+    - ``kept``: ``[k]`` sorted, the slots the LLM sees (dominant, contextual targets, CLS slots,
+      non-prunable).
+    - ``sequence``: ``[k]`` what fills them, in order: slot ``kept[i]`` receives the (merged) token
+      ``sequence[i]``, or the CLS token of its image where ``i`` is in ``cls_at``. Raster order:
+      ``sequence == kept``; release order: per image its CLS slot, its dominant patches, its targets.
+    - ``cls_at``: ``[m]`` positions into ``sequence`` that carry an image's CLS token (release order; the
+      entry there is a token of that image, its CLS slot).
     - ``targets``: ``[C]`` the contextual tokens (their features are replaced).
     - ``members``: ``[M]`` the tokens merged into them; ``slot``: ``[M]`` index into ``targets``.
     - ``per_image``: per image of the sample, how many of its tokens ``kept`` holds (host ints; dominant,
-      contextual targets and non-prunable tokens).
+      contextual targets, CLS slot and non-prunable tokens).
     """
 
     kept: torch.Tensor
@@ -125,6 +142,14 @@ class ZipPlan:
     members: torch.Tensor
     slot: torch.Tensor
     per_image: list[int] = field(default_factory=list)
+    sequence: torch.Tensor | None = None
+    cls_at: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sequence is None:
+            self.sequence = self.kept
+        if self.cls_at is None:
+            self.cls_at = torch.zeros(0, dtype=torch.long, device=self.kept.device)
 
 
 def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -138,6 +163,7 @@ def plan_visionzip(
     keep: int | float,
     contextual_ratio: float = CONTEXTUAL_RATIO,
     excludes: bool = True,
+    with_cls: list[list[bool]] | None = None,
 ) -> list[ZipPlan]:
     """Dominant and contextual tokens of every image of the batch.
 
@@ -152,6 +178,9 @@ def plan_visionzip(
             images are read in one host read for the batch; with False nothing is read (every score is
             taken as finite). All other sizes come from the layout's host-known spans, so the plan
             issues device work of host-known shapes only.
+        with_cls: per sample, per image, whether it follows the release order (CLS among its ``D``
+            dominant tokens, the sequence CLS / dominant / contextual); None: raster order everywhere.
+            An image whose budget covers it is kept whole in raster order either way.
     """
     spans = layout.spans
     vals: list[list[torch.Tensor]] = []  # per sample, per image: the scores of its candidates
@@ -170,11 +199,10 @@ def plan_visionzip(
             allowed = [[next(host) if n else 0 for n in ns] for ns in allowed]
     plans, clamped = [], []
     for b in range(layout.batch_size):
-        kept, targets, members, slot, per_image = [], [], [], [], []
-        n_targets = 0
-        for sp, v, n_ok in zip(spans[b], vals[b], allowed[b]):
+        kept, sequence, cls_at, targets, members, slot, per_image = [], [], [], [], [], [], []
+        n_targets = n_kept = 0
+        for i, (sp, v, n_ok) in enumerate(zip(spans[b], vals[b], allowed[b])):
             n = sp.n_candidates
-            kept.append(sp.fixed)
             k, was_clamped = image_budget(keep, n)
             if was_clamped:
                 clamped.append(n)
@@ -184,22 +212,36 @@ def plan_visionzip(
                 ok = torch.sort((~(v > float("-inf"))).to(torch.uint8), stable=True).indices[:n_ok]  # sequence order
                 cand, v = cand[ok], v[ok]
                 k = min(k, n_ok)
+            cls = bool(with_cls and with_cls[b][i]) and 0 < k < n
             n_dom, n_ctx = split_budget(k, contextual_ratio)
-            n_ctx_kept = 0
+            n_patch = n_dom - 1 if cls else n_dom  # the release's dominant count includes CLS
+            parts = [sp.fixed]
             if k:
                 order = torch.sort(v, descending=True, stable=True).indices
-                rest = cand[torch.sort(order[n_dom:]).values]  # the non-dominant tokens, sequence order
+                dominant = torch.sort(cand[order[:n_patch]]).values
+                rest = cand[torch.sort(order[n_patch:]).values]  # the non-dominant tokens, sequence order
                 t, m, sl = contextual_assign(keys[b][rest], n_ctx)
-                n_ctx_kept = int(t.numel())  # a shape: host-known
-                kept += [cand[order[:n_dom]], rest[t]]
+                parts += [dominant, rest[t]]
                 slot.append(sl + n_targets)
                 targets.append(rest[t])
                 members.append(rest[m])
-                n_targets += n_ctx_kept
-            per_image.append(sp.length - n + n_dom + n_ctx_kept)
+                n_targets += int(t.numel())  # a shape: host-known
+                if cls:  # the CLS token's slot: the last remaining token that is no target (one exists: k < n)
+                    spare = rest[m] if t.numel() else rest
+                    cls_slot = spare[spare.numel() - 1:]
+                    parts.insert(1, cls_slot)
+            image_kept = _cat(parts, sp.fixed.device)
+            sorted_kept = torch.sort(image_kept).values
+            kept.append(sorted_kept)
+            if cls:
+                cls_at.append(n_kept + int(sp.fixed.numel()))  # the fixed tokens (none in practice) first
+            sequence.append(image_kept if cls else sorted_kept)
+            n_kept += int(image_kept.numel())
+            per_image.append(int(image_kept.numel()))
         dev = layout.positions[b].device
-        plans.append(ZipPlan(torch.sort(_cat(kept, dev)).values, _cat(targets, dev), _cat(members, dev),
-                             _cat(slot, dev), per_image))
+        plans.append(ZipPlan(_cat(kept, dev), _cat(targets, dev), _cat(members, dev), _cat(slot, dev), per_image,
+                             sequence=_cat(sequence, dev),
+                             cls_at=torch.tensor(cls_at, dtype=torch.long).to(dev, non_blocking=True)))
     if clamped:
         warnings.warn(
             f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
@@ -213,27 +255,35 @@ def plan_visionzip(
 class VisionZipScorer(Scorer):
     """VisionZip: ``D`` dominant tokens by CLS attention + ``C`` contextual tokens merged by key cosine.
 
-    See the module docstring for the algorithm and the two layout deviations. Pre-LLM only. The score is
-    the dominance criterion (so wrappers such as ``debias+visionzip`` act on it); the merge is carried
-    out by `vtprune.runtime.visionzip` in each model's feature space:
+    See the module docstring for the algorithm and the two orders. Pre-LLM only. The score is the
+    dominance criterion (so wrappers such as ``debias+visionzip`` act on it); the merge is carried out by
+    `vtprune.runtime.visionzip` in each model's feature space:
 
-    - LLaVA-1.5 / NeXT: CLS row and raw ``k_proj`` keys (head mean) of the feature layer (CLIP layer 22,
-      ``hidden_states[-2]``); contextual tokens are merged on the vision features *before* the projector
-      and then projected. NeXT: the budget, the targets and the matching run per image over all its
+    - LLaVA-1.5 (transformers' and the LLaVA repository's): CLS row and raw ``k_proj`` keys (head mean)
+      of the feature layer (CLIP layer 22, ``hidden_states[-2]``); contextual tokens are merged on the
+      vision features *before* the projector and then projected. By default the LLM receives the
+      release's sequence: CLS (the feature layer's CLS row, projected), ``D - 1`` dominant patches,
+      ``C`` contextual tokens (64 = CLS + 53 + 10).
+    - LLaVA-NeXT (raster order): the budget, the targets and the matching run per image over all its
       tiles (base image and high-resolution grid together, in sequence order), not per crop as in
-      VisionZip; image-newline tokens are kept and never merged.
-    - Qwen2-VL / 2.5-VL / 3-VL (our adaptation): dominant by the attention received in the last
-      full-attention block (pooled per 2x2 merge group); keys = mean of the 4 patch keys of each merge
-      group (pre-RoPE ``k``, head mean; mapped back from Qwen2.5-VL's window order); the *merger outputs*
-      are averaged (the merger is nonlinear); a contextual token keeps its target's M-RoPE position.
-      Qwen3-VL's deepstack features of a contextual token are its target's (not merged).
+      VisionZip, no CLS token is sent and image-newline tokens are kept and never merged.
+    - Qwen2-VL / 2.5-VL / 3-VL (our adaptation, raster order): dominant by the attention received in the
+      last full-attention block (pooled per 2x2 merge group); keys = mean of the 4 patch keys of each
+      merge group (pre-RoPE ``k``, head mean; mapped back from Qwen2.5-VL's window order); the *merger
+      outputs* are averaged (the merger is nonlinear); a contextual token keeps its target's M-RoPE
+      position. Qwen3-VL's deepstack features of a contextual token are its target's (not merged).
 
     Options:
         vision_layer: the ``hidden_states`` index of the layer whose CLS row and keys are used
             (default: the adapter's feature layer: LLaVA ``-2``, Qwen the last full-attention block).
         contextual_ratio: fraction of the budget given to contextual tokens (10/64, VisionZip's 54:10).
+        order: ``"release"`` (CLS + dominant patches + contextual tokens, the release's sequence; images
+            of one tile whose tokens are its patches, i.e. LLaVA-1.5) or ``"raster"`` (no CLS, ``D``
+            dominant patches, contextual tokens at their targets' slots); None (default): release where
+            the image allows it, raster on LLaVA-NeXT's tiled images and on Qwen-VL.
 
-    `vtprune.stats` reports ``contextual`` (contextual tokens per sample, included in ``visual_after``).
+    `vtprune.stats` reports ``contextual`` (contextual tokens per sample, included in ``visual_after``;
+    the CLS slot is among the kept tokens but is not contextual).
     """
 
     accepts_auto_keep = False  # places a fixed number of tokens itself
@@ -249,22 +299,52 @@ class VisionZipScorer(Scorer):
 
         return {"contextual_ratio": (Param("float", 0.0, 0.5), self.contextual_ratio)}
 
-    def __init__(self, vision_layer: int | None = None, contextual_ratio: float = CONTEXTUAL_RATIO) -> None:
+    def __init__(self, vision_layer: int | None = None, contextual_ratio: float = CONTEXTUAL_RATIO,
+                 order: str | None = None) -> None:
         if vision_layer is not None and (isinstance(vision_layer, bool) or not isinstance(vision_layer, int)):
             raise ValueError(f"vision_layer must be one int (a hidden_states index) or None, got {vision_layer!r}")
         if isinstance(contextual_ratio, bool) or not isinstance(contextual_ratio, (int, float)) \
                 or not 0.0 <= float(contextual_ratio) < 1.0:
             raise ValueError(f"contextual_ratio must be a number in [0, 1), got {contextual_ratio!r}")
+        if order is not None and order not in ORDERS:
+            raise ConfigError(f"visionzip: order must be one of {ORDERS} or None (release where possible), got {order!r}")
         self.vision_layer = vision_layer
         self.contextual_ratio = float(contextual_ratio)
+        self.order = order
+        self.release_order = order != "raster"  # resolved per model in `bind`
+
+    def bind(self, model: Any, adapter: Any) -> None:
+        qwen = getattr(adapter, "vision_family", "clip") == "qwen"
+        if qwen and self.order == "release":
+            raise ConfigError("visionzip: order='release' sends the CLS token first, but Qwen-VL towers have no CLS "
+                              "token and their tokens keep their own M-RoPE positions; use order='raster' or None")
+        self.release_order = self.order == "release" or (self.order is None and not qwen)
+
+    def cls_images(self, layout: VisualLayout, patches: int) -> list[list[bool]] | None:
+        """Per sample, per image, whether it follows the release order: images of exactly ``patches``
+        tokens (one tile, CLS not among them); None when the order is raster. An explicit
+        ``order="release"`` refuses other images (`ConfigError`)."""
+        if not self.release_order:
+            return None
+        flags = [[sp.length == patches and sp.n_candidates == sp.length for sp in spans] for spans in layout.spans]
+        if self.order == "release":
+            for spans, fl in zip(layout.spans, flags):
+                for sp, ok in zip(spans, fl):
+                    if not ok:
+                        raise ConfigError(
+                            f"visionzip: order='release' reproduces the release's LLaVA-1.5 sequence (an image of one "
+                            f"tile, {patches} patches, CLS first), but this image has {sp.length} tokens (LLaVA-NeXT's "
+                            f"tiles, or CLS among them); use order='raster' or None")
+        return flags
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         return list(signals.require(VISION_CLS_ATTENTION))
 
     def plan(self, scores: list[torch.Tensor], keys: list[torch.Tensor], layout: VisualLayout,
-             keep: int | float, excludes: bool = True) -> list[ZipPlan]:
+             keep: int | float, excludes: bool = True, with_cls: list[list[bool]] | None = None) -> list[ZipPlan]:
         """The per-sample `ZipPlan` for dominance ``scores`` and matching ``keys`` (see `plan_visionzip`).
 
         ``excludes``: whether ``scores`` may hold ``-inf`` (the scoring wrapper's `Scorer.excludes`); only
-        then is the batch's finite count read (once)."""
-        return plan_visionzip(scores, keys, layout, keep, self.contextual_ratio, excludes)
+        then is the batch's finite count read (once). ``with_cls``: the images in release order
+        (`cls_images`)."""
+        return plan_visionzip(scores, keys, layout, keep, self.contextual_ratio, excludes, with_cls)
