@@ -7,13 +7,13 @@ from typing import Any
 import torch
 
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
-from vtprune.scorers.staged import check_stage_options, depth_scaled, staged_schedule
+from vtprune.scorers.staged import StagedLayers
 
 ATTENTION = "pyramiddrop_attention"  # Signals.extras key: [B, N_max] the stage's scores (-inf on padding)
 
 
 @register
-class PyramidDropScorer(Scorer):
+class PyramidDropScorer(StagedLayers, Scorer):
     """PyramidDrop (Xing et al., CVPR 2025, "PyramidDrop: Accelerating Your Large Vision-Language Models via
     Pyramid Visual Redundancy Reduction"; release github.com/Cooperx521/PyramidDrop, read at 6444f30).
 
@@ -52,21 +52,7 @@ class PyramidDropScorer(Scorer):
 
     def __init__(self, layers: list[int] | tuple[int, ...] | None = None,
                  ratios: list[float] | tuple[float, ...] = (0.5, 0.25)) -> None:
-        self._default_layers = layers is None
-        layers, ratios = check_stage_options("pyramiddrop", self.PAPER_LAYERS if layers is None else layers, ratios)
-        self.layers, self.ratios = layers, ratios
-
-    def bind(self, model: Any, adapter: Any) -> None:
-        if self._default_layers:  # the release's layers at the same depth fractions of this model
-            depth = len(adapter.decoder_layers())
-            self.layers = depth_scaled(self.name, list(self.PAPER_LAYERS), depth, adapter.min_layer())
-
-    @property
-    def default_layer(self) -> int:  # type: ignore[override]
-        return self.layers[0]
-
-    def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
-        return staged_schedule(self.name, adapter, self.layers, self.ratios, layer, keep)
+        self.init_stages(layers, ratios)
 
     def stage_signals(self, signals: Signals, hooks: Any, hidden: torch.Tensor, layer: int) -> None:
         """The last prompt token's attention at layer ``layer + 1`` on layer ``layer``'s output ``hidden``

@@ -9,7 +9,7 @@ import torch
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
-from vtprune.scorers.staged import check_stage_options, depth_scaled, staged_schedule
+from vtprune.scorers.staged import StagedLayers
 
 RATERS = "sparsevlm_raters"  # Session.extras key: per sample the raters' original sequence positions
 STAGE_INPUT = "sparsevlm_stage_input"  # Session.extras key: the current pruning layer's input [B, N_cur, D]
@@ -62,7 +62,7 @@ def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @register
-class SparseVLMScorer(Scorer):
+class SparseVLMScorer(StagedLayers, Scorer):
     """SparseVLM (Zhang et al., ICML 2025, "SparseVLM: Visual Token Sparsification for Efficient
     Vision-Language Model Inference"), scoring of its v1.5 release.
 
@@ -104,21 +104,7 @@ class SparseVLMScorer(Scorer):
         if not 0 <= float(recycle_fraction) <= 1:
             raise ConfigError(f"sparsevlm: recycle_fraction={recycle_fraction} must be in [0, 1]")
         self.recycle, self.recycle_fraction = bool(recycle), float(recycle_fraction)
-        self._default_layers = layers is None
-        layers, ratios = check_stage_options("sparsevlm", self.PAPER_LAYERS if layers is None else layers, ratios)
-        self.layers, self.ratios = layers, ratios
-
-    def bind(self, model: Any, adapter: Any) -> None:
-        if self._default_layers:  # the paper's layers at the same depth fractions of this model
-            depth = len(adapter.decoder_layers())
-            self.layers = depth_scaled(self.name, list(self.PAPER_LAYERS), depth, adapter.min_layer())
-
-    @property
-    def default_layer(self) -> int:  # type: ignore[override]
-        return self.layers[0]
-
-    def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
-        return staged_schedule(self.name, adapter, self.layers, self.ratios, layer, keep)
+        self.init_stages(layers, ratios)
 
     def model_hooks(self, adapter: Any, state: Any) -> list:
         layers = adapter.decoder_layers()

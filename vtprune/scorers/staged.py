@@ -3,7 +3,7 @@ checks and the plan of (layer, budget) stages they hand to the LLM stage."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from vtprune.config import ConfigError, auto_keep
 from vtprune.scorers.select import StageBudget
@@ -80,3 +80,31 @@ def staged_plan(layers: list[int], ratios: list[float], keep: Any) -> list[tuple
         previous = r
     plan.append((layers[-1], min(1.0, keep / previous) if fraction else keep))
     return plan
+
+
+class StagedLayers:
+    """The stage layers of a staged in-LLM scorer (mixed in before `Scorer`): ``PAPER_LAYERS`` (0-based
+    pruned outputs of a 32-layer LLM) are the default ``layers``, scaled to the model's depth at `bind`
+    (`depth_scaled`); explicit ``layers=[...]`` are used as given; the first stage is the default layer and
+    `schedule` is `staged_schedule` over ``layers`` and ``ratios``."""
+
+    name: ClassVar[str]
+    PAPER_LAYERS: ClassVar[tuple[int, ...]] = ()
+
+    def init_stages(self, layers, ratios) -> None:
+        """Check and store ``layers`` (None: the paper's, scaled at `bind`) and ``ratios``."""
+        self._default_layers = layers is None
+        self.layers, self.ratios = check_stage_options(self.name, self.PAPER_LAYERS if layers is None else layers,
+                                                       ratios)
+
+    def bind(self, model: Any, adapter: Any) -> None:
+        if self._default_layers:  # the paper's layers at the same depth fractions of this model
+            depth = len(adapter.decoder_layers())
+            self.layers = depth_scaled(self.name, list(self.PAPER_LAYERS), depth, adapter.min_layer())
+
+    @property
+    def default_layer(self) -> int:
+        return self.layers[0]
+
+    def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
+        return staged_schedule(self.name, adapter, self.layers, self.ratios, layer, keep)

@@ -9,7 +9,7 @@ import torch
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
 from vtprune.scorers.base import IN_LLM, Scorer, Signals, register
-from vtprune.scorers.staged import check_stage_options, depth_scaled, staged_schedule
+from vtprune.scorers.staged import StagedLayers
 
 TTV = "transprune_ttv"  # Session.extras key: [B, N] accumulated TTV in original sequence positions
 
@@ -28,7 +28,7 @@ def transition_variation(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.T
 
 
 @register
-class TransPruneScorer(Scorer):
+class TransPruneScorer(StagedLayers, Scorer):
     """TransPrune (Li et al., 2025, "TransPrune: Token Transition Pruning for Efficient Large
     Vision-Language Model"): S = TTV / sum(TTV) + IGA / sum(IGA) over each image's current visual tokens.
 
@@ -57,31 +57,20 @@ class TransPruneScorer(Scorer):
     def __init__(self, layers: list[int] | tuple[int, ...] | None = None,
                  ratios: list[float] | tuple[float, ...] = (0.875, 0.625),
                  accumulate: list[int] | tuple[int, ...] | None = None) -> None:
-        self._default_layers = layers is None
-        layers, ratios = check_stage_options("transprune", self.PAPER_LAYERS if layers is None else layers, ratios)
+        self.init_stages(layers, ratios)
         if accumulate is not None and (len(accumulate) != 2 or int(accumulate[0]) > int(accumulate[1])):
             raise ConfigError(f"transprune: accumulate={accumulate} must be [first, last] layers")
-        self.layers, self.ratios = layers, ratios
         self.accumulate = [int(a) for a in accumulate] if accumulate is not None else None
 
     # per stage of the last prefill, the TTV and IGA parts of the score (a debugging record, per thread)
     last_parts = PerThread(factory=list)
-
-    def bind(self, model: Any, adapter: Any) -> None:
-        if self._default_layers:  # the paper's layers at the same depth fractions of this model
-            depth = len(adapter.decoder_layers())
-            self.layers = depth_scaled(self.name, list(self.PAPER_LAYERS), depth, adapter.min_layer())
-
-    @property
-    def default_layer(self) -> int:  # type: ignore[override]
-        return self.layers[0]
 
     def _accumulated(self) -> range:
         first, last = self.accumulate if self.accumulate is not None else (self.layers[0], self.layers[-1])
         return range(first, last + 1)
 
     def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
-        plan = staged_schedule(self.name, adapter, self.layers, self.ratios, layer, keep)
+        plan = super().schedule(model, adapter, layer, keep)
         if self._accumulated()[-1] > len(adapter.decoder_layers()) - 1:
             raise ConfigError(f"transprune: accumulate={self.accumulate} reaches past the model's last layer")
         return plan
