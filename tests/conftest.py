@@ -210,3 +210,20 @@ def qwen_prompts(kind: str, rows: list, padding_side: str = "left"):
     if videos:
         kwargs["videos"] = videos
     return proc(**kwargs)
+
+
+def one_sample_layout(sizes: list[int], fixed: dict[int, int] | None = None):
+    """A `VisualLayout` of one sample with images of ``sizes`` visual tokens (positions from 3, 10 text
+    tokens); ``fixed``: image -> local index of a non-prunable token (a NeXT newline)."""
+    from vtprune.layout import VisualLayout
+
+    n = sum(sizes)
+    image = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    prunable = torch.ones(n, dtype=torch.bool)
+    start = 0
+    for i, s in enumerate(sizes):
+        if fixed and i in fixed:
+            prunable[start + fixed[i]] = False
+        start += s
+    return VisualLayout([torch.arange(n) + 3], [image], [prunable], [torch.arange(n)],
+                        [torch.zeros(n, 3, dtype=torch.long)], seq_len=n + 10)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import batch, get_model, qwen_batch
+from conftest import batch, get_model, one_sample_layout, qwen_batch
 from oracle import lm_on_kept
 
 import vtprune
 from vtprune.config import ConfigError
-from vtprune.layout import VisualLayout
 from vtprune.scorers import build_scorer
 from vtprune.scorers.prumerge import (
     iqr_outliers,
@@ -85,21 +84,8 @@ def test_merge_weights_equal_a_hand_computation():
     assert torch.equal(merged_tokens(x, keys, a, torch.tensor([2]), neighbours=0), x[[2]])
 
 
-def _layout(sizes: list[int], fixed: dict[int, int] | None = None) -> VisualLayout:
-    n = sum(sizes)
-    image = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
-    prunable = torch.ones(n, dtype=torch.bool)
-    start = 0
-    for i, s in enumerate(sizes):
-        if fixed and i in fixed:
-            prunable[start + fixed[i]] = False
-        start += s
-    return VisualLayout([torch.arange(n) + 3], [image], [prunable], [torch.arange(n)],
-                        [torch.zeros(n, 3, dtype=torch.long)], seq_len=n + 10)
-
-
 def test_plan_caps_the_adaptive_count_and_places_the_extra_token():
-    lay = _layout([20, 20], fixed={0: 19})  # image 0 ends with a non-prunable token (a NeXT newline)
+    lay = one_sample_layout([20, 20], fixed={0: 19})  # image 0 ends with a non-prunable token (a NeXT newline)
     a = torch.full((40,), 0.01)
     a[[2, 5, 8]] = torch.tensor([0.5, 0.7, 0.6])  # image 0: 3 outliers
     a[[21, 39]] = torch.tensor([0.8, 0.9])  # image 1: 2 outliers, the last token among them

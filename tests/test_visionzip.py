@@ -14,14 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import batch, get_model, qwen_batch
+from conftest import batch, get_model, one_sample_layout, qwen_batch
 from oracle import lm_on_kept
 
 import vtprune
 from vtprune.adapters import adapter_for
 from vtprune.adapters.qwen import window_order
 from vtprune.config import ConfigError
-from vtprune.layout import VisualLayout
 from vtprune.scorers import build_scorer
 from vtprune.scorers.cls import ensemble_layers
 from vtprune.scorers.visionzip import contextual_assign, contextual_tokens, plan_visionzip, split_budget
@@ -94,22 +93,8 @@ def test_contextual_token_is_target_plus_mean_of_members(dtype):
     assert torch.equal(ctx[1], x[5])  # no member: the target itself, bit-exact
 
 
-def _layout(sizes: list[int], fixed: dict[int, int] | None = None) -> VisualLayout:
-    """One sample with images of ``sizes`` tokens; ``fixed`` image -> local index of a non-prunable token."""
-    n = sum(sizes)
-    image = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
-    prunable = torch.ones(n, dtype=torch.bool)
-    start = 0
-    for i, s in enumerate(sizes):
-        if fixed and i in fixed:
-            prunable[start + fixed[i]] = False
-        start += s
-    return VisualLayout([torch.arange(n) + 3], [image], [prunable], [torch.arange(n)],
-                        [torch.zeros(n, 3, dtype=torch.long)], seq_len=n + 10)
-
-
 def test_plan_picks_planted_dominant_tokens_and_merges_the_rest():
-    lay = _layout([30, 30], fixed={0: 29})  # image 0 ends with a non-prunable token (a NeXT newline)
+    lay = one_sample_layout([30, 30], fixed={0: 29})  # image 0 ends with a non-prunable token (a NeXT newline)
     torch.manual_seed(0)
     scores = torch.rand(60) * 0.1
     planted = [[3, 7, 11, 12, 20], [31, 40, 41, 50, 59]]
@@ -129,7 +114,7 @@ def test_plan_in_release_order_sends_cls_first_then_dominant_then_contextual():
     """VisionZip's release: ``D`` dominant tokens include CLS, so ``D - 1`` patches; the sequence is CLS, the
     dominant patches (raster order), the contextual tokens (target order); CLS takes the image's last
     remaining slot that is no target."""
-    lay = _layout([30, 30])
+    lay = one_sample_layout([30, 30])
     torch.manual_seed(0)
     scores = torch.rand(60) * 0.1
     planted = [[3, 7, 11, 12, 20], [31, 40, 41, 50, 59]]
@@ -148,14 +133,14 @@ def test_plan_in_release_order_sends_cls_first_then_dominant_then_contextual():
     assert plan.targets.tolist() == [rest0[0], rest1[0]]
     assert sorted(plan.members.tolist()) == rest0[1:] + rest1[1:]  # the CLS slot's token is merged as well
     # without a contextual token the CLS slot is the last non-dominant token; keep covering the image: raster
-    (one,) = plan_visionzip([scores[:30]], [keys[:30]], _layout([30]), keep=1, with_cls=[[True]])
+    (one,) = plan_visionzip([scores[:30]], [keys[:30]], one_sample_layout([30]), keep=1, with_cls=[[True]])
     assert one.kept.tolist() == [29] and one.cls_at.tolist() == [0] and one.targets.numel() == 0
-    (whole,) = plan_visionzip([scores[:30]], [keys[:30]], _layout([30]), keep=30, with_cls=[[True]])
+    (whole,) = plan_visionzip([scores[:30]], [keys[:30]], one_sample_layout([30]), keep=30, with_cls=[[True]])
     assert whole.kept.tolist() == list(range(30)) and whole.cls_at.numel() == 0 and whole.members.numel() == 0
 
 
 def test_plan_keep_all_merges_nothing():
-    lay = _layout([20])
+    lay = one_sample_layout([20])
     (plan,) = plan_visionzip([torch.rand(20)], [torch.randn(20, 4)], lay, keep=1.0)
     assert plan.kept.tolist() == list(range(20)) and plan.members.numel() == 0
 
@@ -621,7 +606,7 @@ class _VisionZipSyncs:
 
 
 def test_plan_reads_the_host_only_for_excluding_scores():
-    lay = _layout([30, 25, 8], fixed={1: 24})
+    lay = one_sample_layout([30, 25, 8], fixed={1: 24})
     torch.manual_seed(1)
     scores, keys = torch.rand(63), torch.randn(63, 4)
     _ = lay.spans  # built once per prefill from the host copies, outside VisionZip
