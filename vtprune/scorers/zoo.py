@@ -53,7 +53,9 @@ class ZOOScorer(Scorer):
     acts per patch, so it stays outside the perturbed map, as the feature layer's own norm does on LLaVA).
     Pre-LLM only. Query-free, no attention.
     Cost: ``2 m`` projector passes per visual token (chunked). Written from the paper's description (the
-    official repository holds only a README): bank sharing and min-max normalisation as described there.
+    official repository, github.com/AIM-SKKU/ZOO-Prune, now holds only a README; its earlier commits held
+    the LLaVA code, with the same 64 directions, h=0.01 and SADS rule, not yet compared in
+    benchmarks/parity): bank sharing and min-max normalisation as described there.
     """
 
     name = "zoo"
