@@ -303,3 +303,21 @@ def test_qwen_video_tokens_are_ranked_by_their_frames_context():
     assert imp["mixed"].numel() == n_image + imp["video"].numel()
     torch.testing.assert_close(imp["mixed"][:n_image], imp["single"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(imp["mixed"][n_image:], imp["video"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth, layers", [(28, [8, 17]), (32, [9, 19]), (4, [1, 2])])
+def test_default_llm_layers_are_the_releases_on_its_28_layer_llm(depth, layers):
+    """The release (LLaVA-OneVision-7B, a 28-layer Qwen2) drops before layers 9 and 18 (``illava_llm_k``
+    9-18), i.e. after 0-based 8 and 17; other depths get the same fractions."""
+    from types import SimpleNamespace
+
+    from vtprune.scorers.vflowopt import VFlowOptScorer
+
+    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(patch_size=14), model_type="llava"))
+    adapter = SimpleNamespace(vision_family="clip", decoder_layers=lambda: [None] * depth, min_layer=lambda: 0)
+    scorer = VFlowOptScorer()
+    scorer.bind(model, adapter)
+    assert scorer.llm_layers == layers
+    explicit = VFlowOptScorer(llm_layers=[9, 18])
+    explicit.bind(model, adapter)
+    assert explicit.llm_layers == [9, 18]  # explicit layers are used as given

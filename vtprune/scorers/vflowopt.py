@@ -96,8 +96,10 @@ class VFlowOptScorer(Scorer):
       recycling (``keep=1`` recycles nothing). An image therefore keeps at most ``k`` tokens, its recycled
       ones included, and ``stats().contextual`` counts the recycled ones among the kept (after the LLM
       stages: those that survived them). See docs/methods.md.
-    - Inside the LLM: after ``llm_layers`` (default 0-based 9, 18; the release's LLaVA-OneVision split),
-      drop by the same I, keeping ``llm_ratio`` of the tokens present, then ``keep`` after the last.
+    - Inside the LLM: after ``llm_layers`` drop by the same I, keeping ``llm_ratio`` of the tokens present,
+      then ``keep`` after the last. Default 0-based 9, 19 on 32-layer LLMs, the same depth fractions
+      elsewhere: 8, 17 on 28 layers, the release's LLaVA-OneVision-7B split (its ``illava_llm_k`` 9-18
+      drops before layers 9 and 18 of that 28-layer LLM).
     - ``vtprune tune`` searches ``t``, ``cell``, ``vision_ratio``, ``llm_ratio`` and ``alpha`` (the
       release's search space) with the same flow-guided objective as the paper.
 
@@ -121,7 +123,10 @@ class VFlowOptScorer(Scorer):
     last_importance = PerThread(factory=list)
     last_recycled = PerThread(factory=list)
 
-    PAPER_LLM_LAYERS = (9, 18)  # 0-based, for 32-layer LLMs; other depths get them scaled (`depth_scaled`)
+    # 0-based pruned outputs, for 32-layer LLMs; other depths get them scaled (`depth_scaled`). The release's
+    # illava_llm_k 9-18 drops before layers 9 and 18 of LLaVA-OneVision-7B's 28 (after 8 and 17): the same
+    # depth fractions of 32 layers are 9, 19, which `depth_scaled` maps back to exactly 8, 17 on 28 layers
+    PAPER_LLM_LAYERS = (9, 19)
 
     def __init__(self, t: float = 34.76, cell: float = 15.58, alpha: float = 0.0, vision_ratio: float = 0.265,
                  llm_ratio: float = 0.983, llm_layers: list[int] | tuple[int, ...] | None = None,
