@@ -39,12 +39,19 @@ import json
 import sys
 import tempfile
 import types
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, load_file, peaked, reference_path, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    env_name,
+    jaccard,
+    load_llava_arch,
+    logits_without_unkept,
+    peaked,
+    run_check,
+    tiny_llava_inputs,
+)
 
 METHOD = "cdpruner"
 ENV = env_name(METHOD)
@@ -58,42 +65,9 @@ CLIP_CONFIG = {"embed_dim": 16,
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
 
 
-@contextmanager
-def fake_modules(modules: dict[str, dict[str, Any]]):
-    """Modules with the given attributes in ``sys.modules`` for an import (restored afterwards): the
-    release's imports that the compared function never uses."""
-    saved = {name: sys.modules.get(name) for name in modules}
-    for name, attrs in modules.items():
-        module = types.ModuleType(name)
-        module.__path__ = []  # importable as a package too
-        module.__dict__.update(attrs)
-        sys.modules[name] = module
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-
-
 def load_release(ref: Path) -> Any:
     """The release's ``LlavaMetaForCausalLM`` class."""
-    unused = lambda *a, **k: None  # noqa: E731
-    with fake_modules({
-        "cdpruner_release": {},
-        "cdpruner_release.multimodal_encoder": {},
-        "cdpruner_release.multimodal_encoder.builder": {"build_vision_tower": unused},
-        "cdpruner_release.multimodal_projector": {},
-        "cdpruner_release.multimodal_projector.builder": {"build_vision_projector": unused},
-        "llava": {},
-        "llava.constants": {"IGNORE_INDEX": -100, "IMAGE_TOKEN_INDEX": -200, "DEFAULT_IMAGE_PATCH_TOKEN": "",
-                            "DEFAULT_IM_START_TOKEN": "", "DEFAULT_IM_END_TOKEN": ""},
-        "llava.mm_utils": {"get_anyres_image_grid_shape": unused},
-    }):
-        arch = load_file(ref / "llava/model/llava_arch.py", "cdpruner_release.llava_arch")
-    return arch.LlavaMetaForCausalLM
+    return load_llava_arch(ref / "llava/model/llava_arch.py", "cdpruner_release").LlavaMetaForCausalLM
 
 
 def tiny_clip(folder: Path) -> tuple[str, str, Any]:
@@ -144,39 +118,6 @@ def release_mask(meta_cls: Any, model: Any, clip: Any, pixels: Any, text: str, b
     return masks
 
 
-def inputs_for(seed: int = 0) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8))
-    return tiny_llava_processor()(images=[image], text=[PROMPT], return_tensors="pt")
-
-
-def logits_on_mask(model: Any, inputs: Any, mask: Any) -> Any:
-    """First-token logits ``[V]`` of the unpatched model with the visual tokens outside ``mask`` ``[576]``
-    removed (the release's pruned sequence; contiguous positions)."""
-    import torch
-
-    seen: dict[str, Any] = {}
-    lm = model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs, use_cache=False)
-    handle.remove()
-    ids = inputs["input_ids"][0]
-    visual = torch.nonzero(ids == model.config.image_token_id).flatten()
-    keep = torch.ones(ids.numel(), dtype=torch.bool)
-    keep[visual[~mask.cpu()]] = False
-    short = seen["inputs_embeds"][:, keep]
-    with torch.no_grad():
-        h = lm(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long),
-               use_cache=False).last_hidden_state
-        return model.lm_head(h[:, -1])[0]
-
-
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
@@ -184,7 +125,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava, tiny_llava_tokenizer
 
     meta_cls = load_release(ref)
-    inputs = inputs_for()
+    inputs = tiny_llava_inputs(PROMPT)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -207,7 +148,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
                     ours = vtprune.stats(model).kept[0].tolist()
                 finally:
                     vtprune.remove(model)
-                logit = float((ours_logits - logits_on_mask(model, inputs, mask)).abs().max())
+                logit = float((ours_logits - logits_without_unkept(model, inputs, theirs)).abs().max())
                 rows.append({"method": METHOD, "model": f"tiny-llava-1.5 (LLM width {LLM_WIDTH})", "variant": variant, "budget": budget,
                              "jaccard": jaccard(ours, theirs), "kept_equal": sorted(ours) == theirs,
                              "logit_max_abs": logit,
@@ -218,12 +159,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__ or "")
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/cdpruner.py --ref {ref}")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+    return run_check(METHOD, compare, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,13 @@ variable is set and asserts Jaccard 1 and logits within the tolerance.
 Rows: ``{"method", "model", "variant", "budget", "jaccard", "kept_equal", "logit_max_abs"}``, one per
 (model, variant, budget), written to ``benchmarks/results/parity/<method>.json`` with the command and the
 reference's commit.
+
+Besides `reference_path` / `write_rows` (and `run_check`, a check's whole ``main``), the pieces the checks
+share live here: importing a release's files (`load_file`, `fake_modules`, `load_llava_arch`,
+`release_llava_package`), the tiny LLaVA-1.5 inputs (`tiny_llava_inputs`) and the language model run on a
+release's visual rows (`lm_input_embeds`, `logits_on_visual_rows`, `logits_without_unkept`,
+`traced_vtprune_run`). The checks whose release runs in the transformers 4.37 environment share
+``benchmarks/parity/llava_repo_worker.py`` (the worker processes, the ``vicuna_v1`` inputs).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,23 +68,13 @@ def reference_path(method: str, argv: list[str] | None = None, doc: str = "") ->
 def load_file(path: Path, name: str, stubs: Iterable[str] = ()) -> types.ModuleType:
     """Import the single file ``path`` of a release as module ``name``; ``stubs``: module names its imports
     need that are irrelevant to the functions compared (replaced by empty modules, restored afterwards)."""
-    saved = {}
-    for stub in stubs:
-        saved[stub] = sys.modules.get(stub)
-        sys.modules[stub] = types.ModuleType(stub)
-    try:
+    with fake_modules({stub: {} for stub in stubs}):
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise SystemExit(f"cannot import {path}: not a Python file")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    finally:
-        for stub, old in saved.items():
-            if old is None:
-                sys.modules.pop(stub, None)
-            else:
-                sys.modules[stub] = old
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
@@ -125,3 +123,222 @@ def peaked(model: Any, factor: float = 8.0) -> Any:
                     if module.bias is not None:
                         module.bias.mul_(factor)
     return model
+
+
+def run_check(method: str, compare: Callable[[Path], list[dict[str, Any]]], argv: list[str] | None = None,
+              doc: str = "", *, passed: Callable[[dict[str, Any]], bool] | None = None,
+              summary: Callable[[list[dict[str, Any]]], None] | None = None) -> int:
+    """A check's ``main``: `reference_path` (None: it printed "skipped", returns 0), ``rows = compare(ref)``,
+    `write_rows` with the command ``python benchmarks/parity/<method>.py --ref REF`` (``+`` spelt ``plus``),
+    then ``summary(rows)`` (extra printed lines) where given. Returns the exit code: 0 where ``passed(row)``
+    (default: ``row["kept_equal"]``) holds for every row, else 1."""
+    ref, args = reference_path(method, argv, doc)
+    if ref is None:
+        return 0
+    rows = compare(ref)
+    write_rows(method, rows, ref, args, f"python benchmarks/parity/{method.replace('+', 'plus')}.py --ref {ref}")
+    if summary is not None:
+        summary(rows)
+    passed = passed or (lambda r: r["kept_equal"])
+    return 0 if all(passed(r) for r in rows) else 1
+
+
+@contextmanager
+def fake_modules(modules: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """Modules with the given attributes in ``sys.modules`` (each importable as a package too) while the
+    block runs, the previous entries restored afterwards: the release's imports that the compared functions
+    never use."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__path__ = []
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+
+
+def llava_stubs() -> dict[str, dict[str, Any]]:
+    """Stand-ins (for `fake_modules`) of the LLaVA repository's ``llava.constants`` and ``llava.mm_utils``,
+    which a release's ``llava_arch.py`` imports: the constants' values, ``get_anyres_image_grid_shape`` a
+    no-op (LLaVA-1.5 never calls it)."""
+    return {
+        "llava": {},
+        "llava.constants": {"IGNORE_INDEX": -100, "IMAGE_TOKEN_INDEX": -200, "DEFAULT_IMAGE_PATCH_TOKEN": "",
+                            "DEFAULT_IM_START_TOKEN": "", "DEFAULT_IM_END_TOKEN": ""},
+        "llava.mm_utils": {"get_anyres_image_grid_shape": lambda *a, **k: None},
+    }
+
+
+def load_llava_arch(path: Path, package: str) -> types.ModuleType:
+    """A release's ``llava/model/llava_arch.py`` at ``path``, imported as ``<package>.llava_arch``: its relative
+    imports of the vision-tower and projector builders and its ``llava.*`` imports are stand-ins
+    (`llava_stubs`), so only the file's own code (``LlavaMetaForCausalLM``) is the release's."""
+    unused = lambda *a, **k: None  # noqa: E731
+    with fake_modules({
+        package: {},
+        f"{package}.multimodal_encoder": {},
+        f"{package}.multimodal_encoder.builder": {"build_vision_tower": unused},
+        f"{package}.multimodal_projector": {},
+        f"{package}.multimodal_projector.builder": {"build_vision_projector": unused},
+        **llava_stubs(),
+    }):
+        return load_file(path, f"{package}.llava_arch")
+
+
+@contextmanager
+def release_llava_package(root: Path) -> Iterator[None]:
+    """Import the release's ``llava`` modules from the checkout folder ``root`` while the block runs: its
+    ``llava/__init__`` files (which import the whole model fork) are bypassed, any installed or earlier
+    imported ``llava`` is hidden meanwhile and restored afterwards."""
+    saved = {k: v for k, v in sys.modules.items() if k == "llava" or k.startswith("llava.")}
+    for k in saved:
+        del sys.modules[k]
+    for pkg in ("llava", "llava.model"):
+        module = types.ModuleType(pkg)
+        module.__path__ = [str(root / pkg.replace(".", "/"))]
+        sys.modules[pkg] = module
+    try:
+        yield
+    finally:
+        for k in [k for k in sys.modules if k == "llava" or k.startswith("llava.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def tiny_llava_inputs(prompt: str, count: int = 1, seed: int = 0, draw: str = "integers",
+                      images: list[Any] | None = None) -> Any:
+    """Processor inputs (``input_ids``, ``attention_mask``, ``pixel_values``) of the tiny LLaVA-1.5 model
+    (`vtprune.toy.tiny.tiny_llava_processor`) for ``count`` copies of ``prompt``, each with one 400 x 500
+    noise image drawn from ``numpy.random.default_rng(seed)`` in turn: ``draw="integers"`` uniform integer
+    pixels 0..255, ``"floats"`` ``uint8(uniform[0, 1) * 255)``. ``images`` (PIL images) replaces the noise."""
+    import numpy as np
+    from PIL import Image
+
+    from vtprune.toy.tiny import tiny_llava_processor
+
+    if images is None:
+        rng = np.random.default_rng(seed)
+        if draw == "integers":
+            images = [Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8)) for _ in range(count)]
+        elif draw == "floats":
+            images = [Image.fromarray((rng.random((400, 500, 3)) * 255).astype("uint8")) for _ in range(count)]
+        else:
+            raise ValueError(f"draw={draw!r}: give 'integers' or 'floats'")
+    extra = {"padding": True} if len(images) > 1 else {}
+    return tiny_llava_processor()(images=images, text=[prompt] * len(images), return_tensors="pt", **extra)
+
+
+def lm_input_embeds(model: Any, inputs: Any) -> Any:
+    """The language model's input embeddings ``[B, L, D]`` (text embeddings with the projector outputs spliced
+    in) in a forward of ``model`` (an HF LLaVA model, unpatched) on ``inputs``, recorded by a pre-hook."""
+    import torch
+
+    seen: dict[str, Any] = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["inputs_embeds"]
+
+
+def image_span(model: Any, inputs: Any) -> tuple[int, int]:
+    """``(start, n)``: the image placeholder span ``input_ids[:, start:start + n]``, the same single contiguous
+    span in every prompt (asserted)."""
+    import torch
+
+    image = inputs["input_ids"] == model.config.image_token_id
+    start, n = int(torch.nonzero(image[0])[0]), int(image[0].sum())
+    assert bool((image.sum(1) == n).all()) and bool(image[:, start:start + n].all()), "one image span per prompt"
+    return start, n
+
+
+def logits_on_visual_rows(model: Any, inputs: Any, rows: Any) -> Any:
+    """First-token (last-position) logits ``[B, V]`` of ``model``'s unpatched language model and ``lm_head`` on
+    the prompts with each image span (`image_span`) replaced by ``rows`` ``[B, k, D]``: a release's sequence
+    of visual rows, contiguous positions."""
+    import torch
+
+    start, n = image_span(model, inputs)
+    with torch.no_grad():
+        text = model.get_input_embeddings()(inputs["input_ids"])
+        seq = torch.cat([text[:, :start], rows.to(text.dtype), text[:, start + n:]], dim=1)
+        hidden = model.model.language_model(inputs_embeds=seq, use_cache=False).last_hidden_state
+        return model.lm_head(hidden[:, -1])
+
+
+def logits_without_unkept(model: Any, inputs: Any, kept: Iterable[int], embeds: Any = None) -> Any:
+    """First-token logits ``[V]`` (one prompt) of ``model``'s unpatched LLM on its own input embeddings
+    (``embeds`` ``[1, L, D]``, default `lm_input_embeds`) with the visual tokens outside ``kept`` (indices
+    among the image's tokens) removed: a release's pruned sequence, raster order, contiguous positions."""
+    import torch
+
+    if embeds is None:
+        embeds = lm_input_embeds(model, inputs)
+    start, _ = image_span(model, inputs)
+    index = torch.tensor(sorted(int(i) for i in kept), dtype=torch.long)
+    return logits_on_visual_rows(model, inputs, embeds[:, start + index])[0]
+
+
+def traced_vtprune_run(model: Any, inputs: Any, method: str, **options: Any) -> dict[str, Any]:
+    """vtprune's ``method`` (``vtprune.apply(model, method, **options)``, removed afterwards) on one prompt,
+    with each visual row the LLM receives traced back to the projector call whose output it is: ``kept``
+    (vtprune's kept visual indices), ``rows`` ``[k, D]`` (the LLM input rows from the image's first slot,
+    ``k = len(kept)``), ``inputs`` ``[k, C_v]`` (per row the projector input, of the last call producing it:
+    a merge's, after the plain features) and ``logits`` ``[V]`` (first token)."""
+    import torch
+
+    import vtprune
+
+    calls: list[tuple[Any, Any]] = []
+    seen: dict[str, Any] = {}
+    proj = model.model.multi_modal_projector
+    vtprune.apply(model, method, **options)
+    handles = [proj.register_forward_hook(lambda m, a, out: calls.append((a[0].detach(), out.detach()))),
+               model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits[0, -1]
+        kept = vtprune.stats(model).kept[0].tolist()
+    finally:
+        for h in handles:
+            h.remove()
+        vtprune.remove(model)
+    start, n = image_span(model, inputs)
+    embeds = seen["inputs_embeds"][0]
+    assert embeds.shape[0] == inputs["input_ids"].shape[1] - n + len(kept), "the LLM input is the shortened sequence"
+    rows = embeds[start:start + len(kept)]
+    ins = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls])
+    outs = torch.cat([o.reshape(-1, o.shape[-1]) for _, o in calls])
+    inputs_of = []
+    for slot, row in enumerate(rows):
+        hit = torch.nonzero((outs == row).all(dim=-1)).flatten()
+        assert hit.numel() >= 1, f"the LLM row of visual token {kept[slot]} is no projector output"
+        inputs_of.append(ins[hit[-1]])
+    return {"kept": kept, "rows": rows, "inputs": torch.stack(inputs_of), "logits": logits}
+
+
+def single_threaded(compare: Callable[[Path], list[dict[str, Any]]]) -> Callable[[Path], list[dict[str, Any]]]:
+    """``compare`` run with one torch thread (restored afterwards): the tiny matrices are fastest on one thread,
+    which also does not contend with other jobs."""
+    def run(ref: Path) -> list[dict[str, Any]]:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return compare(ref)
+        finally:
+            torch.set_num_threads(threads)
+
+    run.__doc__ = compare.__doc__
+    return run

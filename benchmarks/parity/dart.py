@@ -35,35 +35,23 @@ the prompt is that conversation template with one image, batch 1 (the release as
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, reference_path, write_rows  # noqa: E402
+import llava_repo_worker as worker  # noqa: E402
+from common import env_name, jaccard, run_check  # noqa: E402
 
 METHOD = "dart"
 ENV = env_name(METHOD)
 LOGIT_TOLERANCE = 1e-4
-ROOT = Path(__file__).resolve().parents[2]
 LAYERS, HIDDEN, TOKENS = 32, 64, 576
 MODEL = f"tiny llava_llama ({LAYERS} layers, width {HIDDEN}, {TOKENS} tokens)"
+TINY = dict(layers=LAYERS, hidden=HIDDEN)  # tiny_llava_repo's options
 VARIANTS = ("random", "peaked")
 PRUNED_LAYER = 2  # the release's --pruned_layer: the input of layer 2 (vtprune: layer 1's output) is pruned
 PIVOTS = (4, 4)  # --pivot_image_token, --pivot_text_token
 TRUNCATIONS = (192, 128, 64, 0)  # --max_num_trunction; 0: the image pivots alone
-QUESTION = "<image>\nWhat is the colour of the large shape? Answer the question using a single word or phrase."
-
-
-def llava_python() -> str:
-    """The interpreter of the transformers 4.37 environment (``$VTPRUNE_LLAVA_PYTHON`` or ``.venv-llava``)."""
-    python = os.environ.get("VTPRUNE_LLAVA_PYTHON") or str(ROOT / ".venv-llava" / "bin" / "python")
-    if not Path(python).exists():
-        raise SystemExit(f"{METHOD}: the release runs on transformers 4.37: create {python} with "
-                         "`bash scripts/setup_llava_repo.sh` (or set VTPRUNE_LLAVA_PYTHON)")
-    return python
 
 
 def vtprune_keep(truncation: int) -> int:
@@ -74,48 +62,16 @@ def vtprune_keep(truncation: int) -> int:
 
 # --- workers (run by compare() in the transformers 4.37 environment) -------------------------------------
 
-def _tiny(work: Path):
-    from vtprune.toy.tiny_llava_repo import tiny_llava_repo
-
-    return tiny_llava_repo(work / "towers", layers=LAYERS, hidden=HIDDEN, seed=0)
-
-
-def _inputs(tok, ip, config):
-    import numpy as np
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-    from PIL import Image
-
-    from vtprune.toy.tiny_llava_repo import IMAGE_TOKEN_INDEX
-
-    conv = conv_templates["vicuna_v1"].copy()
-    conv.append_message(conv.roles[0], QUESTION)
-    conv.append_message(conv.roles[1], None)
-    ids = tokenizer_image_token(conv.get_prompt(), tok, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
-    picture = Image.fromarray((np.random.default_rng(7).random((320, 400, 3)) * 255).astype("uint8"))
-    return ids, process_images([picture], ip, config)
-
-
 def _vtprune_side(work: Path) -> None:
     """The weights of both variants and vtprune's kept sets and logits; writes ``vtprune.json``."""
-    import torch
-    from common import peaked
-
-    import vtprune
-
     out = {}
     for variant in VARIANTS:
-        model, tok, ip = _tiny(work)
-        if variant == "peaked":
-            peaked(model)
-        ids, images = _inputs(tok, ip, model.config)
-        torch.save({"state": model.state_dict(), "input_ids": ids, "images": images}, work / f"{variant}.pt")
+        factor = 8.0 if variant == "peaked" else None  # `peaked`'s default
+        model, ids, images = worker.prepared_variant(work, variant, factor, **TINY)
         for m in TRUNCATIONS:
-            vtprune.apply(model, METHOD, keep=vtprune_keep(m), image_pivots=PIVOTS[0], text_pivots=PIVOTS[1])
-            with torch.no_grad():
-                logits = model(input_ids=ids, images=images, return_dict=True).logits[0, -1]
-            st = vtprune.stats(model)
-            vtprune.remove(model)
+            logits, st = worker.vtprune_prefill(model, ids, images, METHOD, keep=vtprune_keep(m),
+                                                image_pivots=PIVOTS[0],
+                                         text_pivots=PIVOTS[1])
             out[f"{variant}/{m}"] = {"layer": st.layer, "kept": st.kept[0].tolist(), "logits": logits.tolist()}
     (work / "vtprune.json").write_text(json.dumps(out))
 
@@ -132,7 +88,7 @@ def _release_side(work: Path) -> None:
     out = {}
     for variant in VARIANTS:
         saved = torch.load(work / f"{variant}.pt")
-        model, _, _ = _tiny(work)  # with the release's package first: its LlavaLlamaForCausalLM on DART
+        model, _, _ = worker.tiny_model(work, **TINY)  # the release's package first: its LlavaLlamaForCausalLM on DART
         if type(model.model).__mro__[2].__name__ != "DART":
             raise SystemExit(f"dart parity: the release's llava package was not imported (got {type(model.model)})")
         model.load_state_dict(saved["state"], strict=True)
@@ -169,18 +125,7 @@ def _release_side(work: Path) -> None:
 # --- the check ---------------------------------------------------------------------------------------------
 
 def compare(ref: Path) -> list[dict]:
-    python = llava_python()
-    with tempfile.TemporaryDirectory(prefix="parity-dart-") as tmp:
-        work = Path(tmp)
-        here = str(Path(__file__).resolve())
-        for side, path in (("vtprune", [ROOT]), ("release", [Path(ref).resolve(), ROOT])):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
-            done = subprocess.run([python, here, "--worker", side, str(work)], env=env, capture_output=True,
-                                  text=True, timeout=600)
-            if done.returncode:
-                raise SystemExit(f"{METHOD} parity: the {side} side failed:\n{done.stdout}\n{done.stderr}")
-        ours = json.loads((work / "vtprune.json").read_text())
-        theirs = json.loads((work / "release.json").read_text())
+    ours, theirs = worker.run_two_sides(METHOD, __file__, ref)
     rows = []
     for variant in VARIANTS:
         for m in TRUNCATIONS:
@@ -199,17 +144,9 @@ def compare(ref: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__)
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/{METHOD}.py --ref {ref}")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+    return run_check(METHOD, compare, argv, __doc__)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        side, work = sys.argv[2], Path(sys.argv[3])
-        (_vtprune_side if side == "vtprune" else _release_side)(work)
-        sys.exit(0)
+    worker.worker_entry({"vtprune": _vtprune_side, "release": _release_side})
     sys.exit(main())

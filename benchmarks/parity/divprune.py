@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, load_file, peaked, reference_path, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    env_name,
+    jaccard,
+    lm_input_embeds,
+    load_llava_arch,
+    logits_without_unkept,
+    peaked,
+    run_check,
+    tiny_llava_inputs,
+)
 
 METHOD = "divprune"
 ENV = env_name(METHOD)
@@ -41,33 +50,7 @@ PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 def load_release(ref: Path) -> Any:
     """The release's ``LlavaMetaForCausalLM`` (its ``llava_arch.py``; the imports its DivPrune never uses are
     stand-ins)."""
-    unused = lambda *a, **k: None  # noqa: E731
-    names = {
-        "divprune_release": {},
-        "divprune_release.multimodal_encoder": {},
-        "divprune_release.multimodal_encoder.builder": {"build_vision_tower": unused},
-        "divprune_release.multimodal_projector": {},
-        "divprune_release.multimodal_projector.builder": {"build_vision_projector": unused},
-        "llava": {},
-        "llava.constants": {"IGNORE_INDEX": -100, "IMAGE_TOKEN_INDEX": -200, "DEFAULT_IMAGE_PATCH_TOKEN": "",
-                            "DEFAULT_IM_START_TOKEN": "", "DEFAULT_IM_END_TOKEN": ""},
-        "llava.mm_utils": {"get_anyres_image_grid_shape": unused},
-    }
-    saved = {name: sys.modules.get(name) for name in names}
-    for name, attrs in names.items():
-        module = types.ModuleType(name)
-        module.__path__ = []
-        module.__dict__.update(attrs)
-        sys.modules[name] = module
-    try:
-        arch = load_file(ref / "LLaVA/llava/model/llava_arch.py", "divprune_release.llava_arch")
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-    return arch.LlavaMetaForCausalLM
+    return load_llava_arch(ref / "LLaVA/llava/model/llava_arch.py", "divprune_release").LlavaMetaForCausalLM
 
 
 def release_kept(meta_cls: Any, visual: Any, ratio: float) -> list[int]:
@@ -82,49 +65,6 @@ def release_kept(meta_cls: Any, visual: Any, ratio: float) -> list[int]:
     return sorted(picks.tolist())
 
 
-def inputs_for(seed: int = 0) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8))
-    return tiny_llava_processor()(images=[image], text=[PROMPT], return_tensors="pt")
-
-
-def input_embeds(model: Any, inputs: Any) -> Any:
-    """The language model's input embeddings ``[1, L, D]`` (projector outputs spliced in) of the unpatched model."""
-    import torch
-
-    seen: dict[str, Any] = {}
-    lm = model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    return seen["inputs_embeds"]
-
-
-def logits_on_kept(model: Any, embeds: Any, visual: Any, kept: list[int]) -> Any:
-    """First-token logits ``[V]`` of the unpatched language model on ``embeds`` with the visual rows ``visual``
-    (sequence positions) outside ``kept`` removed: the release's pruned sequence, contiguous positions."""
-    import torch
-
-    keep = torch.ones(embeds.shape[1], dtype=torch.bool)
-    drop = torch.ones(visual.numel(), dtype=torch.bool)
-    drop[kept] = False
-    keep[visual[drop]] = False
-    short = embeds[:, keep]
-    lm = model.model.language_model
-    with torch.no_grad():
-        h = lm(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long),
-               use_cache=False).last_hidden_state
-        return model.lm_head(h[:, -1])[0]
-
-
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
@@ -132,13 +72,13 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava
 
     meta_cls = load_release(ref)
-    inputs = inputs_for()
+    inputs = tiny_llava_inputs(PROMPT)
     rows = []
     for variant in ("random", "peaked"):
         model = tiny_llava()
         if variant == "peaked":
             peaked(model)
-        embeds = input_embeds(model, inputs)
+        embeds = lm_input_embeds(model, inputs)
         visual = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
         if visual.numel() != TOKENS:
             raise SystemExit(f"{METHOD} parity: the tiny model's prompt holds {visual.numel()} visual tokens, not {TOKENS}")
@@ -151,7 +91,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
                 ours = sorted(vtprune.stats(model).kept[0].tolist())
             finally:
                 vtprune.remove(model)
-            logit = float((ours_logits - logits_on_kept(model, embeds, visual, theirs)).abs().max())
+            logit = float((ours_logits - logits_without_unkept(model, inputs, theirs, embeds)).abs().max())
             rows.append({"method": METHOD, "model": "tiny-llava-1.5 (576 tokens)", "variant": variant,
                          "budget": budget, "jaccard": jaccard(ours, theirs), "kept_equal": ours == theirs,
                          "logit_max_abs": logit,
@@ -160,12 +100,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__ or "")
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/{METHOD}.py --ref {ref}")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+    return run_check(METHOD, compare, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

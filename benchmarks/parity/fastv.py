@@ -35,54 +35,27 @@ image's place in the tiny prompt (the vicuna_v1 template with one image, batch 1
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, reference_path, write_rows  # noqa: E402
+import llava_repo_worker as worker  # noqa: E402
+from common import env_name, jaccard, run_check  # noqa: E402
 
+ROOT = worker.ROOT
 METHOD = "fastv"
 ENV = env_name(METHOD)
 LOGIT_TOLERANCE = 1e-4
-ROOT = Path(__file__).resolve().parents[2]
 LAYERS, HIDDEN, TOKENS = 32, 64, 576
 MODEL = f"tiny llava_llama ({LAYERS} layers, width {HIDDEN}, {TOKENS} tokens)"
 VARIANTS = ("random", "peaked")
 KS = (2, 3)  # the release's fast_v_agg_layer; vtprune layer = K - 1 (its default 2 is K = 3)
 RANKS = (64, 128, 192, 288)  # fast_v_attention_rank
 RELEASE_FILE = "src/transformers/src/transformers/models/llama/modeling_llama.py"
-QUESTION = "<image>\nWhat is the colour of the large shape? Answer the question using a single word or phrase."
-
-
-def llava_python() -> str:
-    """The interpreter of the transformers 4.37 environment (``$VTPRUNE_LLAVA_PYTHON`` or ``.venv-llava``)."""
-    python = os.environ.get("VTPRUNE_LLAVA_PYTHON") or str(ROOT / ".venv-llava" / "bin" / "python")
-    if not Path(python).exists():
-        raise SystemExit(f"{METHOD}: the release runs on transformers 4.x: create {python} with "
-                         "`bash scripts/setup_llava_repo.sh` (or set VTPRUNE_LLAVA_PYTHON)")
-    return python
 
 
 # --- the worker (run by compare() in the transformers 4.37 environment) ----------------------------------
-
-def _inputs(tok, ip, config):
-    import numpy as np
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-    from PIL import Image
-
-    from vtprune.toy.tiny_llava_repo import IMAGE_TOKEN_INDEX
-
-    conv = conv_templates["vicuna_v1"].copy()
-    conv.append_message(conv.roles[0], QUESTION)
-    conv.append_message(conv.roles[1], None)
-    ids = tokenizer_image_token(conv.get_prompt(), tok, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
-    picture = Image.fromarray((np.random.default_rng(7).random((320, 400, 3)) * 255).astype("uint8"))
-    return ids, process_images([picture], ip, config)
-
 
 def _release_module(ref: Path):
     """The release's modeling_llama.py as a module of the installed transformers' llama package."""
@@ -116,31 +89,21 @@ def _release_model(release, model, sys_length: int, rank: int, k: int):
 
 def _worker(ref: Path, work: Path) -> None:
     import torch
-    from common import peaked
 
-    import vtprune
-    from vtprune.toy.tiny_llava_repo import IMAGE_TOKEN_INDEX, tiny_llava_repo
+    from vtprune.toy.tiny_llava_repo import IMAGE_TOKEN_INDEX
 
     release = _release_module(ref)
     out = {}
     for variant in VARIANTS:
-        model, tok, ip = tiny_llava_repo(work / "towers", layers=LAYERS, hidden=HIDDEN, seed=0)
-        if variant == "peaked":
-            peaked(model)
-        ids, images = _inputs(tok, ip, model.config)
+        factor = 8.0 if variant == "peaked" else None  # `peaked`'s default
+        model, ids, images = worker.prepared_variant(work, variant, factor, save=False, layers=LAYERS, hidden=HIDDEN)
         start = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
         with torch.no_grad():
             spliced = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, images)
         embeds = spliced[4]
         for k in KS:
             for rank in RANKS:
-                vtprune.apply(model, METHOD, keep=rank, layer=k - 1)
-                try:
-                    with torch.no_grad():
-                        logits = model(input_ids=ids, images=images, return_dict=True).logits[0, -1]
-                    st = vtprune.stats(model)
-                finally:
-                    vtprune.remove(model)
+                logits, st = worker.vtprune_prefill(model, ids, images, METHOD, keep=rank, layer=k - 1)
                 ours = {"layer": st.layer, "kept": sorted(st.kept[0].tolist()), "logits": logits.tolist()}
 
                 lm = _release_model(release, model, start, rank, k)
@@ -166,14 +129,10 @@ def _worker(ref: Path, work: Path) -> None:
 # --- the check ---------------------------------------------------------------------------------------------
 
 def compare(ref: Path) -> list[dict]:
-    python = llava_python()
     with tempfile.TemporaryDirectory(prefix="parity-fastv-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(Path(ref).resolve()), str(work)],
-                              env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode:
-            raise SystemExit(f"{METHOD} parity: the worker failed:\n{done.stdout}\n{done.stderr}")
+        worker.run_worker(METHOD, Path(__file__).resolve(), ["both", Path(ref).resolve(), work], [ROOT],
+                          "the worker")
         result = json.loads((work / "fastv.json").read_text())
     rows = []
     for variant in VARIANTS:
@@ -200,16 +159,9 @@ def compare(ref: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__)
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/{METHOD}.py --ref {ref}")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+    return run_check(METHOD, compare, argv, __doc__)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        _worker(Path(sys.argv[2]), Path(sys.argv[3]))
-        sys.exit(0)
+    worker.worker_entry({"both": _worker})  # both sides in one process
     sys.exit(main())

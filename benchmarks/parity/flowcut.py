@@ -48,30 +48,26 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import llava_repo_worker as worker  # noqa: E402
 from common import RESULTS, env_name, jaccard, write_rows  # noqa: E402
 
+ROOT = worker.ROOT
 METHOD = "flowcut"
 ENV = env_name(METHOD)
 LOGIT_TOLERANCE = 1e-4
 FEATURE_TOLERANCE = 1e-4
 PACKAGE = "flowcut==1.0.2"
-ROOT = HERE.parents[1]
 VISION_LAYERS, VISION_HIDDEN, PATCHES = 24, 32, 576
 MODEL = (f"tiny llava_llama (CLIP tower {VISION_LAYERS} layers, width {VISION_HIDDEN}, {PATCHES} patches; "
          "LLM 4 layers, width 64)")
+TINY = dict(vision_layers=VISION_LAYERS, vision_hidden=VISION_HIDDEN)  # tiny_llava_repo's options
 VARIANTS = {"random": None, "peaked": 8.0, "peaked x64": 64.0}  # name: `peaked`'s factor on the tower's q_proj
 BUDGETS = (64, 128, 192)
-QUESTION = "<image>\nWhat is the colour of the large shape? Answer the question using a single word or phrase."
-
-
-def llava_python() -> Path:
-    """The interpreter of the transformers 4.37 environment (``$VTPRUNE_LLAVA_PYTHON`` or ``.venv-llava``)."""
-    return Path(os.environ.get("VTPRUNE_LLAVA_PYTHON") or ROOT / ".venv-llava" / "bin" / "python")
 
 
 def package_location(python: Path | None = None) -> Path | None:
     """The folder of the ``flowcut`` package ``python`` imports, or None (no interpreter, or no package)."""
-    python = python or llava_python()
+    python = python or worker.llava_python()
     if not python.exists():
         return None
     done = subprocess.run([str(python), "-c", "import flowcut, os; print(os.path.dirname(flowcut.__file__))"],
@@ -80,12 +76,6 @@ def package_location(python: Path | None = None) -> Path | None:
 
 
 # --- workers (run by compare() in the transformers 4.37 environment) -------------------------------------
-
-def _tiny(work: Path):
-    from vtprune.toy.tiny_llava_repo import tiny_llava_repo
-
-    return tiny_llava_repo(work / "towers", vision_layers=VISION_LAYERS, vision_hidden=VISION_HIDDEN, seed=0)
-
 
 def _file(variant: str) -> str:
     return variant.replace(" ", "-")
@@ -101,28 +91,13 @@ def _inputs_recorder(model, out: dict):
 def _vtprune_side(work: Path) -> None:
     """Build the inputs and both variants' weights, run vtprune's ``flowcut``; writes ``vtprune.json`` and
     ``<variant>.pt`` (state dict, input ids, pixels) for the package's side."""
-    import numpy as np
     import torch
-    from common import peaked
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-    from PIL import Image
 
     import vtprune
-    from vtprune.toy.tiny_llava_repo import IMAGE_TOKEN_INDEX
 
     out = {}
     for variant in VARIANTS:
-        model, tok, ip = _tiny(work)
-        if VARIANTS[variant] is not None:
-            peaked(model, VARIANTS[variant])
-        conv = conv_templates["vicuna_v1"].copy()
-        conv.append_message(conv.roles[0], QUESTION)
-        conv.append_message(conv.roles[1], None)
-        ids = tokenizer_image_token(conv.get_prompt(), tok, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
-        picture = Image.fromarray((np.random.default_rng(7).random((320, 400, 3)) * 255).astype("uint8"))
-        images = process_images([picture], ip, model.config)
-        torch.save({"state": model.state_dict(), "input_ids": ids, "images": images}, work / f"{_file(variant)}.pt")
+        model, ids, images = worker.prepared_variant(work, _file(variant), VARIANTS[variant], **TINY)
         clip = model.get_vision_tower().vision_tower.vision_model
         for k in BUDGETS:
             vtprune.apply(model, METHOD, keep=k)
@@ -160,7 +135,7 @@ def _package_side(work: Path) -> None:
     out = {}
     for variant in VARIANTS:
         saved = torch.load(work / f"{_file(variant)}.pt")
-        model, _, _ = _tiny(work)
+        model, _, _ = worker.tiny_model(work, **TINY)
         model.load_state_dict(saved["state"], strict=True)
         model.eval()
         clip = model.get_vision_tower().vision_tower  # transformers' CLIPVisionModel
@@ -190,22 +165,20 @@ def _package_side(work: Path) -> None:
 
 def compare(ref: Path | None = None, python: Path | None = None) -> list[dict]:
     """Rows per (variant, budget). ``ref`` is not read (the reference is the installed package); ``python``:
-    the transformers 4.37 interpreter with ``flowcut`` installed (default: `llava_python`)."""
+    the transformers 4.37 interpreter with ``flowcut`` installed (default: `llava_repo_worker.llava_python`)."""
     import torch
 
-    python = python or llava_python()
+    python = python or worker.llava_python()
     if package_location(python) is None:
         raise SystemExit(f"{METHOD} parity: {python} cannot import flowcut: create it with "
                          f"`bash scripts/setup_llava_repo.sh` (it installs {PACKAGE}) or set VTPRUNE_LLAVA_PYTHON")
     with tempfile.TemporaryDirectory(prefix="parity-flowcut-") as tmp:
         work = Path(tmp)
         here = str(Path(__file__).resolve())
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         for side in ("vtprune", "package"):  # separate processes: the package patches classes for good
-            done = subprocess.run([str(python), here, "--worker", side, str(work)], env=env, cwd=ROOT,
-                                  capture_output=True, text=True, timeout=600)
-            if done.returncode:
-                raise SystemExit(f"{METHOD} parity: the {side} side failed:\n{done.stdout}\n{done.stderr}")
+            worker.run_worker(METHOD, here, [side, work], [ROOT], f"the {side} side", python=python, env=env,
+                              cwd=ROOT)
         ours = json.loads((work / "vtprune.json").read_text())
         theirs = json.loads((work / "package.json").read_text())
         features = {}
@@ -243,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     location = package_location()
     if location is None:
-        print(f"{METHOD}: skipped: {llava_python()} cannot import flowcut (bash scripts/setup_llava_repo.sh "
+        print(f"{METHOD}: skipped: {worker.llava_python()} cannot import flowcut (bash scripts/setup_llava_repo.sh "
               f"installs {PACKAGE})")
         return 0
     rows = compare(None)
@@ -260,8 +233,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        side, work = sys.argv[2], Path(sys.argv[3])
-        (_vtprune_side if side == "vtprune" else _package_side)(work)
-        sys.exit(0)
+    worker.worker_entry({"vtprune": _vtprune_side, "package": _package_side})
     sys.exit(main())

@@ -30,12 +30,21 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, peaked, reference_path, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    env_name,
+    image_span,
+    jaccard,
+    logits_on_visual_rows,
+    peaked,
+    release_llava_package,
+    run_check,
+    single_threaded,
+    tiny_llava_inputs,
+)
 
 METHOD = "holov"
 ENV = env_name(METHOD)
@@ -45,31 +54,12 @@ BUDGETS = (64, 128, 192)
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
 
-@contextmanager
-def _release_package(root: Path):
-    """Import the release's ``llava`` modules from ``root`` (its ``llava/__init__`` files, which import the
-    whole model fork, are bypassed; any installed ``llava`` is hidden meanwhile and restored afterwards)."""
-    saved = {k: v for k, v in sys.modules.items() if k == "llava" or k.startswith("llava.")}
-    for k in saved:
-        del sys.modules[k]
-    for pkg in ("llava", "llava.model"):
-        module = types.ModuleType(pkg)
-        module.__path__ = [str(root / pkg.replace(".", "/"))]
-        sys.modules[pkg] = module
-    try:
-        yield
-    finally:
-        for k in [k for k in sys.modules if k == "llava" or k.startswith("llava.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-
-
 def _release(ref: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """The release's ``llava_arch`` (``HoloV``, ``encode_images``) and ``clip_encoder`` modules."""
     for f in ("llava/model/utils.py", "llava/model/llava_arch.py", "llava/model/multimodal_encoder/clip_encoder.py"):
         if not (ref / f).is_file():
             raise SystemExit(f"{ref} is not a checkout of obananas/HoloV: {f} is missing")
-    with _release_package(ref):
+    with release_llava_package(ref):
         arch = importlib.import_module("llava.model.llava_arch")
         clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
     return arch, clip
@@ -103,17 +93,6 @@ def _index_rows(rows: Any, feats: Any) -> list[int]:
     return torch.where(zero & ~hit, -1, idx).tolist()
 
 
-def _inputs():
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((400, 500, 3)) * 255).astype("uint8")) for _ in range(2)]
-    return tiny_llava_processor()(images=images, text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
-
-
 def _compare_one(model: Any, inputs: Any, encode: Any, holov: Any, k: int, num_patches: int,
                  options: dict[str, Any]) -> dict[str, Any]:
     import torch
@@ -121,17 +100,11 @@ def _compare_one(model: Any, inputs: Any, encode: Any, holov: Any, k: int, num_p
     import vtprune
 
     ids = inputs["input_ids"]
-    image = ids == model.config.image_token_id
-    start = int(torch.nonzero(image[0])[0])
-    n = int(image[0].sum())
-    assert bool((image.sum(1) == n).all()) and bool(image[:, start:start + n].all()), "one image span per prompt"
+    start, n = image_span(model, inputs)
     with torch.no_grad():
         feats, attention = encode(inputs["pixel_values"])
         release_rows = holov(feats, attention, num_patches=num_patches, new_image_token_num=k)  # [B, k, D]
-        text = model.get_input_embeddings()(ids)
-        seq = torch.cat([text[:, :start], release_rows.to(text.dtype), text[:, start + n:]], dim=1)
-        hidden = model.model.language_model(inputs_embeds=seq, use_cache=False).last_hidden_state
-        release_logits = model.lm_head(hidden[:, -1])
+        release_logits = logits_on_visual_rows(model, inputs, release_rows)
     seen: dict[str, Any] = {}
     handle = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     vtprune.apply(model, METHOD, keep=k, **options)
@@ -156,23 +129,13 @@ def _compare_one(model: Any, inputs: Any, encode: Any, holov: Any, k: int, num_p
             "zero_rows": zeros, "logit_max_abs": float((logits - release_logits).abs().max())}
 
 
+@single_threaded
 def compare(ref: Path) -> list[dict[str, Any]]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and does not contend with other jobs
-    try:
-        return _compare(ref)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.scorers.holov import default_crops
     from vtprune.toy.tiny import tiny_llava
 
     arch, clip = _release(ref)
-    inputs = _inputs()
+    inputs = tiny_llava_inputs(PROMPT, count=2, draw="floats")
     rows = []
     for variant in ("random", "peaked"):
         model = tiny_llava(attn_implementation="eager")  # eager: the release's tower returns attentions
@@ -198,16 +161,14 @@ def _compare(ref: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__)
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/holov.py --ref {ref}")
+def summary(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"  {r['variant']} {r['budget']}: sequence equal {r['sequence_equal']}, zero rows {r['zero_rows']}"
               f" ({r['note']})")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_check(METHOD, compare, argv, __doc__ or "", summary=summary)
 
 
 if __name__ == "__main__":

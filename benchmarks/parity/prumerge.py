@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, load_file, peaked, reference_path, write_rows  # noqa: E402
+from common import env_name, jaccard, load_file, peaked, run_check, tiny_llava_inputs, traced_vtprune_run  # noqa: E402, E501
 
 METHOD = "prumerge"
 ENV = env_name(METHOD)
@@ -95,13 +95,11 @@ def release_merge(module: types.ModuleType, method: str, tower: Any, pixels: Any
     return seen["idx"][0].tolist(), seen["outliers"], rows[0]
 
 
-def inputs_for(seed: int = 0) -> Any:
-    """Processor inputs of one image of a few coloured squares on a flat background: its CLS attention has
-    a tail of outliers (34 on the tiny tower, about LLaVA-1.5's typical 32) where a noise image has 1-4."""
+def squares_image(seed: int = 0) -> Any:
+    """A 336 x 336 PIL image of a few coloured squares on a flat background: its CLS attention has a tail of
+    outliers (34 on the tiny tower, about LLaVA-1.5's typical 32) where a noise image has 1-4."""
     import numpy as np
     from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
 
     rng = np.random.default_rng(seed)
     pixels = np.zeros((336, 336, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
@@ -109,50 +107,21 @@ def inputs_for(seed: int = 0) -> Any:
         y, x = rng.integers(0, 300, 2)
         side = rng.integers(10, 80)
         pixels[y:y + side, x:x + side] = rng.integers(0, 256, 3)
-    return tiny_llava_processor()(images=[Image.fromarray(pixels)], text=[PROMPT], return_tensors="pt")
+    return Image.fromarray(pixels)
 
 
 def vtprune_rows(model: Any, inputs: Any, method: str, keep: int) -> tuple[list[int], dict[int, Any]]:
     """vtprune's kept visual indices (sorted) and, per kept index, the feature row (before the projector)
-    that the LLM received there: each LLM input row of the image is traced back to the projector call
-    whose output it is."""
-    import torch
-
-    import vtprune
-
-    calls: list[tuple[Any, Any]] = []
-    seen: dict[str, Any] = {}
-    proj = model.model.multi_modal_projector
-    vtprune.apply(model, method, keep=keep)
-    handles = [proj.register_forward_hook(lambda m, a, out: calls.append((a[0].detach(), out.detach()))),
-               model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-        kept = vtprune.stats(model).kept[0].tolist()
-    finally:
-        for h in handles:
-            h.remove()
-        vtprune.remove(model)
-    ids = inputs["input_ids"][0]
-    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
-    embeds = seen["inputs_embeds"][0]
-    assert embeds.shape[0] == ids.numel() - 576 + len(kept), "the LLM input is the shortened sequence"
-    ins = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls])
-    outs = torch.cat([o.reshape(-1, o.shape[-1]) for _, o in calls])
-    rows = {}
-    for slot, index in enumerate(kept):
-        hit = torch.nonzero((outs == embeds[start + slot]).all(dim=-1)).flatten()
-        assert hit.numel() >= 1, f"the LLM row of visual token {index} is no projector output"
-        rows[index] = ins[hit[-1]]  # the last call: the merge's, after the plain features
-    return kept, rows
+    that the LLM received there (`traced_vtprune_run`)."""
+    run = traced_vtprune_run(model, inputs, method, keep=keep)
+    return run["kept"], dict(zip(run["kept"], run["inputs"]))
 
 
 def compare_method(ref: Path, method: str) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava
 
     module = load_release(ref)
-    inputs = inputs_for()
+    inputs = tiny_llava_inputs(PROMPT, images=[squares_image()])
     out = []
     for variant in ("random", "peaked"):
         # the release's layers[23]: the last of 24; eager attention, as the release's transformers-4.37 tower
@@ -181,21 +150,21 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     return compare_method(ref, METHOD)
 
 
-def run(method: str, script: str, argv: list[str] | None, doc: str) -> int:
-    ref, args = reference_path(method, argv, doc)
-    if ref is None:
-        return 0
-    rows = compare_method(ref, method)
-    write_rows(method, rows, ref, args, f"python benchmarks/parity/{script} --ref {ref}")
-    for r in rows:
-        print(f"  {r['variant']} keep {r['budget']}: release keeps {r['release_count']} + 1, "
-              f"max |merged feature diff| {r['feature_max_abs']}")
-    return 0 if all(r["kept_equal"] and r["feature_max_abs"] is not None and r["feature_max_abs"] < FEATURE_TOLERANCE
-                    for r in rows) else 1
+def run(method: str, argv: list[str] | None, doc: str) -> int:
+    """``main`` of `prumerge` and `prumergeplus`: `run_check` on `compare_method`, passing where the kept sets
+    are equal and the merged feature rows within `FEATURE_TOLERANCE`."""
+    def summary(rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            print(f"  {r['variant']} keep {r['budget']}: release keeps {r['release_count']} + 1, "
+                  f"max |merged feature diff| {r['feature_max_abs']}")
+
+    return run_check(method, lambda ref: compare_method(ref, method), argv, doc, summary=summary,
+                     passed=lambda r: r["kept_equal"] and r["feature_max_abs"] is not None
+                     and r["feature_max_abs"] < FEATURE_TOLERANCE)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(METHOD, "prumerge.py", argv, __doc__ or "")
+    return run(METHOD, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(METHOD, "prumergeplus.py", argv, __doc__ or "")
+    return run(METHOD, argv, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -53,35 +53,24 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, reference_path, write_rows  # noqa: E402
+import llava_repo_worker as worker  # noqa: E402
+from common import env_name, jaccard, run_check  # noqa: E402
 
 METHOD = "sparsevlm"
 ENV = env_name(METHOD)
 LOGIT_TOLERANCE = 1e-4
 FEATURE_TOLERANCE = 1e-4
-ROOT = Path(__file__).resolve().parents[2]
 LAYERS, HIDDEN, TOKENS = 32, 64, 576
 MODEL = f"tiny llava_llama ({LAYERS} layers, width {HIDDEN}, {TOKENS} tokens)"
+TINY = dict(layers=LAYERS, hidden=HIDDEN)  # tiny_llava_repo's options
 VARIANTS = ("random", "peaked")
 PRUNING_LAYERS = (2, 6, 15)  # the release's pruning_loc (0-based; it prunes these layers' outputs)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}  # v1.5
 MODES = ("no recycling, positions kept", "no recycling, as released", "as released")
-QUESTION = "<image>\nWhat is the colour of the large shape? Answer the question using a single word or phrase."
-
-
-def llava_python() -> str:
-    """The interpreter of the transformers 4.37 environment (``$VTPRUNE_LLAVA_PYTHON`` or ``.venv-llava``)."""
-    python = os.environ.get("VTPRUNE_LLAVA_PYTHON") or str(ROOT / ".venv-llava" / "bin" / "python")
-    if not Path(python).exists():
-        raise SystemExit(f"{METHOD}: the release runs on transformers 4.37: create {python} with "
-                         "`bash scripts/setup_llava_repo.sh` (or set VTPRUNE_LLAVA_PYTHON)")
-    return python
 
 
 def vtprune_options(budget: int, recycle: bool) -> dict:
@@ -91,45 +80,15 @@ def vtprune_options(budget: int, recycle: bool) -> dict:
 
 # --- workers (run by compare() in the transformers 4.37 environment) -------------------------------------
 
-def _tiny(work: Path):
-    from vtprune.toy.tiny_llava_repo import tiny_llava_repo
-
-    return tiny_llava_repo(work / "towers", layers=LAYERS, hidden=HIDDEN, seed=0)
-
-
 def _vtprune_side(work: Path) -> None:
     """Build the inputs and the weights of both variants, run vtprune on them; writes ``vtprune.json``."""
-    import numpy as np
-    import torch
-    from common import peaked
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-    from PIL import Image
-
-    import vtprune
-    from vtprune.toy.tiny_llava_repo import IMAGE_TOKEN_INDEX
-
     out = {}
     for variant in VARIANTS:
-        model, tok, ip = _tiny(work)
-        if variant == "peaked":
-            peaked(model)
-        conv = conv_templates["vicuna_v1"].copy()
-        conv.append_message(conv.roles[0], QUESTION)
-        conv.append_message(conv.roles[1], None)
-        ids = tokenizer_image_token(conv.get_prompt(), tok, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
-        picture = Image.fromarray((np.random.default_rng(7).random((320, 400, 3)) * 255).astype("uint8"))
-        images = process_images([picture], ip, model.config)
-        torch.save({"state": model.state_dict(), "input_ids": ids, "images": images}, work / f"{variant}.pt")
+        factor = 8.0 if variant == "peaked" else None  # `peaked`'s default
+        model, ids, images = worker.prepared_variant(work, variant, factor, **TINY)
         for budget in SCHEDULES:
             for recycle in (False, True):
-                vtprune.apply(model, METHOD, **vtprune_options(budget, recycle))
-                try:
-                    with torch.no_grad():
-                        logits = model(input_ids=ids, images=images, return_dict=True).logits[0, -1]
-                    st = vtprune.stats(model)
-                finally:
-                    vtprune.remove(model)
+                logits, st = worker.vtprune_prefill(model, ids, images, METHOD, **vtprune_options(budget, recycle))
                 out[f"{variant}/{budget}/{recycle}"] = {"layers": [s["layer"] for s in st.stages],
                                                         "kept": [sorted(s["kept"][0].tolist()) for s in st.stages],
                                                         "logits": logits.tolist()}
@@ -194,14 +153,9 @@ def _release_side(work: Path) -> None:
     out = {}
     for variant in VARIANTS:
         saved = torch.load(work / f"{variant}.pt")
-        base, _, _ = _tiny(work)
+        base, _, _ = worker.tiny_model(work, **TINY)
         base.config._attn_implementation = "sdpa"  # the release's decoder layer asserts it
-        model = LlavaLlamaDynamicForCausalLM(base.config)
-        tower = model.get_vision_tower()
-        if not tower.is_loaded:
-            tower.load_model()
-        model.load_state_dict(saved["state"], strict=True)
-        model.eval()
+        model = worker.release_model(LlavaLlamaDynamicForCausalLM, base.config, saved["state"])
         if list(model.model.pruning_loc) != list(PRUNING_LAYERS):
             raise SystemExit(f"sparsevlm parity: the release prunes after {model.model.pruning_loc}")
         for budget in SCHEDULES:
@@ -325,18 +279,7 @@ def _logit_diff(a: list[float], b: list[float]) -> float:
 
 
 def compare(ref: Path) -> list[dict]:
-    python = llava_python()
-    with tempfile.TemporaryDirectory(prefix="parity-sparsevlm-") as tmp:
-        work = Path(tmp)
-        here = str(Path(__file__).resolve())
-        for side, path in (("vtprune", [ROOT]), ("release", [Path(ref).resolve(), ROOT])):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
-            done = subprocess.run([python, here, "--worker", side, str(work)], env=env, capture_output=True,
-                                  text=True, timeout=600)
-            if done.returncode:
-                raise SystemExit(f"{METHOD} parity: the {side} side failed:\n{done.stdout}\n{done.stderr}")
-        ours = json.loads((work / "vtprune.json").read_text())
-        theirs = json.loads((work / "release.json").read_text())
+    ours, theirs = worker.run_two_sides(METHOD, __file__, ref)
     rows = []
     for variant in VARIANTS:
         for budget, schedule in SCHEDULES.items():
@@ -377,20 +320,15 @@ def compare(ref: Path) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__)
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/{METHOD}.py --ref {ref}")
+def summary(rows: list[dict]) -> None:
     features = [r["feature_max_abs"] for r in rows if r.get("feature_max_abs") is not None]
     print(f"{METHOD} recycling clusters: {len(features)} stages, max |cluster mean diff| {max(features):.2e}")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_check(METHOD, compare, argv, __doc__, summary=summary)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        side, work = sys.argv[2], Path(sys.argv[3])
-        (_vtprune_side if side == "vtprune" else _release_side)(work)
-        sys.exit(0)
+    worker.worker_entry({"vtprune": _vtprune_side, "release": _release_side})
     sys.exit(main())

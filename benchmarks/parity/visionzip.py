@@ -46,7 +46,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, peaked, reference_path, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    env_name,
+    fake_modules,
+    jaccard,
+    llava_stubs,
+    logits_on_visual_rows,
+    peaked,
+    run_check,
+    tiny_llava_inputs,
+    traced_vtprune_run,
+)
 
 METHOD = "visionzip"
 ENV = env_name(METHOD)
@@ -55,24 +65,6 @@ FEATURE_TOLERANCE = 1e-4
 SETTINGS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}  # budget: the release's (dominant, contextual)
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 PACKAGE = "visionzip_release"
-
-
-@contextmanager
-def fake_modules(modules: dict[str, dict[str, Any]]):
-    """Modules with the given attributes in ``sys.modules`` for an import (restored afterwards)."""
-    saved = {name: sys.modules.get(name) for name in modules}
-    for name, attrs in modules.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attrs)
-        sys.modules[name] = module
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
 
 
 @contextmanager
@@ -96,16 +88,10 @@ def load_release(ref: Path) -> dict[str, types.ModuleType]:
 
     package = types.ModuleType(PACKAGE)
     package.__path__ = [str(ref / "visionzip")]
-    unused = lambda *a, **k: None  # noqa: E731
     saved = sys.modules.get(PACKAGE)
     sys.modules[PACKAGE] = package
     try:
-        with missing_attribute(modeling_clip, "CLIPVisionTransformer"), fake_modules({
-            "llava": {"__path__": []},
-            "llava.constants": {"IGNORE_INDEX": -100, "IMAGE_TOKEN_INDEX": -200, "DEFAULT_IMAGE_PATCH_TOKEN": "",
-                                "DEFAULT_IM_START_TOKEN": "", "DEFAULT_IM_END_TOKEN": ""},
-            "llava.mm_utils": {"get_anyres_image_grid_shape": unused},
-        }):
+        with missing_attribute(modeling_clip, "CLIPVisionTransformer"), fake_modules(llava_stubs()):
             return {name: importlib.import_module(f"{PACKAGE}.{name}") for name in ("utils", "clip_encoder", "llava_arch")}
     finally:
         for name in [m for m in sys.modules if m.startswith(PACKAGE + ".")]:
@@ -201,77 +187,11 @@ def release_run(modules: dict[str, types.ModuleType], model: Any, pixels: Any, b
     return {"kept": kept, "contextual": raw[0, dominant:], "sequence": sequence[0], "tower_max_abs": view.tower_max_abs}
 
 
-def inputs_for(seed: int = 0) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8))
-    return tiny_llava_processor()(images=[image], text=[PROMPT], return_tensors="pt")
-
-
-def vtprune_run(model: Any, inputs: Any, budget: int) -> dict[str, Any]:
-    """vtprune's kept slots, the visual rows the LLM receives ``[budget, D]`` with, per row, the
-    projector input it is the output of (``[budget, C_v]``), and the first-token logits."""
-    import torch
-
-    import vtprune
-
-    calls: list[tuple[Any, Any]] = []
-    seen: dict[str, Any] = {}
-    proj = model.model.multi_modal_projector
-    vtprune.apply(model, METHOD, keep=budget)
-    handles = [proj.register_forward_hook(lambda m, a, out: calls.append((a[0].detach(), out.detach()))),
-               model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits[0, -1]
-        kept = vtprune.stats(model).kept[0].tolist()
-    finally:
-        for h in handles:
-            h.remove()
-        vtprune.remove(model)
-    ids = inputs["input_ids"][0]
-    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
-    rows = seen["inputs_embeds"][0, start:start + budget]
-    ins = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls])
-    outs = torch.cat([o.reshape(-1, o.shape[-1]) for _, o in calls])
-    inputs_of = []
-    for row in rows:
-        hit = torch.nonzero((outs == row).all(dim=-1)).flatten()
-        assert hit.numel() >= 1, "every visual row the LLM receives is a projector output"
-        inputs_of.append(ins[hit[-1]])  # the last call: vtprune's own, after the plain features
-    return {"kept": kept, "rows": rows, "inputs": torch.stack(inputs_of), "logits": logits}
-
-
-def logits_on_sequence(model: Any, inputs: Any, sequence: Any) -> Any:
-    """First-token logits ``[V]`` of the unpatched model with the image's placeholder rows replaced by
-    ``sequence`` ``[k, D]`` (contiguous positions)."""
-    import torch
-
-    seen: dict[str, Any] = {}
-    lm = model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs, use_cache=False)
-    handle.remove()
-    ids = inputs["input_ids"][0]
-    visual = torch.nonzero(ids == model.config.image_token_id).flatten()
-    embeds = seen["inputs_embeds"]
-    short = torch.cat([embeds[:, :visual[0]], sequence[None].to(embeds.dtype), embeds[:, visual[-1] + 1:]], dim=1)
-    with torch.no_grad():
-        h = lm(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long),
-               use_cache=False).last_hidden_state
-        return model.lm_head(h[:, -1])[0]
-
-
 def compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava
 
     modules = load_release(ref)
-    inputs = inputs_for()
+    inputs = tiny_llava_inputs(PROMPT)
     rows = []
     for variant in ("random", "peaked"):
         model = tiny_llava(attn_implementation="eager")  # the release's CLIP tower returns attention maps
@@ -279,8 +199,8 @@ def compare(ref: Path) -> list[dict[str, Any]]:
             peaked(model)
         for budget, (dominant, contextual) in SETTINGS.items():
             theirs = release_run(modules, model, inputs["pixel_values"], budget)
-            ours = vtprune_run(model, inputs, budget)
-            logit = float((ours["logits"] - logits_on_sequence(model, inputs, theirs["sequence"])).abs().max())
+            ours = traced_vtprune_run(model, inputs, METHOD, keep=budget)
+            logit = float((ours["logits"] - logits_on_visual_rows(model, inputs, theirs["sequence"][None])[0]).abs().max())
             rows.append({
                 "method": METHOD, "model": "tiny-llava-1.5", "variant": variant, "budget": budget,
                 "jaccard": jaccard(ours["kept"], theirs["kept"]), "kept_equal": ours["kept"] == theirs["kept"],
@@ -294,16 +214,14 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__ or "")
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/visionzip.py --ref {ref}")
+def summary(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"  {r['variant']} {r['budget']}: contextual features {r['feature_max_abs']:.2e}, LLM visual rows "
               f"{r['sequence_max_abs']:.2e}, the release's feature-layer rerun vs the tower {r['tower_max_abs']:.2e}")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_check(METHOD, compare, argv, __doc__ or "", summary=summary)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,22 @@ import subprocess
 import sys
 import tempfile
 import types
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import env_name, jaccard, peaked, reference_path, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    env_name,
+    image_span,
+    jaccard,
+    logits_on_visual_rows,
+    peaked,
+    release_llava_package,
+    run_check,
+    single_threaded,
+    tiny_llava_inputs,
+)
 
 METHOD = "vscan"
 ENV = env_name(METHOD)
@@ -57,25 +66,6 @@ def _root(ref: Path) -> Path:
     raise SystemExit(f"{ref} is not a checkout of Tencent/SelfEvolvingAgent: no VScan/llava/model/llava_arch.py")
 
 
-@contextmanager
-def _release_package(root: Path):
-    """Import the release's ``llava`` modules from ``root`` (its ``llava/__init__`` files, which import the
-    whole model fork, are bypassed; any installed ``llava`` is hidden meanwhile and restored afterwards)."""
-    saved = {k: v for k, v in sys.modules.items() if k == "llava" or k.startswith("llava.")}
-    for k in saved:
-        del sys.modules[k]
-    for pkg in ("llava", "llava.model"):
-        module = types.ModuleType(pkg)
-        module.__path__ = [str(root / pkg.replace(".", "/"))]
-        sys.modules[pkg] = module
-    try:
-        yield
-    finally:
-        for k in [k for k in sys.modules if k == "llava" or k.startswith("llava.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-
-
 # ---- the pre-LLM stage (this environment) ----------------------------------------------------------
 def _release_encoder(root: Path, model: Any) -> Any:
     """``(images, T) -> (features [B, 576, D] merged in place, index_mask [B, 576])`` by the release's
@@ -83,7 +73,7 @@ def _release_encoder(root: Path, model: Any) -> Any:
     ``model``'s CLIP (eager attention, so that ``attentions`` are returned)."""
     import torch
 
-    with _release_package(root):
+    with release_llava_package(root):
         arch = importlib.import_module("llava.model.llava_arch")
         clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
     tower = clip.CLIPVisionTower.__new__(clip.CLIPVisionTower)
@@ -103,17 +93,6 @@ def _release_encoder(root: Path, model: Any) -> Any:
         return features, index_mask
 
     return encode
-
-
-def _inputs():
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((400, 500, 3)) * 255).astype("uint8")) for _ in range(2)]
-    return tiny_llava_processor()(images=images, text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
 
 
 def _run_vtprune(model: Any, inputs: Any, keep: int, **options: Any) -> tuple[Any, Any, dict, Any, int]:
@@ -145,17 +124,6 @@ def _run_vtprune(model: Any, inputs: Any, keep: int, **options: Any) -> tuple[An
     return logits, st, seen, out.get(layer), layer
 
 
-def _release_logits(model: Any, inputs: Any, start: int, n: int, rows: Any) -> Any:
-    """The unpatched LLM's last-position logits on the prompt with the image span replaced by ``rows``."""
-    import torch
-
-    with torch.no_grad():
-        text = model.get_input_embeddings()(inputs["input_ids"])
-        seq = torch.cat([text[:, :start], rows.to(text.dtype), text[:, start + n:]], dim=1)
-        hidden = model.model.language_model(inputs_embeds=seq, use_cache=False).last_hidden_state
-        return model.lm_head(hidden[:, -1])
-
-
 # ---- the LLM stage (the transformers 4.37 environment) -----------------------------------------------
 def llm_stage_worker(root: str, src: str, dst: str) -> None:
     """Run the release's ``layer_prune`` on each saved job's hidden states (in ``.venv-llava``); writes per job
@@ -163,7 +131,7 @@ def llm_stage_worker(root: str, src: str, dst: str) -> None:
     import torch
     from transformers import LlamaConfig
 
-    with _release_package(Path(root)):
+    with release_llava_package(Path(root)):
         llama = importlib.import_module("llava.model.modeling_llama_x")
     results = []
     for job in torch.load(src):
@@ -235,24 +203,14 @@ def _release_llm_stage(root: Path, jobs: list[dict[str, Any]]) -> list[list[list
 
 
 # ---- the comparison ---------------------------------------------------------------------------------
+@single_threaded
 def compare(ref: Path) -> list[dict[str, Any]]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and does not contend with other jobs
-    try:
-        return _compare(ref)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
     from vtprune.toy.tiny import tiny_llava
 
     root = _root(ref)
-    inputs = _inputs()
+    inputs = tiny_llava_inputs(PROMPT, count=2, draw="floats")
     ids = inputs["input_ids"]
     rows, jobs, pending = [], [], []
     for variant in ("random", "peaked"):
@@ -260,9 +218,7 @@ def _compare(ref: Path) -> list[dict[str, Any]]:
         if variant == "peaked":
             peaked(model)
         encode = _release_encoder(root, model)
-        image = ids == model.config.image_token_id
-        start, n = int(torch.nonzero(image[0])[0]), int(image[0].sum())
-        assert bool((image.sum(1) == n).all()) and bool(image[:, start:start + n].all()), "one image span per prompt"
+        start, n = image_span(model, inputs)
         for keep in BUDGETS:
             t = 3 * keep
             with torch.no_grad():
@@ -277,7 +233,7 @@ def _compare(ref: Path) -> list[dict[str, Any]]:
             merged = float((our_rows - their_rows.float()).abs().max()) if our_rows.shape == their_rows.shape else float("inf")
             # the release without --layer_list (pre-LLM only): the LLM sees its rows, so the logits compare
             logits, st1, _, _, _ = _run_vtprune(model, inputs, t, pre_llm_factor=1)
-            ref_logits = _release_logits(model, inputs, start, n, their_rows)
+            ref_logits = logits_on_visual_rows(model, inputs, their_rows)
             same1 = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(theirs, st1.kept))
             rows.append({"method": METHOD, "model": MODEL + ", pre-LLM scans + merge", "variant": variant,
                          "budget": keep, "stage": "pre-llm", "jaccard": jac,
@@ -303,16 +259,14 @@ def _compare(ref: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__)
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/vscan.py --ref {ref}")
+def summary(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         extra = f", merged max |diff| {r['merged_max_abs']:.2e}" if "merged_max_abs" in r else ""
         print(f"  {r['stage']} {r['variant']} keep {r['budget']}: kept equal {r['kept_equal']}{extra} ({r['note']})")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_check(METHOD, compare, argv, __doc__ or "", summary=summary)
 
 
 if __name__ == "__main__":
