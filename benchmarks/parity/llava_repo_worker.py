@@ -153,3 +153,59 @@ def release_model(cls: Any, config: Any, state: dict[str, Any]) -> Any:
         tower.load_model()
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def rank_drop_forward(model: Any, ids: Any, images: Any, keep_positions: bool, drop: str,
+                      tokens: int) -> tuple[list[list[int]], list[float]]:
+    """In a release worker: one prefill through a release whose LLM drops tokens in its method ``drop``
+    (``pdrop_rank_drop``, ``transprune_rank_drop``: ``(cur_num, rank_layer, features, position_ids,
+    attention_mask, labels) -> (position_ids, attention_mask, features, labels)``), wrapped to record, per
+    stage, the image tokens (indices among the image's ``tokens``) it keeps. ``keep_positions``: the next
+    layers get the kept rows' original positions (vtprune's documented deviation) and the rotary tables are
+    not cut at the shortened length. Returns ``(kept per stage, first-token logits)``."""
+    import torch
+
+    lm = model.model
+    plain = getattr(lm, drop)
+    origin = {}  # "rows": for each current row of the sequence its original position
+    kept: list[list[int]] = []
+
+    def recorded(cur_num, rank_layer, features, position_ids, attention_mask, labels):
+        new_pos, new_mask, new_features, new_labels = plain(
+            cur_num=cur_num, rank_layer=rank_layer, features=features, position_ids=position_ids,
+            attention_mask=attention_mask, labels=labels)
+        before, after = features[0], new_features[0]
+        if "rows" not in origin:
+            origin["rows"] = torch.arange(before.shape[0])
+        same = (after[:, None, :] == before[None, :, :]).all(dim=-1)  # [N_after, N_before]
+        if not bool((same.sum(dim=1) == 1).all()):
+            raise SystemExit(f"parity: a row returned by {drop} matches no single input row")
+        rows = same.float().argmax(dim=1)
+        origin["rows"] = origin["rows"][rows]
+        start = lm.image_token_posi[0]
+        image = origin["rows"][(origin["rows"] >= start) & (origin["rows"] < start + tokens)] - start
+        kept.append(sorted(image.tolist()))
+        if keep_positions:  # the kept rows' own positions (vtprune's documented deviation) instead of 0..N'-1
+            new_pos = position_ids[:, rows]
+        return new_pos, new_mask, new_features, new_labels
+
+    ropes = [layer.self_attn.rotary_emb for layer in lm.layers]
+    full = ids.shape[1] - 1 + tokens  # the spliced sequence's length: every original position has a table row
+
+    def uncut(plain_rope):
+        def forward(x, seq_len=None):
+            return plain_rope(x, seq_len=max(full, seq_len or 0))
+        return forward
+
+    setattr(lm, drop, recorded)
+    if keep_positions:
+        for rope in ropes:
+            rope.forward = uncut(rope.forward)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, images=images, return_dict=True).logits[0, -1]
+    finally:
+        delattr(lm, drop)
+        for rope in ropes:
+            vars(rope).pop("forward", None)
+    return kept, logits.tolist()

@@ -101,59 +101,10 @@ def _release_side(work: Path) -> None:
             for mode in MODES:
                 lm.layer_list = list(layer_list)  # as llava/eval/model_vqa_loader.py sets them
                 lm.image_token_ratio_list = [1.0, *ratios]
-                kept, logits = _release_forward(model, saved["input_ids"], saved["images"], mode == "positions kept")
+                kept, logits = worker.rank_drop_forward(model, saved["input_ids"], saved["images"],
+                                                        mode == "positions kept", "pdrop_rank_drop", TOKENS)
                 out[f"{variant}/{setting}/{mode}"] = {"kept": kept, "logits": logits}
     (work / "release.json").write_text(json.dumps(out))
-
-
-def _release_forward(model, ids, images, keep_positions: bool) -> tuple[list[list[int]], list[float]]:
-    """One prefill through the release; per stage the image tokens (indices among the 576) it keeps."""
-    import torch
-
-    lm = model.model
-    plain = lm.pdrop_rank_drop
-    origin = {}  # "rows": for each current row of the sequence its original position
-    kept: list[list[int]] = []
-
-    def recorded(cur_num, rank_layer, features, position_ids, attention_mask, labels):
-        new_pos, new_mask, new_features, new_labels = plain(
-            cur_num=cur_num, rank_layer=rank_layer, features=features, position_ids=position_ids,
-            attention_mask=attention_mask, labels=labels)
-        before, after = features[0], new_features[0]
-        if "rows" not in origin:
-            origin["rows"] = torch.arange(before.shape[0])
-        same = (after[:, None, :] == before[None, :, :]).all(dim=-1)  # [N_after, N_before]
-        if not bool((same.sum(dim=1) == 1).all()):
-            raise SystemExit("pyramiddrop parity: a row returned by pdrop_rank_drop matches no single input row")
-        rows = same.float().argmax(dim=1)
-        origin["rows"] = origin["rows"][rows]
-        start = lm.image_token_posi[0]
-        image = origin["rows"][(origin["rows"] >= start) & (origin["rows"] < start + TOKENS)] - start
-        kept.append(sorted(image.tolist()))
-        if keep_positions:  # the kept rows' own positions (vtprune's documented deviation) instead of 0..N'-1
-            new_pos = position_ids[:, rows]
-        return new_pos, new_mask, new_features, new_labels
-
-    ropes = [layer.self_attn.rotary_emb for layer in lm.layers]
-    full = ids.shape[1] - 1 + TOKENS  # the spliced sequence's length: every original position has a table row
-
-    def uncut(plain_rope):
-        def forward(x, seq_len=None):
-            return plain_rope(x, seq_len=max(full, seq_len or 0))
-        return forward
-
-    lm.pdrop_rank_drop = recorded
-    if keep_positions:
-        for rope in ropes:
-            rope.forward = uncut(rope.forward)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, images=images, return_dict=True).logits[0, -1]
-    finally:
-        del lm.pdrop_rank_drop
-        for rope in ropes:
-            vars(rope).pop("forward", None)
-    return kept, logits.tolist()
 
 
 # --- the check ---------------------------------------------------------------------------------------------

@@ -42,28 +42,25 @@ first-token logits are compared.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, reference_path, write_rows  # noqa: E402
+import llava_repo_worker as worker  # noqa: E402
+from common import env_name, jaccard, run_check  # noqa: E402
 
 METHOD = "transprune"
 ENV = env_name(METHOD)
 LOGIT_TOLERANCE = 1e-4
-ROOT = Path(__file__).resolve().parents[2]
 LAYERS, HIDDEN, TOKENS = 32, 64, 576  # LLaVA-1.5's depth and grid, a tiny width
 MODEL = f"tiny llava_llama ({LAYERS} layers, width {HIDDEN}, {TOKENS} tokens)"
+TINY = dict(layers=LAYERS, hidden=HIDDEN)  # tiny_llava_repo's options
 VARIANTS = ("random", "peaked")
 MODES = ("as released", "positions kept")
 ACCUMULATING = [7, 8, 9, 10, 11, 12]  # the release's scripts (1-based: layer_idx + 1)
 PRUNING = [7, 9, 12]
 RATIOS = [0.875, 0.625]  # the first two stages (504 and 360 of 576)
 BUDGETS = (72, 64, 128, 192)  # 72: the release's 0.125
-QUESTION = "<image>\nWhat is the colour of the large shape? Answer the question using a single word or phrase."
 
 
 def last_ratio(keep: int) -> float:
@@ -71,53 +68,16 @@ def last_ratio(keep: int) -> float:
     return 0.125 if keep == 72 else (keep + 0.5) / TOKENS
 
 
-def llava_python() -> str:
-    """The interpreter of the transformers 4.37 environment (``$VTPRUNE_LLAVA_PYTHON`` or ``.venv-llava``)."""
-    python = os.environ.get("VTPRUNE_LLAVA_PYTHON") or str(ROOT / ".venv-llava" / "bin" / "python")
-    if not Path(python).exists():
-        raise SystemExit(f"{METHOD}: the release runs on transformers 4.37: create {python} with "
-                         "`bash scripts/setup_llava_repo.sh` (or set VTPRUNE_LLAVA_PYTHON)")
-    return python
-
-
 # --- workers (run by compare() in the transformers 4.37 environment) -------------------------------------
-
-def _tiny(work: Path):
-    from vtprune.toy.tiny_llava_repo import tiny_llava_repo
-
-    return tiny_llava_repo(work / "towers", layers=LAYERS, hidden=HIDDEN, seed=0)
-
 
 def _vtprune_side(work: Path) -> None:
     """Build the inputs and the weights of both variants, run vtprune on them; writes ``vtprune.json``."""
-    import numpy as np
-    import torch
-    from common import peaked
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-    from PIL import Image
-
-    import vtprune
-    from vtprune.toy.tiny_llava_repo import IMAGE_TOKEN_INDEX
-
     out = {}
     for variant in VARIANTS:
-        model, tok, ip = _tiny(work)
-        if variant == "peaked":
-            peaked(model)
-        conv = conv_templates["vicuna_v1"].copy()
-        conv.append_message(conv.roles[0], QUESTION)
-        conv.append_message(conv.roles[1], None)
-        ids = tokenizer_image_token(conv.get_prompt(), tok, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
-        picture = Image.fromarray((np.random.default_rng(7).random((320, 400, 3)) * 255).astype("uint8"))
-        images = process_images([picture], ip, model.config)
-        torch.save({"state": model.state_dict(), "input_ids": ids, "images": images}, work / f"{variant}.pt")
+        factor = 8.0 if variant == "peaked" else None  # `peaked`'s default
+        model, ids, images = worker.prepared_variant(work, variant, factor, **TINY)
         for keep in BUDGETS:
-            vtprune.apply(model, METHOD, keep=keep)
-            with torch.no_grad():
-                logits = model(input_ids=ids, images=images, return_dict=True).logits[0, -1]
-            st = vtprune.stats(model)
-            vtprune.remove(model)
+            logits, st = worker.vtprune_prefill(model, ids, images, METHOD, keep=keep)
             out[f"{variant}/{keep}"] = {"layers": [s["layer"] for s in st.stages],
                                         "kept": [s["kept"][0].tolist() for s in st.stages],
                                         "logits": logits.tolist()}
@@ -155,89 +115,24 @@ def _release_side(work: Path) -> None:
     out = {}
     for variant in VARIANTS:
         saved = torch.load(work / f"{variant}.pt")
-        base, _, _ = _tiny(work)
-        model = LlavaLlamaForCausalLM_TransPrune(base.config)
-        tower = model.get_vision_tower()
-        if not tower.is_loaded:
-            tower.load_model()
-        model.load_state_dict(saved["state"], strict=True)
-        model.eval()
+        base, _, _ = worker.tiny_model(work, **TINY)
+        model = worker.release_model(LlavaLlamaForCausalLM_TransPrune, base.config, saved["state"])
         lm = model.model
         for keep in BUDGETS:
             for mode in MODES:
                 lm.accmulating_layer_list = list(ACCUMULATING)  # as llava/eval/model_vqa_loader.py sets them
                 lm.pruning_layer_list = list(PRUNING)
                 lm.image_token_ratio_list = [1.0, *RATIOS, last_ratio(keep)]
-                kept, logits = _release_forward(model, saved["input_ids"], saved["images"], mode == "positions kept")
+                kept, logits = worker.rank_drop_forward(model, saved["input_ids"], saved["images"],
+                                                        mode == "positions kept", "transprune_rank_drop", TOKENS)
                 out[f"{variant}/{keep}/{mode}"] = {"kept": kept, "logits": logits}
     (work / "release.json").write_text(json.dumps(out))
-
-
-def _release_forward(model, ids, images, keep_positions: bool) -> tuple[list[list[int]], list[float]]:
-    """One prefill through the release; per stage the image tokens (indices among the 576) it keeps."""
-    import torch
-
-    lm = model.model
-    plain = lm.transprune_rank_drop
-    origin = {}  # "rows": for each current row of the sequence its original position
-    kept: list[list[int]] = []
-
-    def recorded(cur_num, rank_layer, features, position_ids, attention_mask, labels):
-        new_pos, new_mask, new_features, new_labels = plain(
-            cur_num=cur_num, rank_layer=rank_layer, features=features, position_ids=position_ids,
-            attention_mask=attention_mask, labels=labels)
-        before, after = features[0], new_features[0]
-        if "rows" not in origin:
-            origin["rows"] = torch.arange(before.shape[0])
-        same = (after[:, None, :] == before[None, :, :]).all(dim=-1)  # [N_after, N_before]
-        if not bool((same.sum(dim=1) == 1).all()):
-            raise SystemExit("transprune parity: a row returned by transprune_rank_drop matches no single input row")
-        rows = same.float().argmax(dim=1)
-        origin["rows"] = origin["rows"][rows]
-        start = lm.image_token_posi[0]
-        image = origin["rows"][(origin["rows"] >= start) & (origin["rows"] < start + TOKENS)] - start
-        kept.append(sorted(image.tolist()))
-        if keep_positions:  # the kept rows' own positions (vtprune's documented deviation) instead of 0..N'-1
-            new_pos = position_ids[:, rows]
-        return new_pos, new_mask, new_features, new_labels
-
-    ropes = [layer.self_attn.rotary_emb for layer in lm.layers]
-    full = ids.shape[1] - 1 + TOKENS  # the spliced sequence's length: every original position has a table row
-
-    def uncut(plain_rope):
-        def forward(x, seq_len=None):
-            return plain_rope(x, seq_len=max(full, seq_len or 0))
-        return forward
-
-    lm.transprune_rank_drop = recorded
-    if keep_positions:
-        for rope in ropes:
-            rope.forward = uncut(rope.forward)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, images=images, return_dict=True).logits[0, -1]
-    finally:
-        del lm.transprune_rank_drop
-        for rope in ropes:
-            vars(rope).pop("forward", None)
-    return kept, logits.tolist()
 
 
 # --- the check ---------------------------------------------------------------------------------------------
 
 def compare(ref: Path) -> list[dict]:
-    python = llava_python()
-    with tempfile.TemporaryDirectory(prefix="parity-transprune-") as tmp:
-        work = Path(tmp)
-        here = str(Path(__file__).resolve())
-        for side, path in (("vtprune", [ROOT]), ("release", [Path(ref).resolve(), ROOT])):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
-            done = subprocess.run([python, here, "--worker", side, str(work)], env=env, capture_output=True,
-                                  text=True, timeout=600)
-            if done.returncode:
-                raise SystemExit(f"{METHOD} parity: the {side} side failed:\n{done.stdout}\n{done.stderr}")
-        ours = json.loads((work / "vtprune.json").read_text())
-        theirs = json.loads((work / "release.json").read_text())
+    ours, theirs = worker.run_two_sides(METHOD, __file__, ref)
     rows = []
     for variant in VARIANTS:
         for keep in BUDGETS:
@@ -266,17 +161,9 @@ def compare(ref: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ref, args = reference_path(METHOD, argv, __doc__)
-    if ref is None:
-        return 0
-    rows = compare(ref)
-    write_rows(METHOD, rows, ref, args, f"python benchmarks/parity/{METHOD}.py --ref {ref}")
-    return 0 if all(r["kept_equal"] for r in rows) else 1
+    return run_check(METHOD, compare, argv, __doc__)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        side, work = sys.argv[2], Path(sys.argv[3])
-        (_vtprune_side if side == "vtprune" else _release_side)(work)
-        sys.exit(0)
+    worker.worker_entry({"vtprune": _vtprune_side, "release": _release_side})
     sys.exit(main())
