@@ -47,7 +47,6 @@ Deviations from the release, on purpose:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,7 +56,7 @@ from vtprune.config import ConfigError
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import PRE_LLM, VISION_CLS_ATTENTION, Scorer, Signals, register
 from vtprune.scorers.greedy import minmax
-from vtprune.scorers.select import image_budget
+from vtprune.scorers.select import image_budget, warn_clamped
 
 NEIGHBOURS = 32  # the release's `torch.topk(cos_sim_matrix, k=int(32))`
 IQR_FACTOR = 1.5  # upper fence Q3 + 1.5 IQR (`outlier_dectection`)
@@ -210,12 +209,7 @@ def plan_prumerge(scores: list[torch.Tensor], layout: VisualLayout, keep: int | 
             per_image.append(sp.length - n + int(mine.numel()))
         plans.append(MergePlan(torch.sort(_cat(kept, dev)).values, images, torch.sort(_cat(slots, dev)).values,
                                per_image))
-    if clamped:
-        warnings.warn(
-            f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
-            f"(smallest has {min(clamped)}); all their tokens are kept",
-            stacklevel=3,
-        )
+    warn_clamped(keep, clamped)
     return plans
 
 

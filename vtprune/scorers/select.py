@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,6 +65,17 @@ def image_budget(keep: int | float | StageBudget, n_prunable: int) -> tuple[int,
     return min(keep, n_prunable), keep > n_prunable
 
 
+def warn_clamped(keep: Any, clamped: list[int]) -> None:
+    """Warn, for a selection's caller, that a count ``keep`` covered every prunable token of the images whose
+    sizes ``clamped`` lists (those images are kept whole); nothing when the list is empty."""
+    if clamped:
+        warnings.warn(
+            f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
+            f"(smallest has {min(clamped)}); all their tokens are kept",
+            stacklevel=4,
+        )
+
+
 @dataclass
 class Selection:
     """The visual tokens a batch keeps, as one batched result (device tensors, host counts).
@@ -114,6 +126,8 @@ class Selection:
         if per_image is None:
             per_image = [layout.kept_per_image(b, k) for b, k in enumerate(kept)]
         return Selection(layout, mask, [int(k.numel()) for k in kept], per_image, scores)
+
+
 
 
 def pad_scores(scores: Scores, layout: VisualLayout) -> torch.Tensor:
@@ -189,12 +203,7 @@ def select(scores: Scores, layout: VisualLayout, keep: int | float | str | Stage
             per_image[b].append(k)
             counts[b] += k
             i += 1
-    if clamped:
-        warnings.warn(
-            f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
-            f"(smallest has {min(clamped)}); all their tokens are kept",
-            stacklevel=3,
-        )
+    warn_clamped(keep, clamped)
     return Selection(layout, mask, counts, per_image, s)
 
 

@@ -37,7 +37,6 @@ stable sort; the release's ``topk`` leaves them unspecified).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +46,7 @@ from vtprune.config import ConfigError
 from vtprune.kernels import recycle
 from vtprune.layout import VisualLayout
 from vtprune.scorers.base import PRE_LLM, VISION_CLS_ATTENTION, Scorer, Signals, register
-from vtprune.scorers.select import image_budget
+from vtprune.scorers.select import image_budget, warn_clamped
 
 CONTEXTUAL_RATIO = 10 / 64  # VisionZip's dominant:contextual split, 54:10
 ORDERS = ("release", "raster")
@@ -242,12 +241,7 @@ def plan_visionzip(
         plans.append(ZipPlan(_cat(kept, dev), _cat(targets, dev), _cat(members, dev), _cat(slot, dev), per_image,
                              sequence=_cat(sequence, dev),
                              cls_at=torch.tensor(cls_at, dtype=torch.long).to(dev, non_blocking=True)))
-    if clamped:
-        warnings.warn(
-            f"vtprune: keep={keep} exceeds the prunable visual tokens of {len(clamped)} image(s) "
-            f"(smallest has {min(clamped)}); all their tokens are kept",
-            stacklevel=3,
-        )
+    warn_clamped(keep, clamped)
     return plans
 
 
