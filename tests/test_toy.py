@@ -89,7 +89,7 @@ def test_training_script_smoke(tmp_path, arch):
     log = json.loads((out / "train_log.json").read_text())
     assert log["tower"]["steps"] == 3 and log["llm"]["steps"] == 3
     if not scene:
-        assert log["scene_lm"]["steps"] == 3 and set(log["scene_lm"]["accuracy"]) <= {"all", *shapes.QTYPES}
+        assert log["scene_lm"]["steps"] == 3 and set(log["scene_lm"]["accuracy"]) <= {"all", "oracle", *shapes.QTYPES}
         assert log["align"]["steps"] == 3 and log["align"]["r2"] <= 1
     else:
         assert "scene_lm" not in log and "align" not in log
@@ -209,9 +209,72 @@ def test_token_labels_mark_every_object_token():
     s = shapes.make_sample("test", 3)
     for grid in (16, 8):
         labels = mod.token_labels(s.objects, grid)
-        assert labels.shape == (len(mod.TOKEN_HEADS), grid * grid)
+        assert labels.shape == (len(mod.SCENE_HEADS), grid * grid)
         assert np.array_equal(labels[0].reshape(grid, grid) > 0, s.object_mask(grid))
         assert set(labels[4][labels[0] > 0]) == {len(s.objects)}  # the count, on every object token
+        assert list(mod.SCENE_HEADS)[:len(mod.TOKEN_HEADS)] == list(mod.TOKEN_HEADS)  # the tower's heads first
+    labels = mod.token_labels(s.objects, 8)
+    for o in s.objects:  # the (colour, shape) pair, on the object's tokens only
+        pair = mod.PAIRS.index((o.colour, o.shape)) + 1
+        assert {int(labels[5, r * 8 + c]) for r, c in o.cells} == {pair} and (labels[5] == pair).sum() == len(o.cells)
+    assert set(labels[5][labels[0] == 0]) == {0}
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_hidden_visual_tokens_are_pruning_before_the_language_model(arch):
+    """`pack(seen=...)` with one set hidden from every part of a sequence gives each turn exactly what a
+    one-question prompt pruned before the language model gives (those tokens removed, positions kept)."""
+    import torch
+
+    mod = _train_toy()
+    recipe = mod.RECIPES[arch]()
+    tok = recipe.tokenizer()
+    torch.manual_seed(0)
+    model = recipe.model(tok, _Small()).eval()
+    s = shapes.make_sample("test", 4)
+    cells: list = []
+    seq = mod.sequence(recipe, tok, model, s.objects, np.random.default_rng(1), 3, 0.0, cells=cells)
+    assert len(cells) == 3 and all(c and all(0 <= i < 64 for i in c) for c in cells)
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[torch.tensor([0, 9, 18, 27, 40, 63, *cells[0]])] = True
+    seen = keep.expand(4, 64).clone()
+    ids, _, mask, pos = mod.pack(recipe, [seq], tok.pad_token_id, model.config.image_token_id, [seen])
+    feats = torch.randn(1, 64 if arch == "llava" else 256, 32)
+    embeds = recipe.embed(model, feats, ids)
+    with torch.no_grad():
+        packed = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+    seg = torch.tensor(seq[2])
+    image = ids[0] == model.config.image_token_id
+    dropped = torch.zeros_like(image)
+    dropped[image.nonzero().flatten()[~keep]] = True
+    for turn in (1, 2, 3):
+        alone = ((seg == 0) | (seg == turn)) & ~dropped
+        p = pos[..., alone] if arch == "llava" else pos[:, :, alone]
+        with torch.no_grad():
+            ref = model.model.language_model(inputs_embeds=embeds[:, alone], position_ids=p).last_hidden_state
+        torch.testing.assert_close(packed[0, alone], ref[0], atol=1e-5, rtol=1e-5)
+    # a turn that sees fewer tokens than the prefix: only its own rows change
+    seen2 = seen.clone()
+    seen2[2] = False
+    seen2[2, cells[1]] = True
+    _, _, mask2, _ = mod.pack(recipe, [seq], tok.pad_token_id, model.config.image_token_id, [seen2])
+    with torch.no_grad():
+        other = model.model.language_model(inputs_embeds=embeds, attention_mask=mask2, position_ids=pos).last_hidden_state
+    assert torch.equal(other[0, seg != 2], packed[0, seg != 2]) and not torch.allclose(other[0, seg == 2], packed[0, seg == 2])
+
+
+def test_visible_tokens_mix_good_and_bad_pruners():
+    mod = _train_toy()
+    rng = np.random.default_rng(0)
+    cells = [[3, 4, 11, 12], [40], [20, 21, 28, 29, 50]]
+    assert all(mod.visible_tokens(rng, cells, 0.0) is None for _ in range(20))
+    draws = [mod.visible_tokens(rng, cells, 1.0) for _ in range(400)]
+    assert all(d is not None and d.shape == (4, 64) and str(d.dtype) == "torch.bool" for d in draws)
+    rows = [(j, d[j]) for d in draws for j in (1, 2, 3)]
+    full = [r for j, r in rows if r[cells[j - 1]].all()]
+    assert 0.4 < len(full) / len(rows) < 0.8  # a good pruner's sets (plus random sets that happen to hold them)
+    assert min(int(r.sum()) for _, r in rows) <= 4 and max(int(r.sum()) for _, r in rows) >= 50
+    assert 0.3 < np.mean([bool(d[0].all()) for d in draws]) < 0.7  # pre-LLM pruning of the whole sequence
 
 
 @pytest.mark.parametrize("bad", ["valid", "nope"])

@@ -235,13 +235,14 @@ def scene_objects(split: str, index: int, seed: int = 0, size: int = 224) -> lis
 
 
 def ask(objects: list[ShapeObject], rng: np.random.Generator, size: int = 224,
-        qtype: str | None = None) -> tuple[str, str, str]:
-    """A random applicable ``(question, answer, qtype)`` about ``objects``."""
+        qtype: str | None = None) -> tuple[str, str, str, list[ShapeObject]]:
+    """A random applicable ``(question, answer, qtype, relevant)`` about ``objects``; ``relevant``: the
+    objects the question is about (as `Sample.relevant`)."""
     while True:
         kind = qtype or QTYPES[int(rng.integers(len(QTYPES)))]
         qa = _question(rng, objects, kind, size // CELL)
         if qa is not None:
-            return qa[0], qa[1], kind
+            return qa[0], qa[1], kind, qa[2]
         if qtype is not None:
             raise ValueError(f"question type {qtype!r} does not apply to these objects")
 
