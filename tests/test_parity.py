@@ -35,6 +35,8 @@ def test_parity_with_the_release(stem):
     rows = module.compare(Path(ref))
     assert rows, "a parity check compares at least one budget"
     for r in rows:
+        if r.get("asserted") is False:  # a recorded comparison of two variants (e.g. zoo's cross-precision row)
+            continue
         assert r["jaccard"] == 1.0 and r["kept_equal"], r
         if r.get("logit_max_abs") is not None:
             assert r["logit_max_abs"] < module.LOGIT_TOLERANCE, r

@@ -58,21 +58,26 @@ def test_vision_features_through_the_merger_give_the_visual_embeddings(kind):
         assert projector is model.model.visual.merger.mlp
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl"])
-def test_zoo_sensitivity_is_the_merger_mlps_at_the_recorded_features(kind):
-    """Window-ordered Qwen2.5-VL: the sensitivity of each token is recomputed from a float32 copy of the
-    merger MLP at that token's features, with the same direction bank."""
-    model = get_model(kind)
-    inputs = qwen_batch(kind, "left_padded_2")
-    signals, scorer, adapter = _signals_of_zoo(model, inputs, directions=8)
-    mlp = copy.deepcopy(adapter.feature_projector()).float()
-    feats = signals.vision_features[0].float()
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_zoo_sensitivity_is_the_merger_mlps_at_the_recorded_features(precision):
+    """Window-ordered Qwen2.5-VL: the sensitivity of each token is recomputed from a copy of the merger MLP
+    in the chosen precision (float16, the release's, by default) at that token's features, with the same
+    direction bank; the two precisions give different values (float16 rounds part of ``h``)."""
+    model = get_model("qwen2_5_vl")
+    inputs = qwen_batch("qwen2_5_vl", "left_padded_2")
+    options = {} if precision == "float16" else {"precision": precision}
+    signals, scorer, adapter = _signals_of_zoo(model, inputs, directions=8, **options)
+    dtype = getattr(torch, precision)
+    feats = signals.vision_features[0]
     bank = torch.nn.functional.normalize(
         torch.randn(8, feats.shape[1], generator=torch.Generator().manual_seed(0)), dim=-1)
     with torch.no_grad():
-        expected = projector_sensitivity(mlp, feats, bank, 0.01)
-    torch.testing.assert_close(scorer.last_sensitivity[0], expected, atol=1e-6, rtol=1e-5)
-    assert expected.std() > 0  # tokens differ: the ranking means something
+        expected = {d: projector_sensitivity(copy.deepcopy(adapter.feature_projector()).to(d), feats.float(), bank,
+                                             0.01, dtype=d) for d in (torch.float16, torch.float32)}
+    assert scorer.last_sensitivity[0].dtype == dtype
+    torch.testing.assert_close(scorer.last_sensitivity[0], expected[dtype], atol=1e-6, rtol=1e-5)
+    assert expected[dtype].float().std() > 0  # tokens differ: the ranking means something
+    assert not torch.equal(expected[torch.float16].float(), expected[torch.float32])
 
 
 def test_zoo_on_qwen_records_nothing_for_other_methods():

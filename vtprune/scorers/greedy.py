@@ -103,14 +103,15 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def sensitivity_diversity(sensitivity: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
-    """ZOO's SADS: ``[k]`` indices in pick order from sensitivities ``[n]`` (min-max normalised here) and
-    features ``z`` ``[n, D]``: first the most sensitive token, then repeatedly
+    """ZOO's SADS: ``[k]`` indices in pick order from sensitivities ``[n]`` (min-max normalised here, in their
+    own dtype, as the release does: a float16 sensitivity gives float16 weights) and features ``z`` ``[n, D]``
+    (cosines in float32): first the most sensitive token, then repeatedly
     ``argmax_i  S_i * (1 - max_{p picked} cos(z_i, z_p))``. On ``z``'s device."""
     n = z.shape[0]
     k = min(k, n)
     if k <= 0:
         return _empty(z.device)
-    s = minmax(sensitivity.float().to(z.device))
+    s = minmax(sensitivity.to(z.device)).float()
     sim = cosine_matrix(z)
     j = torch.argmax(s, dim=0, keepdim=True)
     picks = [j]
