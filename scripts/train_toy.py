@@ -759,6 +759,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip stage 1: take the vision tower of an earlier checkpoint directory of this script "
                          "(same --arch and sizes; stage 2 never trains it, except Qwen2-VL's merger, which stage 2b "
                          "then starts from)")
+    ap.add_argument("--init-from", default=None,
+                    help="start from every weight of an earlier checkpoint directory of this script (tower, "
+                         "projector, language model; same --arch and sizes) and skip stage 1; with --scene-steps 0 "
+                         "only stage 2c runs: a fine-tune, e.g. to make an earlier model pruning-robust")
     ap.add_argument("--stop-at", type=float, default=0.0,
                     help="end stage 2 early once the periodic test accuracy (192 samples) reaches this")
     args = ap.parse_args(argv)
@@ -776,7 +780,16 @@ def main(argv: list[str] | None = None) -> int:
     processor = recipe.processor(tok)
     model = recipe.model(tok, args)
     log = dict(args=vars(args), parameters=sum(p.numel() for p in model.parameters()))
-    if args.tower_from:  # the (frozen) tower of an earlier checkpoint
+    if args.init_from and (args.tower_from or args.tower):
+        ap.error("--init-from takes the tower too: leave out --tower-from / --tower")
+    if args.init_from:  # every weight of an earlier checkpoint: stage 2 fine-tunes it
+        model.load_state_dict(type(model).from_pretrained(args.init_from).state_dict())
+        with open(os.path.join(args.init_from, "train_log.json")) as f:
+            earlier_log = json.load(f)
+        log["tower"] = dict(earlier_log["tower"], loaded_from=args.init_from)
+        log["init_from"] = dict(path=args.init_from, test_accuracy=earlier_log.get("test_accuracy"),
+                                args=earlier_log.get("args"))
+    elif args.tower_from:  # the (frozen) tower of an earlier checkpoint
         earlier = type(model).from_pretrained(args.tower_from)
         recipe.tower(model).load_state_dict(recipe.tower(earlier).state_dict())
         with open(os.path.join(args.tower_from, "train_log.json")) as f:

@@ -107,6 +107,19 @@ def test_training_script_smoke(tmp_path, arch):
         a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
         towers = [k for k in a if "vision_tower" in k]
         assert towers and all(torch.equal(a[k], b[k]) for k in towers)
+        # --init-from fine-tunes every weight of a checkpoint: only stage 2c runs, the tower stays frozen
+        tuned = tmp_path / "tuned"
+        assert mod.main(["--arch", arch, "--smoke", "--out", str(tuned), "--init-from", str(out),
+                         "--scene-steps", "0", "--llm-lr", "1e-2"]) == 0
+        log3 = json.loads((tuned / "train_log.json").read_text())
+        assert log3["init_from"]["path"] == str(out) and log3["tower"]["loaded_from"] == str(out)
+        assert "scene_lm" not in log3 and log3["llm"]["steps"] == 3
+        c = load_file(tuned / "model.safetensors")
+        assert all(torch.equal(a[k], c[k]) for k in towers)
+        lm = [k for k in a if "language_model" in k]
+        assert lm and any(not torch.equal(a[k], c[k]) for k in lm)  # the language model was trained on
+        with pytest.raises(SystemExit):
+            mod.main(["--arch", arch, "--smoke", "--out", str(tuned), "--init-from", str(out), "--tower-from", str(out)])
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(out)
