@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     peaked,
     run_check,
     tiny_llava_inputs,
+    vtprune_run,
 )
 
 METHOD = "cdpruner"
@@ -121,7 +122,6 @@ def release_mask(meta_cls: Any, model: Any, clip: Any, pixels: Any, text: str, b
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
-    import vtprune
     from vtprune.toy.tiny import tiny_llava, tiny_llava_tokenizer
 
     meta_cls = load_release(ref)
@@ -141,13 +141,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
             for budget in BUDGETS:
                 mask = release_mask(meta_cls, model, clip, inputs["pixel_values"], text, budget)[0]
                 theirs = torch.nonzero(mask).flatten().tolist()
-                vtprune.apply(model, METHOD, keep=budget, **options)
-                try:
-                    with torch.no_grad():
-                        ours_logits = model(**inputs).logits[0, -1]
-                    ours = vtprune.stats(model).kept[0].tolist()
-                finally:
-                    vtprune.remove(model)
+                ours, ours_logits = vtprune_run(model, inputs, METHOD, keep=budget, **options)
                 logit = float((ours_logits - logits_without_unkept(model, inputs, theirs)).abs().max())
                 rows.append({"method": METHOD, "model": f"tiny-llava-1.5 (LLM width {LLM_WIDTH})", "variant": variant, "budget": budget,
                              "jaccard": jaccard(ours, theirs), "kept_equal": sorted(ours) == theirs,

@@ -289,6 +289,23 @@ def logits_without_unkept(model: Any, inputs: Any, kept: Iterable[int], embeds: 
     return logits_on_visual_rows(model, inputs, embeds[:, start + index])[0]
 
 
+def vtprune_run(model: Any, inputs: Any, method: str, **options: Any) -> tuple[list[int], Any]:
+    """vtprune's ``method`` (``vtprune.apply(model, method, **options)``, removed afterwards) on one prompt:
+    ``(kept, logits)``, the kept visual indices of sample 0 in vtprune's order and the first-token logits
+    ``[V]``."""
+    import torch
+
+    import vtprune
+
+    vtprune.apply(model, method, **options)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+        return vtprune.stats(model).kept[0].tolist(), logits
+    finally:
+        vtprune.remove(model)
+
+
 def traced_vtprune_run(model: Any, inputs: Any, method: str, **options: Any) -> dict[str, Any]:
     """vtprune's ``method`` (``vtprune.apply(model, method, **options)``, removed afterwards) on one prompt,
     with each visual row the LLM receives traced back to the projector call whose output it is: ``kept``

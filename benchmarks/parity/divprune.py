@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     peaked,
     run_check,
     tiny_llava_inputs,
+    vtprune_run,
 )
 
 METHOD = "divprune"
@@ -68,7 +69,6 @@ def release_kept(meta_cls: Any, visual: Any, ratio: float) -> list[int]:
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
-    import vtprune
     from vtprune.toy.tiny import tiny_llava
 
     meta_cls = load_release(ref)
@@ -84,13 +84,8 @@ def compare(ref: Path) -> list[dict[str, Any]]:
             raise SystemExit(f"{METHOD} parity: the tiny model's prompt holds {visual.numel()} visual tokens, not {TOKENS}")
         for budget, ratio in RATIOS.items():
             theirs = release_kept(meta_cls, embeds[0, visual], ratio)
-            vtprune.apply(model, METHOD, keep=budget)
-            try:
-                with torch.no_grad():
-                    ours_logits = model(**inputs).logits[0, -1]
-                ours = sorted(vtprune.stats(model).kept[0].tolist())
-            finally:
-                vtprune.remove(model)
+            ours, ours_logits = vtprune_run(model, inputs, METHOD, keep=budget)
+            ours = sorted(ours)
             logit = float((ours_logits - logits_without_unkept(model, inputs, theirs, embeds)).abs().max())
             rows.append({"method": METHOD, "model": "tiny-llava-1.5 (576 tokens)", "variant": variant,
                          "budget": budget, "jaccard": jaccard(ours, theirs), "kept_equal": ours == theirs,

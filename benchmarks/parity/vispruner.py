@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     peaked,
     run_check,
     tiny_llava_inputs,
+    vtprune_run,
 )
 
 METHOD = "vispruner"
@@ -81,7 +82,6 @@ def release_mask(classes: tuple[Any, Any], tower: Any, pixels: Any, budget: int)
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
-    import vtprune
     from vtprune.toy.tiny import tiny_llava
 
     classes = load_release(ref)
@@ -95,13 +95,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
         for budget in BUDGETS:
             mask = release_mask(classes, tower, inputs["pixel_values"], budget)[0]
             theirs = torch.nonzero(mask).flatten().tolist()
-            vtprune.apply(model, METHOD, keep=budget)
-            try:
-                with torch.no_grad():
-                    ours_logits = model(**inputs).logits[0, -1]
-                ours = vtprune.stats(model).kept[0].tolist()
-            finally:
-                vtprune.remove(model)
+            ours, ours_logits = vtprune_run(model, inputs, METHOD, keep=budget)
             logit = float((ours_logits - logits_without_unkept(model, inputs, theirs)).abs().max())
             rows.append({"method": METHOD, "model": "tiny-llava-1.5", "variant": variant, "budget": budget,
                          "jaccard": jaccard(ours, theirs), "kept_equal": sorted(ours) == theirs,

@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     run_check,
     single_threaded,
     tiny_llava_inputs,
+    vtprune_run,
 )
 
 METHOD = "zoo"
@@ -132,7 +133,6 @@ def projector_io(model: Any, inputs: Any) -> tuple[Any, Any]:
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
-    import vtprune
     from vtprune.toy.tiny import tiny_llava
 
     path = ref / ARCH
@@ -156,13 +156,8 @@ def compare(ref: Path) -> list[dict[str, Any]]:
         for budget, ratio in RATIOS.items():
             ours: dict[str, tuple[list[int], Any]] = {}
             for precision in blocks:
-                vtprune.apply(model, METHOD, keep=budget, precision=precision)
-                try:
-                    with torch.no_grad():
-                        logits = model(**inputs).logits[0, -1]
-                    ours[precision] = (sorted(vtprune.stats(model).kept[0].tolist()), logits)
-                finally:
-                    vtprune.remove(model)
+                kept, logits = vtprune_run(model, inputs, METHOD, keep=budget, precision=precision)
+                ours[precision] = (sorted(kept), logits)
             theirs = {p: release_kept(meta_cls, blocks[p], pre, projected, projectors[p], ratio) for p in blocks}
             for name, mine, release in [("float16", "float16", "float16"), ("float32", "float32", "float32"),
                                         ("cross: vtprune float32, release as is", "float32", "float16")]:
