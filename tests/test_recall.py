@@ -106,3 +106,34 @@ def test_crowded_task_has_four_to_six_objects_and_no_counts():
     assert sum(len(s.object_cells) > 7 for s in task.samples) > len(task.samples) // 2
     # its own random stream: the standard split is unchanged by the variant
     assert shapes.make_sample("test", 3).question == load_task("toy-shapes", 4).samples[3].question
+
+
+def test_oracle_covers_every_question_object_before_completing_one():
+    """Four big objects asked about (16 cells): at 4 tokens one cell of each, not all of the first."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vtprune.eval.oracle import OracleScorer
+    from vtprune.eval.tasks import EvalSample
+
+    objs = [shapes.ShapeObject("red", "circle", True, 0, 0), shapes.ShapeObject("blue", "square", True, 0, 4),
+            shapes.ShapeObject("green", "triangle", True, 4, 0), shapes.ShapeObject("red", "square", True, 6, 6)]
+    small = shapes.ShapeObject("blue", "circle", False, 3, 3)  # not asked about
+    groups = [sorted(o.cells) for o in objs]
+    sample = EvalSample(index=0, question="How many shapes are there?", answer="four", qtype="count",
+                        question_cells=sorted(c for g in groups for c in g),
+                        object_cells=sorted({c for g in groups for c in g} | set(small.cells)), cell_grid=8,
+                        question_objects=groups, scene_objects=[*groups, sorted(small.cells)])
+    layout = SimpleNamespace(batch_size=1, positions=[torch.arange(64)])
+    score = OracleScorer([sample]).score(SimpleNamespace(layout=layout))[0]
+    top = {(int(i) // 8, int(i) % 8) for i in score.topk(4).indices}
+    assert all(len(top & set(g)) == 1 for g in groups)  # one cell of every object
+    top16 = {(int(i) // 8, int(i) % 8) for i in score.topk(16).indices}
+    assert top16 == set(sample.question_cells)  # the question's tier before the other object
+    assert score.topk(17).indices[-1] == 3 * 8 + 3
+    # without the grouping: raster order within the tier (the first row's cells: two objects missed)
+    flat = EvalSample(index=0, question="q", answer="a", question_cells=sample.question_cells,
+                      object_cells=sample.object_cells, cell_grid=8)
+    score = OracleScorer([flat]).score(SimpleNamespace(layout=layout))[0]
+    assert {(int(i) // 8, int(i) % 8) for i in score.topk(4).indices} == {(0, 0), (0, 1), (0, 4), (0, 5)}

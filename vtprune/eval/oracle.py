@@ -2,9 +2,15 @@
 
 It knows each sample's answer cells (`vtprune.eval.tasks.EvalSample.question_cells`), so it gives the upper
 bound of a selection before the LLM: with the question's objects kept, a model that still fails is
-brittle with few tokens, not badly served. Scores per visual token: 2 on the question's object cells,
-1 on the other objects' cells, 0 on background (ties: the earlier token), so at a budget below the
-question's cells it keeps as many of them as fit, and above it adds the other objects, then background.
+brittle with few tokens, not badly served. Tiers per visual token: the question's object cells, then
+the other objects' cells, then background (score 2, 1, 0), so at a budget below the question's cells it
+keeps as many of them as fit, and above it adds the other objects, then background.
+
+Within a tier it covers objects before it completes them (``question_objects`` / ``scene_objects``, each
+object's cells in raster order): first one cell of every object, then a second cell of every big one,
+and so on; ties, the earlier token. A count question about four big objects has 16 question cells; at 7
+tokens raster order would keep all four cells of the first object and none of the last, and the answer
+needs every object seen once. Samples without the grouping rank a tier's cells in raster order.
 
 Not a preset (no real task knows its answer cells): `vtprune eval --method oracle` builds it for each
 batch from the batch's samples (`EVAL_ONLY`), on toy tasks only.
@@ -45,11 +51,22 @@ class OracleScorer(Scorer):
             if under is None:
                 raise ConfigError(f"oracle: sample {sample.index} has {n} visual tokens, not one square raster of "
                                   "its task's cells; the oracle runs on the toy tasks with one image per prompt")
-            question, objects = set(sample.question_cells or []), set(sample.object_cells or [])
-            score = torch.tensor([2.0 if c in question else 1.0 if c in objects else 0.0 for c in under])
-            score = score - torch.arange(n) / (4.0 * n)  # ties: the earlier token
+            rank = {c: 1.0 + _object_round(c, sample.scene_objects) for c in sample.object_cells or []}
+            rank.update({c: 2.0 + _object_round(c, sample.question_objects)
+                         for c in sample.question_cells or []})
+            score = torch.tensor([rank.get(c, 0.0) for c in under])
+            score = score - torch.arange(n) / (8.0 * n)  # ties: the earlier token
             out.append(score.to(lay.positions[b].device))
         return out
+
+
+def _object_round(cell: tuple[int, int], objects: list[list[tuple[int, int]]] | None) -> float:
+    """A bonus in ``[0, 0.5]`` within a tier: 0.5 for each object's first cell, less for its later ones
+    (``0.5 - k / 8`` for the ``k``-th, an object has at most 4), 0 when the grouping is unknown."""
+    if not objects:
+        return 0.0
+    k = min((obj.index(cell) for obj in objects if cell in obj), default=3)
+    return 0.5 - k / 8.0
 
 
 EVAL_ONLY: dict[str, Callable[..., Scorer]] = {"oracle": OracleScorer}  # name -> factory(samples, **options)

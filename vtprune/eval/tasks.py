@@ -54,6 +54,9 @@ class EvalSample:
     question_cells: list[tuple[int, int]] | None = None
     object_cells: list[tuple[int, int]] | None = None
     cell_grid: int | None = None
+    # ... and the same cells grouped by object (each object's cells sorted): the oracle covers objects first
+    question_objects: list[list[tuple[int, int]]] | None = None
+    scene_objects: list[list[tuple[int, int]]] | None = None
 
     @property
     def metric(self) -> str:
@@ -133,7 +136,9 @@ def toy_shapes_task(n: int, seed: int = 0, noise: bool = False, crowded: bool = 
         samples.append(EvalSample(index=i, question=s.question, answer=s.answer, qtype=s.qtype, image=image,
                                   one_word=True, question_cells=None if noise else s.cells("question"),
                                   object_cells=None if noise else s.cells("objects"),
-                                  cell_grid=s.image.size[0] // shapes.CELL))
+                                  cell_grid=s.image.size[0] // shapes.CELL,
+                                  question_objects=None if noise else [sorted(o.cells) for o in s.relevant],
+                                  scene_objects=None if noise else [sorted(o.cells) for o in s.objects]))
     info = {"split": "test", "seed": seed, "chance_accuracy": shapes.chance_accuracy(data), "noise_images": noise,
             "crowded": crowded}
     return Task(TOY_SHAPES_NOISE if noise else TOY_SHAPES_CROWDED if crowded else TOY_SHAPES, samples, info)
