@@ -247,9 +247,11 @@ def test_hidden_visual_tokens_are_pruning_before_the_language_model(arch):
     s = shapes.make_sample("test", 4)
     cells: list = []
     seq = mod.sequence(recipe, tok, model, s.objects, np.random.default_rng(1), 3, 0.0, cells=cells)
-    assert len(cells) == 3 and all(c and all(0 <= i < 64 for i in c) for c in cells)
+    assert len(cells) == 3 and all(c and all(obj and all(0 <= i < 64 for i in obj) for obj in c) for c in cells)
+    assert all({i for obj in c for i in obj} <= {r * 8 + col for o in s.objects for r, col in o.cells} for c in cells)
+    first = [i for obj in cells[0] for i in obj]
     keep = torch.zeros(64, dtype=torch.bool)
-    keep[torch.tensor([0, 9, 18, 27, 40, 63, *cells[0]])] = True
+    keep[torch.tensor([0, 9, 18, 27, 40, 63, *first])] = True
     seen = keep.expand(4, 64).clone()
     ids, _, mask, pos = mod.pack(recipe, [seq], tok.pad_token_id, model.config.image_token_id, [seen])
     feats = torch.randn(1, 64 if arch == "llava" else 256, 32)
@@ -269,7 +271,7 @@ def test_hidden_visual_tokens_are_pruning_before_the_language_model(arch):
     # a turn that sees fewer tokens than the prefix: only its own rows change
     seen2 = seen.clone()
     seen2[2] = False
-    seen2[2, cells[1]] = True
+    seen2[2, [i for obj in cells[1] for i in obj]] = True
     _, _, mask2, _ = mod.pack(recipe, [seq], tok.pad_token_id, model.config.image_token_id, [seen2])
     with torch.no_grad():
         other = model.model.language_model(inputs_embeds=embeds, attention_mask=mask2, position_ids=pos).last_hidden_state
@@ -279,15 +281,32 @@ def test_hidden_visual_tokens_are_pruning_before_the_language_model(arch):
 def test_visible_tokens_mix_good_and_bad_pruners():
     mod = _train_toy()
     rng = np.random.default_rng(0)
-    cells = [[3, 4, 11, 12], [40], [20, 21, 28, 29, 50]]
+    cells = [[[3, 4, 11, 12]], [[40]], [[20, 21, 28, 29], [50]]]  # per turn, one cell list per object
+    flat = [[i for obj in c for i in obj] for c in cells]
     assert all(mod.visible_tokens(rng, cells, 0.0) is None for _ in range(20))
     draws = [mod.visible_tokens(rng, cells, 1.0) for _ in range(400)]
     assert all(d is not None and d.shape == (4, 64) and str(d.dtype) == "torch.bool" for d in draws)
     rows = [(j, d[j]) for d in draws for j in (1, 2, 3)]
-    full = [r for j, r in rows if r[cells[j - 1]].all()]
+    full = [r for j, r in rows if r[flat[j - 1]].all()]
     assert 0.4 < len(full) / len(rows) < 0.8  # a good pruner's sets (plus random sets that happen to hold them)
     assert min(int(r.sum()) for _, r in rows) <= 4 and max(int(r.sum()) for _, r in rows) >= 50
     assert 0.3 < np.mean([bool(d[0].all()) for d in draws]) < 0.7  # pre-LLM pruning of the whole sequence
+
+
+def test_visible_tokens_part_of_each_object_sees_every_object():
+    """``part_of_each=1``: a good pruner's row holds at least one cell of every object of its turn and,
+    for a big object, often not all four (as a pruner that covers objects first keeps at 7 tokens)."""
+    mod = _train_toy()
+    rng = np.random.default_rng(0)
+    cells = [[[3, 4, 11, 12], [20, 21, 28, 29], [50]]]
+    draws = [mod.visible_tokens(rng, cells, 1.0, part_of_each=1.0)[1] for _ in range(400)]
+    # random (bad-pruner) rows hold every object by chance only when they are dense
+    good = [r for r in draws if all(r[obj].any() for obj in cells[0])]
+    assert len(good) / len(draws) > 0.5
+    assert sum(not r[[3, 4, 11, 12]].all() for r in good) > len(good) // 4
+    rng = np.random.default_rng(1)
+    base = [mod.visible_tokens(rng, cells, 1.0)[1] for _ in range(400)]
+    assert len(good) > sum(all(r[obj].any() for obj in cells[0]) for r in base)
 
 
 @pytest.mark.parametrize("bad", ["valid", "nope"])
