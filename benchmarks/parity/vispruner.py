@@ -20,7 +20,13 @@ the CLS attention and the max-cosine scores hold exact and near ties; vtprune br
 stable sort (documented in ``vtprune/scorers/vispruner.py``), the release by ``argsort``'s unspecified
 order, and vtprune's recomputed CLS attention differs from the tower's eager attention maps by ~3e-10.
 There the kept sets differ (Jaccard about 0.6-0.8); the release's own selection changes as much between
-float32 and float64.
+float32 and float64. Even a noise image can hold one exact tie: on torch 2.14 / transformers 5.25 the
+random model's CLS attention on seed 0's image has two equal values at ranks 435-436, where
+``argsort(descending=True)`` (the release) and a stable sort (vtprune) order them differently, and from
+the first duplicate-removal round on the selections part (Jaccard 0.46 at 64). So each variant runs on
+two noise images (seeds 0 and 1); a row records ``attention_ties``, the exact ties in the release's
+ranking of the tokens it does not take as important, and only tie-free rows are asserted (each variant
+must have one).
 
     python benchmarks/parity/vispruner.py --ref /path/to/VisPruner
 """
@@ -45,11 +51,14 @@ from common import (  # noqa: E402
     vtprune_run,
 )
 
+from vtprune.scorers.vispruner import split_budget  # noqa: E402
+
 METHOD = "vispruner"
 ENV = env_name(METHOD)
 LOGIT_TOLERANCE = 1e-4
 BUDGETS = (64, 128, 192)
 IMPORTANT_RATIO = 0.5
+SEEDS = (0, 1)  # noise images (see the module docstring on ties)
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
 
@@ -85,27 +94,55 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava
 
     classes = load_release(ref)
-    inputs = tiny_llava_inputs(PROMPT)
     rows = []
     for variant in ("random", "peaked"):
         model = tiny_llava(attn_implementation="eager")  # the release's CLIP tower: eager attention
         if variant == "peaked":
             peaked(model)
         tower = model.model.vision_tower
-        for budget in BUDGETS:
-            mask = release_mask(classes, tower, inputs["pixel_values"], budget)[0]
-            theirs = torch.nonzero(mask).flatten().tolist()
-            ours, ours_logits = vtprune_run(model, inputs, METHOD, keep=budget)
-            logit = float((ours_logits - logits_without_unkept(model, inputs, theirs)).abs().max())
-            rows.append({"method": METHOD, "model": "tiny-llava-1.5", "variant": variant, "budget": budget,
-                         "jaccard": jaccard(ours, theirs), "kept_equal": sorted(ours) == theirs,
-                         "logit_max_abs": logit,
-                         "note": "eager attention, noise image (see the module docstring on tie-heavy images)"})
+        for seed in SEEDS:
+            inputs = tiny_llava_inputs(PROMPT, seed=seed)
+            with torch.no_grad():
+                att = tower(inputs["pixel_values"], output_attentions=True).attentions[-2][0, :, 0, 1:].mean(0)
+            for budget in BUDGETS:
+                mask = release_mask(classes, tower, inputs["pixel_values"], budget)[0]
+                theirs = torch.nonzero(mask).flatten().tolist()
+                ours, ours_logits = vtprune_run(model, inputs, METHOD, keep=budget)
+                logit = float((ours_logits - logits_without_unkept(model, inputs, theirs)).abs().max())
+                ties = residual_ties(att, budget)
+                rows.append({"method": METHOD, "model": "tiny-llava-1.5", "variant": f"{variant}, seed {seed}",
+                             "budget": budget, "jaccard": jaccard(ours, theirs), "kept_equal": sorted(ours) == theirs,
+                             "logit_max_abs": logit, "attention_ties": ties,
+                             "note": "eager attention, noise image" + (
+                                 f"; {ties} exact tie(s) in the release's attention ranking: argsort order "
+                                 "unspecified, not asserted" if ties else "")})
     return rows
 
 
+def residual_ties(attention: Any, budget: int) -> int:
+    """Exact ties between neighbours of the descending ranking of ``attention`` ``[N]`` among the tokens
+    after the ``budget``'s important ones (the order the release's duplicate removal starts from)."""
+    import torch
+
+    important, _ = split_budget(budget, IMPORTANT_RATIO)
+    ranked = torch.sort(attention, descending=True).values[important:]
+    return int((ranked[1:] == ranked[:-1]).sum())
+
+
+def asserted(row: dict[str, Any]) -> bool:
+    return row["kept_equal"] or row["attention_ties"] > 0
+
+
+def summary(rows: list[dict[str, Any]]) -> None:
+    for variant in ("random", "peaked"):
+        clean = [r for r in rows if r["variant"].startswith(variant) and not r["attention_ties"]]
+        print(f"{variant}: {len(clean)} tie-free rows asserted")
+        if not clean:
+            raise SystemExit(f"vispruner parity: no tie-free input for the {variant} variant; add a seed to SEEDS")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_check(METHOD, compare, argv, __doc__ or "")
+    return run_check(METHOD, compare, argv, __doc__ or "", passed=asserted, summary=summary)
 
 
 if __name__ == "__main__":
