@@ -521,11 +521,11 @@ def visible_tokens(rng: np.random.Generator, turn_cells: list[list[list[int]]], 
         if rng.random() < 0.5:
             row = rng.random(n) < rng.uniform(0.0, 0.15)
             keep = np.asarray([c for obj in objects for c in obj], dtype=np.int64)
-            part = rng.random()
-            if len(keep) and part < part_of_each:  # some cells of every object: each object seen
+            part = rng.random() if len(keep) else 1.0  # drawn as before --part-of-each: the same runs by seed
+            if part < part_of_each:  # some cells of every object: each object seen
                 keep = np.concatenate([rng.choice(obj, size=int(rng.integers(1, len(obj) + 1)), replace=False)
                                        for obj in objects if obj])
-            elif len(keep) and part < part_of_each + 0.3:  # a pruner that keeps only part of the objects
+            elif part < part_of_each + 0.3:  # a pruner that keeps only part of the objects
                 keep = rng.choice(keep, size=int(rng.integers(1, len(keep) + 1)), replace=False)
             row[keep] = True
         else:
