@@ -1,6 +1,6 @@
 """``oracle``: an eval-only pruning method for the toy tasks that keeps the cells the question is about.
 
-It knows each sample's answer cells (`vtprune.eval.tasks.EvalSample.question_cells`), so it gives the upper
+It knows each sample's answer cells (`vtprune.eval.tasks.EvalSample.question_objects`), so it gives the upper
 bound of a selection before the LLM: with the question's objects kept, a model that still fails is
 brittle with few tokens, not badly served. Tiers per visual token: the question's object cells, then
 the other objects' cells, then background (score 2, 1, 0), so at a budget below the question's cells it
@@ -10,7 +10,7 @@ Within a tier it covers objects before it completes them (``question_objects`` /
 object's cells in raster order): first one cell of every object, then a second cell of every big one,
 and so on; ties, the earlier token. A count question about four big objects has 16 question cells; at 7
 tokens raster order would keep all four cells of the first object and none of the last, and the answer
-needs every object seen once. Samples without the grouping rank a tier's cells in raster order.
+needs every object seen once.
 
 Not a preset (no real task knows its answer cells): `vtprune eval --method oracle` builds it for each
 batch from the batch's samples (`EVAL_ONLY`), on toy tasks only.
@@ -51,8 +51,8 @@ class OracleScorer(Scorer):
             if under is None:
                 raise ConfigError(f"oracle: sample {sample.index} has {n} visual tokens, not one square raster of "
                                   "its task's cells; the oracle runs on the toy tasks with one image per prompt")
-            rank = {c: 1.0 + _object_round(c, sample.scene_objects) for c in sample.object_cells or []}
-            rank.update({c: 2.0 + _object_round(c, sample.question_objects)
+            rank = {c: 1.0 + _object_round(c, sample.scene_objects or []) for c in sample.object_cells or []}
+            rank.update({c: 2.0 + _object_round(c, sample.question_objects or [])
                          for c in sample.question_cells or []})
             score = torch.tensor([rank.get(c, 0.0) for c in under])
             score = score - torch.arange(n) / (8.0 * n)  # ties: the earlier token
@@ -60,12 +60,10 @@ class OracleScorer(Scorer):
         return out
 
 
-def _object_round(cell: tuple[int, int], objects: list[list[tuple[int, int]]] | None) -> float:
+def _object_round(cell: tuple[int, int], objects: list[list[tuple[int, int]]]) -> float:
     """A bonus in ``[0, 0.5]`` within a tier: 0.5 for each object's first cell, less for its later ones
-    (``0.5 - k / 8`` for the ``k``-th, an object has at most 4), 0 when the grouping is unknown."""
-    if not objects:
-        return 0.0
-    k = min((obj.index(cell) for obj in objects if cell in obj), default=3)
+    (``0.5 - k / 8`` for the ``k``-th, an object has at most 4); a cell of several objects takes its earliest."""
+    k = min(obj.index(cell) for obj in objects if cell in obj)
     return 0.5 - k / 8.0
 
 

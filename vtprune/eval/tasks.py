@@ -50,17 +50,25 @@ class EvalSample:
     one_word: bool = False  # ask for a one-word answer
     id: Any = None  # the record's id, if any
     line: int | None = None  # the record's line in its jsonl file
-    # toy tasks: the (row, col) cells of the question's objects and of all objects, on a cell_grid lattice
-    question_cells: list[tuple[int, int]] | None = None
-    object_cells: list[tuple[int, int]] | None = None
-    cell_grid: int | None = None
-    # ... and the same cells grouped by object (each object's cells sorted): the oracle covers objects first
+    # toy tasks: the (row, col) cells on a cell_grid lattice of each object the question is about and of
+    # every object in the image, one sorted list per object (the oracle covers objects before completing them)
     question_objects: list[list[tuple[int, int]]] | None = None
     scene_objects: list[list[tuple[int, int]]] | None = None
+    cell_grid: int | None = None
 
     @property
     def metric(self) -> str:
         return "multiple_choice" if self.choices else "exact_match"
+
+    @property
+    def question_cells(self) -> list[tuple[int, int]] | None:
+        """The sorted cells of the question's objects (toy tasks; None elsewhere)."""
+        return None if self.question_objects is None else sorted({c for o in self.question_objects for c in o})
+
+    @property
+    def object_cells(self) -> list[tuple[int, int]] | None:
+        """The sorted cells of every object in the image (toy tasks; None elsewhere)."""
+        return None if self.scene_objects is None else sorted({c for o in self.scene_objects for c in o})
 
     def load_image(self):
         """The image as RGB ``PIL.Image`` (raises for an unreadable file: that sample then fails)."""
@@ -134,9 +142,7 @@ def toy_shapes_task(n: int, seed: int = 0, noise: bool = False, crowded: bool = 
         if noise:
             image = Image.fromarray(rng.integers(0, 256, (*s.image.size[::-1], 3), dtype=np.uint8))
         samples.append(EvalSample(index=i, question=s.question, answer=s.answer, qtype=s.qtype, image=image,
-                                  one_word=True, question_cells=None if noise else s.cells("question"),
-                                  object_cells=None if noise else s.cells("objects"),
-                                  cell_grid=s.image.size[0] // shapes.CELL,
+                                  one_word=True, cell_grid=s.image.size[0] // shapes.CELL,
                                   question_objects=None if noise else [sorted(o.cells) for o in s.relevant],
                                   scene_objects=None if noise else [sorted(o.cells) for o in s.objects]))
     info = {"split": "test", "seed": seed, "chance_accuracy": shapes.chance_accuracy(data), "noise_images": noise,
