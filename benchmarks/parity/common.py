@@ -125,18 +125,24 @@ def peaked(model: Any, factor: float = 8.0) -> Any:
     return model
 
 
+def script_name(method: str) -> str:
+    """The check's file name: ``<method>.py`` with ``+`` spelt ``plus`` and ``-`` spelt ``_``
+    (``prumerge+`` -> ``prumergeplus.py``, ``holov-qwen`` -> ``holov_qwen.py``)."""
+    return method.replace("+", "plus").replace("-", "_") + ".py"
+
+
 def run_check(method: str, compare: Callable[[Path], list[dict[str, Any]]], argv: list[str] | None = None,
               doc: str = "", *, passed: Callable[[dict[str, Any]], bool] | None = None,
               summary: Callable[[list[dict[str, Any]]], None] | None = None) -> int:
     """A check's ``main``: `reference_path` (None: it printed "skipped", returns 0), ``rows = compare(ref)``,
-    `write_rows` with the command ``python benchmarks/parity/<method>.py --ref REF`` (``+`` spelt ``plus``),
+    `write_rows` with the command ``python benchmarks/parity/<script_name(method)> --ref REF``,
     then ``summary(rows)`` (extra printed lines) where given. Returns the exit code: 0 where ``passed(row)``
     (default: ``row["kept_equal"]``) holds for every row, else 1."""
     ref, args = reference_path(method, argv, doc)
     if ref is None:
         return 0
     rows = compare(ref)
-    write_rows(method, rows, ref, args, f"python benchmarks/parity/{method.replace('+', 'plus')}.py --ref {ref}")
+    write_rows(method, rows, ref, args, f"python benchmarks/parity/{script_name(method)} --ref {ref}")
     if summary is not None:
         summary(rows)
     passed = passed or (lambda r: r["kept_equal"])

@@ -184,9 +184,14 @@ class HoloVScorer(Scorer):
           the budget is per image over its base and high-resolution tokens, as the release.
         - Qwen-VL: raster order (the release orders as in step 5 and carries the positions along); the zero
           vectors sit at the image's last unkept slots with those slots' positions (the release gives
-          them the last image token's; on Qwen3-VL they still receive that slot's deepstack features).
+          them the position of its slice's last row, the image's second-to-last token; on Qwen3-VL they
+          still receive that slot's deepstack features).
           The release reads its Qwen2.5-VL attention in window order without undoing ``window_index``
           (so scores and tokens are misaligned there); vtprune's scores are in raster order.
+          The release's Qwen2.5-VL slice of the image starts at ``<|vision_start|>``, one token early:
+          HoloV scores that token and the image's first ``n - 1`` (each with the next token's score),
+          and the image's last token always reaches the LLM; vtprune selects among the image's own
+          ``n`` tokens (parity with both layouts: ``benchmarks/parity/holov_qwen.py``).
         - Ties in the top-k go to the earlier token or crop (``torch.topk``'s tie order is unspecified);
           scores are computed in float32 (the release: the model's dtype for the similarity).
 
