@@ -19,7 +19,9 @@ from vtprune.perthread import PerThread
 from vtprune.scorers.base import FIRST_TOKEN_STATE, HIDDEN_STATES, IN_LLM, Scorer, Signals, register
 from vtprune.scorers.compose import Wrapper, method_string
 
-# (text model_type, hidden size, intermediate size) -> D_sink, from the VAR paper's code (constants.py)
+# (text model_type, hidden size, intermediate size) -> D_sink, from the VAR paper's code (constants.py). Deviation:
+# the release's LogicEngine never switches dim_sink from the 7B entry, so it runs 13B models with (1415, 2533);
+# vtprune uses the 13B entry (dims=[1415, 2533] reproduces the release there; benchmarks/parity/sink.py)
 KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
     ("llama", 4096, 11008): (1415, 2533),  # LLaMA-2-7B / Vicuna-7B (LLaVA-1.5-7B)
     ("llama", 5120, 13824): (2100, 4743),  # LLaMA-2-13B / Vicuna-13B (LLaVA-1.5-13B)
