@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                               "--out", str(out / f"toy_methods_{model}_exit")])
             cells += [{**c, "keep": k} for c in exits["cells"] for k in KEEPS]  # an exit: the same cell at each
             base = exits["baseline"]["accuracy"]
-        seconds = time.perf_counter() - t0 + (results.get(model, {}).get("seconds", 0.0) if args.method else 0.0)
+        kept_old = any(c["method"] not in chosen for c in results.get(model, {}).get("cells", []))
+        seconds = time.perf_counter() - t0 + (results.get(model, {}).get("seconds", 0.0) if kept_old else 0.0)
         results[model] = {"cells": cells, "baseline": base, "seconds": seconds, "refused": refused}
         print(f"{model}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
