@@ -365,3 +365,11 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     assert code == 2 and out == ""
     assert err.startswith("vtprune: error:") and message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_layer_given_as_an_option_points_at_the_layer_flag(tmp_path, capsys):
+    """`--option layer=0` is a common slip for `--layer 0`: one line that names the flag, exit 2."""
+    code, out, err = _eval(capsys, "--model", "tiny-llava", "--method", "fastv", "--option", "layer=0",
+                           "--out", str(tmp_path / "o"))
+    assert code == 2 and out == ""
+    assert err.startswith("vtprune: error:") and "`--layer K`" in err and len(err.strip().splitlines()) == 1

@@ -98,8 +98,9 @@ def build_cells(methods: list[str], keeps: list[int | float], layer: int | None 
             for m in methods:
                 if m not in EVAL_ONLY:
                     build_scorer(m, {})  # an unknown method is the better message
-            raise ConfigError(f"option {key!r} belongs to none of the methods {', '.join(methods)}; "
-                              "see the README's method table for their options")
+            hint = ("the in-LLM pruning layer is `--layer K` (`layer=` in Python)" if key == "layer"
+                    else "see the README's method table for their options")
+            raise ConfigError(f"option {key!r} belongs to none of the methods {', '.join(methods)}; {hint}")
     cells = []
     for method in methods:
         own = {k: v for k, v in options.items() if _declares(method, k)}
