@@ -29,6 +29,7 @@ release's visual rows (`lm_input_embeds`, `logits_on_visual_rows`, `logits_witho
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -41,6 +42,67 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "parity"
+
+
+class StandIn:
+    """``target`` as a release's code sees it (its ``self``): calling it runs ``fn(self, ...)``; the attributes
+    given replace the target's, every other attribute is the target's, and attributes the release sets land
+    on the stand-in, never on the tiny model."""
+
+    def __init__(self, target: Any, fn: Any = None, **attrs: Any) -> None:
+        self.__dict__.update(attrs, _target=target, _fn=fn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_target"], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self, *args, **kwargs)
+
+
+def strip_annotations(node: ast.AST) -> ast.AST:
+    """``node`` (a function or class) with every decorator and annotation inside it removed, bodies unchanged:
+    they name the release's transformers' docstring helpers and types, which transformers 5 lacks."""
+    for n in ast.walk(node):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n.decorator_list = []
+            n.returns = None
+            a = n.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+    return node
+
+
+def release_functions(path: Path, wanted: Iterable[Any], namespace: dict[str, Any], *, strip: bool = False,
+                      hint: str = "") -> dict[Any, Any]:
+    """The functions ``wanted`` of the Python file ``path``, compiled from its source (``ast``) and executed in
+    ``namespace`` (the module globals they see: the release's imports, or stand-ins for them): a name for a
+    module-level function (left in ``namespace`` under it, so the others can call it), ``(class, name)`` for
+    a method (its function, not bound). ``strip``: `strip_annotations` first. Exits naming what is missing
+    (``hint``: what ``--ref`` should be)."""
+    path = Path(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: dict[Any, ast.FunctionDef] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    found.setdefault((node.name, item.name), item)
+    wanted = list(wanted)
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise SystemExit(f"{path}: functions not found: {missing}{'; ' + hint if hint else ''}")
+    out: dict[Any, Any] = {}
+    for key in wanted:
+        node = strip_annotations(found[key]) if strip else found[key]
+        if not isinstance(key, str):
+            node.name = f"{key[0]}__{key[1]}"  # a method: under its class's name, not as a module global
+        exec(compile(ast.fix_missing_locations(ast.Module(body=[node], type_ignores=[])), str(path), "exec"),
+             namespace)  # noqa: S102
+        out[key] = namespace[node.name] if isinstance(key, str) else namespace.pop(node.name)
+    return out
 
 
 def env_name(method: str) -> str:

@@ -16,7 +16,7 @@ Python set order the ``int(N (1 - reduction_ratio) / 8)`` remaining image tokens
 ``repeat_kv``), ``Qwen2_5_VLRotaryEmbedding.forward`` (its ``[3, B, L, d]`` tables), and the module-level
 ``rotate_half``, ``apply_multimodal_rotary_pos_emb``, ``repeat_kv`` and ``eager_attention_forward``.
 
-They run on stand-in ``self`` objects (`_As`) whose parameters and sub-modules are the tiny model's (the attention
+They run on stand-in ``self`` objects (`common.StandIn`) whose parameters and sub-modules are the tiny model's (the attention
 call is transformers 5's ``ALL_ATTENTION_FUNCTIONS["sdpa"]``, as in the file). Re-stated here, since transformers 5
 moved them: ``create_causal_mask`` (``None`` for the one unpadded prompt, as 4.54's under SDPA: causal, which the
 release's slicing skips), the decoder layers' ``attention_type`` (``"full_attention"``: no sliding layers), the
@@ -45,14 +45,13 @@ variant are recorded, not asserted: vtprune's option ``pivot_order="norm"``, and
 
 from __future__ import annotations
 
-import ast
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, peaked, run_check, single_threaded  # noqa: E402
+from common import StandIn, env_name, jaccard, peaked, release_functions, run_check, single_threaded  # noqa: E402
 
 METHOD = "dart-qwen"
 VTPRUNE_METHOD = "dart"
@@ -84,17 +83,6 @@ def _file(ref: Path) -> Path:
     return path
 
 
-def _strip(fn: ast.FunctionDef) -> ast.FunctionDef:
-    """The function without decorators and annotations (their names are transformers 4.54's), body unchanged."""
-    fn.decorator_list = []
-    fn.returns = None
-    a = fn.args
-    for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
-        if arg is not None:
-            arg.annotation = None
-    return fn
-
-
 def _no_mask(config: Any = None, input_embeds: Any = None, attention_mask: Any = None, **_: Any) -> None:
     """4.54's ``create_causal_mask`` under SDPA for one unpadded prompt: ``None`` (the layers attend causally)."""
     assert attention_mask is None or bool((attention_mask == 1).all()), "one unpadded prompt"
@@ -111,45 +99,12 @@ def load_release(path: Path) -> dict[Any, Any]:
     from transformers.modeling_outputs import BaseModelOutputWithPast
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    tree = ast.parse(path.read_text(), filename=str(path))
-    wanted: dict[Any, ast.FunctionDef] = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name in MODULE_FUNCTIONS:
-            wanted[node.name] = node
-        elif isinstance(node, ast.ClassDef):
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and (node.name, item.name) in RELEASE_FUNCTIONS:
-                    wanted[(node.name, item.name)] = item
-    missing = [k for k in (*RELEASE_FUNCTIONS, *MODULE_FUNCTIONS) if k not in wanted]
-    if missing:
-        raise SystemExit(f"{path}: functions not found: {missing}")
     namespace: dict[str, Any] = {
         "torch": torch, "nn": nn, "F": F, "logger": logging.getLogger("dart_release"), "DynamicCache": DynamicCache,
         "BaseModelOutputWithPast": BaseModelOutputWithPast, "ALL_ATTENTION_FUNCTIONS": ALL_ATTENTION_FUNCTIONS,
         "create_causal_mask": _no_mask, "create_sliding_window_causal_mask": _no_mask,
     }
-    fns: dict[Any, Any] = {}
-    for key, node in wanted.items():
-        name = key if isinstance(key, str) else f"{key[0]}__{key[1]}"
-        module = ast.Module(body=[_strip(node)], type_ignores=[])
-        node.name = name
-        exec(compile(ast.fix_missing_locations(module), str(path), "exec"), namespace)  # noqa: S102
-        fns[key] = namespace[name]
-    return fns
-
-
-class _As:
-    """``target`` as the release's code sees it: calling it runs ``fn(self, ...)``; the attributes given replace the
-    target's, every other attribute is the target's (attributes the release sets land on the stand-in)."""
-
-    def __init__(self, target: Any, fn: Any = None, **attrs: Any) -> None:
-        self.__dict__.update(attrs, _target=target, _fn=fn)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_target"], name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(self, *args, **kwargs)
+    return release_functions(path, (*RELEASE_FUNCTIONS, *MODULE_FUNCTIONS), namespace, strip=True)
 
 
 def lm_inputs(model: Any, inputs: Any) -> dict[str, Any]:
@@ -173,15 +128,15 @@ def release_run(fns: dict, model: Any, seen: dict[str, Any], dart_config: dict[s
 
     text = model.model.language_model
     mrope = list(text.config.rope_parameters["mrope_section"])
-    rotary = _As(text.rotary_emb, fns[("Qwen2_5_VLRotaryEmbedding", "forward")])
-    layers = [_As(layer, fns[("Qwen2_5_VLDecoderLayer", "forward")], attention_type="full_attention",
-                  self_attn=_As(layer.self_attn, fns[("Qwen2_5_VLAttention", "forward")],
+    rotary = StandIn(text.rotary_emb, fns[("Qwen2_5_VLRotaryEmbedding", "forward")])
+    layers = [StandIn(layer, fns[("Qwen2_5_VLDecoderLayer", "forward")], attention_type="full_attention",
+                  self_attn=StandIn(layer.self_attn, fns[("Qwen2_5_VLAttention", "forward")],
                                 rope_scaling={"mrope_section": mrope}))
               for layer in text.layers]
-    config = _As(text.config, None, DART_config=dart_config, output_attentions=False, output_hidden_states=False,
+    config = StandIn(text.config, None, DART_config=dart_config, output_attentions=False, output_hidden_states=False,
                  use_cache=False, use_return_dict=True)
     got: list[Any] = []
-    dart = _As(text, fns[("DART", "forward")], layers=layers, rotary_emb=rotary, config=config,
+    dart = StandIn(text, fns[("DART", "forward")], layers=layers, rotary_emb=rotary, config=config,
                has_sliding_layers=False, gradient_checkpointing=False, training=False)
 
     def retained(config: Any, last_layer_state: Any, any_states: Any) -> Any:

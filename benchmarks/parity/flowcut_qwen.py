@@ -16,7 +16,7 @@ attention, times ``||head-mean v||_1``).
 Re-stated here (transformers 5 moved them): the tower's ``rot_pos_emb`` (4.45: per patch the h / w angles,
 ``[S, head_dim / 2]``, from transformers 5's ``get_vision_position_ids`` and the tower's ``inv_freq``) and 4.45's
 ``apply_rotary_pos_emb_vision(tensor, freqs)`` (``cos``/``sin`` of the angles repeated twice, rotate-half). The
-stand-ins (`_As`) run the release's functions on the tiny model's own modules (``patch_embed``, blocks'
+stand-ins (`common.StandIn`) run the release's functions on the tiny model's own modules (``patch_embed``, blocks'
 ``norm1``/``norm2``/``mlp``/``attn.qkv``/``attn.proj``, ``merger``). The check asserts that the release's tower, so
 driven and with nothing pruned, reproduces the tiny model's own image embeddings (row ``tower``).
 
@@ -47,7 +47,6 @@ Rows (tower stage only; the LLM stage at layer 1 and the first-token logits are 
 
 from __future__ import annotations
 
-import ast
 import math
 import sys
 import typing
@@ -55,7 +54,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_name, jaccard, load_file, peaked, run_check, single_threaded  # noqa: E402
+from common import (  # noqa: E402
+    StandIn,
+    env_name,
+    jaccard,
+    load_file,
+    peaked,
+    release_functions,
+    run_check,
+    single_threaded,
+)
 
 METHOD = "flowcut-qwen"
 VTPRUNE_METHOD = "flowcut"
@@ -102,35 +110,13 @@ def load_release(root: Path) -> dict[str, Any]:
 
     utils = load_file(root / UTILS, "flowcut_qwen_release_utils")
     path = root / MODELING
-    tree = ast.parse(path.read_text())
     names: dict[str, Any] = {
         "torch": torch, "nn": nn, "F": F, "math": math,
         "apply_rotary_pos_emb_vision": _old_apply_rotary_pos_emb_vision,
         **{n: getattr(typing, n) for n in ("Any", "Dict", "List", "Optional", "Tuple", "Union")},
         **{n: getattr(utils, n) for n in ("compute_score_vit", "compute_score_llm", "adaptive_prune_ratio")},
     }
-    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    out = {}
-    for fn in RELEASE_FUNCTIONS:
-        if fn not in funcs:
-            raise SystemExit(f"{path}: no {fn}; is --ref a checkout of TungChintao/FlowCut?")
-        exec(compile(ast.Module(body=[funcs[fn]], type_ignores=[]), str(path), "exec"), names)
-        out[fn] = names.pop(fn)
-    return out
-
-
-class _As:
-    """``target`` as the release's code sees it: calling runs ``fn(self, ...)``; given attributes replace the
-    target's, others are the target's; attributes the release sets land on the stand-in."""
-
-    def __init__(self, target: Any, fn: Any = None, **attrs: Any) -> None:
-        self.__dict__.update(attrs, _target=target, _fn=fn)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_target"], name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(self, *args, **kwargs)
+    return release_functions(path, RELEASE_FUNCTIONS, names, hint="is --ref a checkout of TungChintao/FlowCut?")
 
 
 def release_tower(fns: dict, model: Any, inputs: Any, visual_target: int) -> dict[str, Any]:
@@ -166,8 +152,8 @@ def release_tower(fns: dict, model: Any, inputs: Any, visual_target: int) -> dic
         seen["merger_in"] = hidden_states.detach().clone()
         return visual.merger(hidden_states)
 
-    blocks = [_As(b, block_fn, attn=_As(b.attn, attn_fn(i))) for i, b in enumerate(visual.blocks)]
-    vis = _As(visual, fns["Qwen2VisionTransformerPretrainedModel_forward"], blocks=blocks,
+    blocks = [StandIn(b, block_fn, attn=StandIn(b.attn, attn_fn(i))) for i, b in enumerate(visual.blocks)]
+    vis = StandIn(visual, fns["Qwen2VisionTransformerPretrainedModel_forward"], blocks=blocks,
               rot_pos_emb=rot_pos_emb, merger=merger, target_num=visual_target)
     with torch.no_grad():
         full_rope = rot_pos_emb(inputs["image_grid_thw"])

@@ -77,6 +77,7 @@ from common import (  # noqa: E402
     peaked,
     run_check,
     single_threaded,
+    strip_annotations,
 )
 
 METHOD = "holov-qwen"
@@ -133,18 +134,6 @@ class _Self:
         return self.forward(*args, **kwargs)
 
 
-def _strip(node: ast.AST) -> ast.AST:
-    """Decorators and annotations removed (they name the release's transformers' docstring helpers and types)."""
-    for n in ast.walk(node):
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            n.decorator_list = []
-            n.returns = None
-            for a in n.args.posonlyargs + n.args.args + n.args.kwonlyargs + [n.args.vararg, n.args.kwarg]:
-                if a is not None:
-                    a.annotation = None
-    return node
-
-
 def release_code(ref: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(code, glob)``: the release's functions and classes of `RELEASE_CODE` (``code[cls][name]`` for methods,
     ``code[name]`` otherwise), executed from ``modeling_qwen2_5_vl.py``'s source, and ``glob``, their module
@@ -175,7 +164,7 @@ def release_code(ref: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if cls is None or names is None:
             nodes = [found[n] for n in (names or ())] if cls is None else [found[cls]]
             for node in nodes:
-                exec(compile(ast.fix_missing_locations(ast.Module([_strip(node)], [])), str(path), "exec"), g)
+                exec(compile(ast.fix_missing_locations(ast.Module([strip_annotations(node)], [])), str(path), "exec"), g)
                 code[node.name] = g[node.name]
             continue
         methods = {n.name: n for n in found[cls].body if isinstance(n, ast.FunctionDef)}
@@ -184,7 +173,7 @@ def release_code(ref: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             if name not in methods:
                 raise SystemExit(f"{path}: {cls}.{name} not found (another revision of the release?)")
             scope: dict[str, Any] = {}
-            tree_of = ast.fix_missing_locations(ast.Module([_strip(methods[name])], []))
+            tree_of = ast.fix_missing_locations(ast.Module([strip_annotations(methods[name])], []))
             exec(compile(tree_of, str(path), "exec"), g, scope)
             code[cls][name] = scope[name]
     return code, g

@@ -16,7 +16,7 @@ sum over heads, mean over queries, mean of each 2 x 2 patch group, back to raste
 ``Qwen2_5_VisionPatchEmbed_X.forward``, ``Qwen2_5_VLModel_X.forward`` (the LLM loop with the drop at
 ``layer_list``) and ``Qwen2_5_VLModel_X.layer_prune`` (the last token's head-mean attention, no RoPE).
 
-They run on stand-in ``self`` objects (`_As`) whose parameters and sub-modules are the tiny model's. The stand-ins
+They run on stand-in ``self`` objects (`common.StandIn`) whose parameters and sub-modules are the tiny model's. The stand-ins
 supply only what the 4.49 classes provided and transformers 5 moved: the tower's ``rot_pos_emb`` and
 ``get_window_index`` (the same values from transformers 5's ``get_vision_position_ids`` / ``get_vision_window_index``
 and the tower's ``inv_freq``), ``get_rope_index`` (transformers 5's, given the processor's ``mm_token_type_ids``),
@@ -68,11 +68,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    StandIn,
     env_name,
     fake_modules,
     jaccard,
     load_file,
     peaked,
+    release_functions,
     run_check,
     single_threaded,
 )
@@ -149,33 +151,10 @@ def load_release(root: Path) -> dict[tuple[str, str], Any]:
             names.update({a.asname or a.name: getattr(utils, a.name) for a in node.names})
     if "token_merging" not in names or "window_selection" not in names:
         raise SystemExit(f"{path}: its import of qwen2_5_vl_utils (token_merging, window_selection) is missing")
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    out = {}
-    for cls, fn in RELEASE_FUNCTIONS:
-        hits = [f for f in getattr(classes.get(cls), "body", []) if isinstance(f, ast.FunctionDef) and f.name == fn]
-        if not hits:
-            raise SystemExit(f"{path}: no {cls}.{fn}; is --ref a checkout of Tencent/SelfEvolvingAgent?")
-        exec(compile(ast.Module(body=[hits[0]], type_ignores=[]), str(path), "exec"), names)
-        out[(cls, fn)] = names.pop(fn)
-    return out
+    return release_functions(path, RELEASE_FUNCTIONS, names, hint="is --ref a checkout of Tencent/SelfEvolvingAgent?")
 
 
-class _As:
-    """``target`` as the release's code sees it: calling it runs ``fn(self, ...)`` (the release's forward); the
-    attributes given replace the target's, every other attribute is the target's. Attributes the release sets
-    (``self.model.keep_indices = ...``) land on the stand-in, never on the tiny model."""
-
-    def __init__(self, target: Any, fn: Any = None, **attrs: Any) -> None:
-        self.__dict__.update(attrs, _target=target, _fn=fn)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_target"], name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(self, *args, **kwargs)
-
-
-def _old_decoder_layer(self: _As, hidden_states: Any, attention_mask: Any = None, position_embeddings: Any = None,
+def _old_decoder_layer(self: StandIn, hidden_states: Any, attention_mask: Any = None, position_embeddings: Any = None,
                        output_attentions: bool = False, use_cache: bool = False, **_: Any) -> tuple:
     """transformers 4.49's decoder-layer convention (keyword arguments, a tuple back) around a 5.x layer."""
     assert not output_attentions and not use_cache
@@ -216,17 +195,17 @@ def release_run(fns: dict, model: Any, inputs: Any, ratio: float, layer_list: li
         seen["image_embeds"] = out[0].detach().clone()
         return out
 
-    blocks = [_As(b, fns[("Qwen2_5_VLVisionBlock_X", "forward")],
-                  attn=_As(b.attn, fns[("Qwen2_5_VLVisionSdpaAttention_X", "forward")])) for b in visual.blocks]
-    vis = _As(visual, tower, blocks=blocks, rot_pos_emb=rot_pos_emb, get_window_index=get_window_index,
-              patch_embed=_As(visual.patch_embed, fns[("Qwen2_5_VisionPatchEmbed_X", "forward")]))
+    blocks = [StandIn(b, fns[("Qwen2_5_VLVisionBlock_X", "forward")],
+                  attn=StandIn(b.attn, fns[("Qwen2_5_VLVisionSdpaAttention_X", "forward")])) for b in visual.blocks]
+    vis = StandIn(visual, tower, blocks=blocks, rot_pos_emb=rot_pos_emb, get_window_index=get_window_index,
+              patch_embed=StandIn(visual.patch_embed, fns[("Qwen2_5_VisionPatchEmbed_X", "forward")]))
 
     def lm_forward(self, **kwargs):
         seen["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
         seen["position_ids"] = kwargs["position_ids"].detach().clone()
         return fns[("Qwen2_5_VLModel_X", "forward")](self, **kwargs)
 
-    lm = _As(text, lm_forward, layers=[_As(layer, _old_decoder_layer) for layer in text.layers],
+    lm = StandIn(text, lm_forward, layers=[StandIn(layer, _old_decoder_layer) for layer in text.layers],
              _update_causal_mask=_no_mask, gradient_checkpointing=False, layer_list=list(layer_list),
              image_token_ratio_list=list(ratio_list))
 
@@ -242,7 +221,7 @@ def release_run(fns: dict, model: Any, inputs: Any, ratio: float, layer_list: li
         return model.model.get_rope_index(input_ids, mm_types, image_grid_thw, video_grid_thw, second_per_grid_ts,
                                           attention_mask)
 
-    cg = _As(model, fns[("Qwen2_5_VLForConditionalGeneration_X", "forward")], visual=vis, model=lm,
+    cg = StandIn(model, fns[("Qwen2_5_VLForConditionalGeneration_X", "forward")], visual=vis, model=lm,
              rope_deltas=None, get_rope_index=get_rope_index, image_token_ratio=ratio)
     with torch.no_grad():
         out = cg(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
