@@ -20,8 +20,9 @@ reference's commit.
 
 Besides `reference_path` / `write_rows` (and `run_check`, a check's whole ``main``), the pieces the checks
 share live here: importing a release's files (`load_file`, `fake_modules`, `load_llava_arch`,
-`release_llava_package`), the tiny LLaVA-1.5 inputs (`tiny_llava_inputs`) and the language model run on a
-release's visual rows (`lm_input_embeds`, `logits_on_visual_rows`, `logits_without_unkept`,
+`release_llava_package`, `release_clip_tower`, `release_next_self`), the tiny LLaVA-1.5 and NeXT inputs
+(`tiny_llava_inputs`, `tiny_next_inputs`) and the language model run on a
+release's visual rows (`lm_input_kwargs`, `lm_input_embeds`, `logits_on_visual_rows`, `logits_without_unkept`,
 `traced_vtprune_run`). The checks whose release runs in the transformers 4.37 environment share
 ``benchmarks/parity/llava_repo_worker.py`` (the worker processes, the ``vicuna_v1`` inputs).
 """
@@ -303,9 +304,50 @@ def tiny_llava_inputs(prompt: str, count: int = 1, seed: int = 0, draw: str = "i
     return tiny_llava_processor()(images=images, text=[prompt] * len(images), return_tensors="pt", **extra)
 
 
-def lm_input_embeds(model: Any, inputs: Any) -> Any:
-    """The language model's input embeddings ``[B, L, D]`` (text embeddings with the projector outputs spliced
-    in) in a forward of ``model`` (an HF LLaVA model, unpatched) on ``inputs``, recorded by a pre-hook."""
+def tiny_next_inputs(prompt: str, size: tuple[int, int] = (400, 500), seed: int = 0) -> Any:
+    """Processor inputs of the tiny LLaVA-NeXT model (`vtprune.toy.tiny.tiny_llava_processor(next_=True)`) for
+    ``prompt`` with one ``size`` (height, width) integer-noise image from ``numpy.random.default_rng(seed)``:
+    400 x 500 is a 2 x 2 anyres grid (the base tile + 4 crops)."""
+    import numpy as np
+    from PIL import Image
+
+    from vtprune.toy.tiny import tiny_llava_processor
+
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+    return tiny_llava_processor(next_=True)(images=[image], text=[prompt], return_tensors="pt")
+
+
+def release_clip_tower(clip: types.ModuleType, model: Any) -> Any:
+    """The release's ``CLIPVisionTower`` (its ``clip_encoder`` module ``clip``) around ``model``'s own CLIP,
+    built without loading weights: ``select_layer`` the model's feature layer, ``patch`` features."""
+    import torch
+
+    tower = clip.CLIPVisionTower.__new__(clip.CLIPVisionTower)
+    torch.nn.Module.__init__(tower)
+    tower.select_layer = model.config.vision_feature_layer  # -2, LLaVA-1.5's mm_vision_select_layer
+    tower.select_feature = "patch"
+    tower.vision_tower = model.model.vision_tower
+    tower.is_loaded = True
+    return tower
+
+
+def release_next_self(clip: types.ModuleType, model: Any, **attrs: Any) -> Any:
+    """A stand-in ``self`` for a release's ``LlavaMetaForCausalLM`` methods around the LLaVA-NeXT ``model``
+    (`release_clip_tower`, its projector and token embeddings; config ``spatial_unpad`` / ``anyres`` with the
+    model's pinpoints; ``model.image_newline``), plus ``attrs``."""
+    tower = release_clip_tower(clip, model)
+    core = types.SimpleNamespace(get_vision_tower=lambda: tower, mm_projector=model.model.multi_modal_projector,
+                                  embed_tokens=model.get_input_embeddings())
+    config = types.SimpleNamespace(mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
+                                    image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints])
+    return types.SimpleNamespace(get_model=lambda: core, get_vision_tower=lambda: tower, config=config,
+                                  device=model.device,
+                                  model=types.SimpleNamespace(image_newline=model.model.image_newline), **attrs)
+
+
+def lm_input_kwargs(model: Any, inputs: Any) -> dict[str, Any]:
+    """The keyword arguments (``inputs_embeds``, ``position_ids``, ...) the language model of ``model``
+    (unpatched) receives in a forward on ``inputs``, recorded by a pre-hook."""
     import torch
 
     seen: dict[str, Any] = {}
@@ -316,7 +358,13 @@ def lm_input_embeds(model: Any, inputs: Any) -> Any:
             model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    return seen["inputs_embeds"]
+    return seen
+
+
+def lm_input_embeds(model: Any, inputs: Any) -> Any:
+    """The language model's input embeddings ``[B, L, D]`` (text embeddings with the projector outputs spliced
+    in) in a forward of ``model`` (an HF LLaVA model, unpatched) on ``inputs`` (`lm_input_kwargs`)."""
+    return lm_input_kwargs(model, inputs)["inputs_embeds"]
 
 
 def image_span(model: Any, inputs: Any) -> tuple[int, int]:

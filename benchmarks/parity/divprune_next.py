@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     peaked,
     run_check,
     single_threaded,
+    tiny_next_inputs,
     vtprune_run,
 )
 
@@ -81,16 +82,6 @@ def release_divprune(meta_cls: Any, rows: Any, ratio: float) -> list[int]:
     return sorted(picks.tolist())
 
 
-def next_inputs() -> Any:
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*IMAGE, 3), dtype=np.uint8))
-    return tiny_llava_processor(next_=True)(images=[image], text=[PROMPT], return_tensors="pt")
-
-
 @single_threaded
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
@@ -98,7 +89,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava_next
 
     meta_cls = load_release(ref)
-    inputs = next_inputs()
+    inputs = tiny_next_inputs(PROMPT, IMAGE)
     rows: list[dict[str, Any]] = []
     for variant in ("random", "peaked"):
         model = tiny_llava_next()

@@ -74,6 +74,7 @@ from common import (  # noqa: E402
     env_name,
     image_span,
     jaccard,
+    lm_input_kwargs,
     load_file,
     peaked,
     release_functions,
@@ -232,14 +233,8 @@ def release_llm_stage(fns: dict, model: Any, inputs: Any, survivors: list[int], 
     import torch
 
     start, n = image_span(model, inputs)
-    seen: dict[str, Any] = {}
+    seen = lm_input_kwargs(model, inputs)
     lm = model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
     length = seen["inputs_embeds"].shape[1]
     rows = torch.tensor(list(range(start)) + [start + i for i in survivors] + list(range(start + n, length)))
     embeds, positions = seen["inputs_embeds"][:, rows], seen["position_ids"][:, :, rows]

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     jaccard,
     logits_on_visual_rows,
     peaked,
+    release_clip_tower,
     release_llava_package,
     run_check,
     single_threaded,
@@ -68,14 +69,7 @@ def _release(ref: Path) -> tuple[types.ModuleType, types.ModuleType]:
 def _release_encoder(arch: types.ModuleType, clip: types.ModuleType, model: Any) -> Any:
     """``images -> (features [B, 576, D], attention [B, 576])`` by the release's ``encode_images`` and its
     ``CLIPVisionTower`` around ``model``'s own CLIP (eager attention, so that ``attentions`` are returned)."""
-    import torch
-
-    tower = clip.CLIPVisionTower.__new__(clip.CLIPVisionTower)
-    torch.nn.Module.__init__(tower)
-    tower.select_layer = model.config.vision_feature_layer  # -2, LLaVA-1.5's mm_vision_select_layer
-    tower.select_feature = "patch"
-    tower.vision_tower = model.model.vision_tower
-    tower.is_loaded = True
+    tower = release_clip_tower(clip, model)
     core = types.SimpleNamespace(get_vision_tower=lambda: tower, mm_projector=model.model.multi_modal_projector)
     me = types.SimpleNamespace(get_model=lambda: core)
     return lambda images: arch.LlavaMetaForCausalLM.encode_images(me, images)

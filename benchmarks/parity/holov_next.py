@@ -63,8 +63,10 @@ from common import (  # noqa: E402
     lm_input_embeds,
     peaked,
     release_llava_package,
+    release_next_self,
     run_check,
     single_threaded,
+    tiny_next_inputs,
 )
 
 METHOD = "holov-next"
@@ -92,21 +94,9 @@ def _release(ref: Path) -> tuple[types.ModuleType, types.ModuleType]:
 
 
 def _release_self(arch: types.ModuleType, clip: types.ModuleType, model: Any) -> Any:
-    """A stand-in ``self`` for the release's ``LlavaMetaForCausalLM`` methods around ``model``."""
-    import torch
-
-    tower = clip.CLIPVisionTower.__new__(clip.CLIPVisionTower)
-    torch.nn.Module.__init__(tower)
-    tower.select_layer = model.config.vision_feature_layer
-    tower.select_feature = "patch"
-    tower.vision_tower = model.model.vision_tower
-    tower.is_loaded = True
-    core = types.SimpleNamespace(get_vision_tower=lambda: tower, mm_projector=model.model.multi_modal_projector,
-                                 embed_tokens=model.get_input_embeddings())
-    config = types.SimpleNamespace(mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
-                                   image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints])
-    me = types.SimpleNamespace(get_model=lambda: core, get_vision_tower=lambda: tower, config=config,
-                               device=model.device)
+    """A stand-in ``self`` for the release's ``LlavaMetaForCausalLM`` methods around ``model``
+    (`release_next_self`, with the release's ``encode_images``)."""
+    me = release_next_self(clip, model)
     me.encode_images = lambda images: arch.LlavaMetaForCausalLM.encode_images(me, images)
     return me
 
@@ -186,16 +176,6 @@ def _vtprune_run(model: Any, inputs: Any, start: int, k: int,
     return kept, seen["inputs_embeds"][0, start:start + len(kept)], logits, seen["attention"]
 
 
-def next_inputs() -> Any:
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*IMAGE, 3), dtype=np.uint8))
-    return tiny_llava_processor(next_=True)(images=[image], text=[PROMPT], return_tensors="pt")
-
-
 @single_threaded
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
@@ -204,7 +184,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava_next
 
     arch, clip = _release(ref)
-    inputs = next_inputs()
+    inputs = tiny_next_inputs(PROMPT, IMAGE)
     rows: list[dict[str, Any]] = []
     for variant in ("random", "peaked"):
         model = tiny_llava_next(attn_implementation="eager")  # eager: the release's tower returns attentions

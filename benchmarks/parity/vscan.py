@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     jaccard,
     logits_on_visual_rows,
     peaked,
+    release_clip_tower,
     release_llava_package,
     run_check,
     single_threaded,
@@ -71,17 +72,11 @@ def _release_encoder(root: Path, model: Any) -> Any:
     """``(images, T) -> (features [B, 576, D] merged in place, index_mask [B, 576])`` by the release's
     ``encode_images`` on a stand-in ``self`` whose vision tower is the release's ``CLIPVisionTower`` around
     ``model``'s CLIP (eager attention, so that ``attentions`` are returned)."""
-    import torch
 
     with release_llava_package(root):
         arch = importlib.import_module("llava.model.llava_arch")
         clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
-    tower = clip.CLIPVisionTower.__new__(clip.CLIPVisionTower)
-    torch.nn.Module.__init__(tower)
-    tower.select_layer = model.config.vision_feature_layer  # -2, LLaVA-1.5's mm_vision_select_layer
-    tower.select_feature = "patch"
-    tower.vision_tower = model.model.vision_tower
-    tower.is_loaded = True
+    tower = release_clip_tower(clip, model)
     core = types.SimpleNamespace(get_vision_tower=lambda: tower, mm_projector=model.model.multi_modal_projector)
     meta = arch.LlavaMetaForCausalLM
 

@@ -53,8 +53,10 @@ from common import (  # noqa: E402
     jaccard,
     peaked,
     release_llava_package,
+    release_next_self,
     run_check,
     single_threaded,
+    tiny_next_inputs,
 )
 
 METHOD = "vscan-next"
@@ -86,24 +88,10 @@ def _release(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
 
 
 def _release_self(arch: types.ModuleType, clip: types.ModuleType, model: Any, visual_token_num: int) -> Any:
-    """A stand-in ``self`` for the release's ``LlavaMetaForCausalLM`` methods around ``model``, its
-    ``get_visual_token_num()`` returning ``visual_token_num``."""
-    import torch
-
-    tower = clip.CLIPVisionTower.__new__(clip.CLIPVisionTower)
-    torch.nn.Module.__init__(tower)
-    tower.select_layer = model.config.vision_feature_layer
-    tower.select_feature = "patch"
-    tower.vision_tower = model.model.vision_tower
-    tower.is_loaded = True
-    core = types.SimpleNamespace(get_vision_tower=lambda: tower, mm_projector=model.model.multi_modal_projector,
-                                 embed_tokens=model.get_input_embeddings())
-    config = types.SimpleNamespace(mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
-                                   image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints])
+    """A stand-in ``self`` for the release's ``LlavaMetaForCausalLM`` methods around ``model``
+    (`release_next_self`), its ``get_visual_token_num()`` returning ``visual_token_num``."""
+    me = release_next_self(clip, model, get_visual_token_num=lambda: visual_token_num)
     meta = arch.LlavaMetaForCausalLM
-    me = types.SimpleNamespace(get_model=lambda: core, get_vision_tower=lambda: tower, config=config,
-                               device=model.device, model=types.SimpleNamespace(image_newline=model.model.image_newline),
-                               get_visual_token_num=lambda: visual_token_num)
     for name in ("encode_images", "window_cls_selection", "token_merging"):
         setattr(me, name, types.MethodType(getattr(meta, name), me))
     return me
@@ -176,16 +164,6 @@ def _vtprune_run(model: Any, inputs: Any, keep: int, **options: Any) -> dict[str
     return {"embeds": seen["inputs_embeds"], "logits": logits, "kept": sorted(int(i) for i in pre)}
 
 
-def next_inputs() -> Any:
-    import numpy as np
-    from PIL import Image
-
-    from vtprune.toy.tiny import tiny_llava_processor
-
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*IMAGE, 3), dtype=np.uint8))
-    return tiny_llava_processor(next_=True)(images=[image], text=[PROMPT], return_tensors="pt")
-
-
 def _diff(a: Any, b: Any) -> float:
     return float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
 
@@ -197,7 +175,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     from vtprune.toy.tiny import tiny_llava_next
 
     arch, clip = _release(_root(ref))
-    inputs = next_inputs()
+    inputs = tiny_next_inputs(PROMPT, IMAGE)
     rows: list[dict[str, Any]] = []
     for variant in ("random", "peaked"):
         model = tiny_llava_next(vision_layers=24, attn_implementation="eager")  # eager: the tower returns attentions
