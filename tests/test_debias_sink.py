@@ -22,6 +22,7 @@ from vtprune.scorers.baselines import RandomScorer
 from vtprune.scorers.cls import CLSScorer
 from vtprune.scorers.debias import FASTV_CUBIC, Debias, Trend, padding_bands, padding_fraction
 from vtprune.scorers.fastv import FastVScorer
+from vtprune.scorers.pyramiddrop import PyramidDropScorer
 from vtprune.scorers.select import select_topk
 from vtprune.scorers.sink import Sink, known_sink_dims, massive_activation, rank_last
 from vtprune.toy.tiny import tiny_llava_processor
@@ -43,7 +44,8 @@ class Fixed(Scorer):
 
 
 class FixedFastV(Fixed):
-    name = "fastv"  # looks like FastV to debias's default
+    name = "fastv"
+    debias_release = FastVScorer.debias_release  # looks like FastV to debias's default
 
 
 def layout(spans: list[int]) -> VisualLayout:
@@ -173,6 +175,63 @@ def test_padding_patches_are_excluded_and_the_budget_shrinks(method, layer, proc
         model(**inputs)
     assert vtprune.stats(model).visual_after == [576, 576]
     vtprune.remove(model)
+
+
+def test_zero_padding_keeps_the_budget_and_ranks_padding_last(processor):
+    """pad_mode="zero" (the PyramidDrop / SparseVLM patches' rule): padding patches score 0, so they are kept
+    only once every valid patch is, and the budget is not lowered; pyramiddrop's release defaults use it with
+    threshold 0.01, which also takes the ~0.4-padding rows 2 and 21."""
+    model = get_model("llava")
+    padded = pad_to_square(make_image(400, 500, seed=3), mean_color(processor))
+    prompt = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+    inputs = processor(images=[padded], text=[prompt], return_tensors="pt")
+    for keep, n_pad in ((500, 20), (300, 0)):  # 480 valid patches at pad_theta 0.5
+        vtprune.apply(model, method="debias+fastv", keep=keep, pad_mode="zero")
+        with torch.no_grad():
+            model(**inputs)
+        st, deb = vtprune.stats(model), model._vtprune_state.scorer
+        assert st.visual_after == [keep] and deb.last_padding[0].numel() == 96
+        assert len(set(deb.last_padding[0].tolist()) & set(st.kept[0].tolist())) == n_pad
+    deb = Debias(PyramidDropScorer())
+    assert (deb._pad_theta, deb._pad_mode, "PyramidDrop" in deb.trend_source) == (0.01, "zero", True)
+    vtprune.apply(model, method="debias+pyramiddrop", keep=72)
+    with torch.no_grad():
+        model(**inputs)
+    rows = torch.unique(model._vtprune_state.scorer.last_padding[0] // 24).tolist()
+    vtprune.remove(model)
+    assert rows == [0, 1, 2, 21, 22, 23]  # recorded at the first stage, the one corrected
+    explicit = Debias(PyramidDropScorer(), pad_theta=0.5, pad_mode="exclude", trend="exp:2.3e-3")
+    assert (explicit._pad_theta, explicit._pad_mode) == (0.5, "exclude") and "0.0023" in explicit.trend_source
+
+
+def test_debias_corrects_the_first_stage_only_unless_every_stage():
+    """The release's PyramidDrop and SparseVLM patches debias the first stage: a pre-LLM stage where the host
+    has one, else in-LLM stage 0; every_stage=True corrects them all."""
+    lay = layout([10])
+    scores = [torch.linspace(1, 2, 10)]
+    deb = Debias(FixedFastV(scores), trend="exp:0.1", pad_theta=None)
+    calls = [Signals(layout=lay, stage="llm", stage_index=j) for j in (0, 1, 2)]
+    first = [not torch.equal(deb.score(sig)[0], scores[0]) for sig in calls]
+    assert first == [True, False, False]
+    pre = [Signals(layout=lay, stage="pre-llm"), *calls[:2]]
+    assert [not torch.equal(deb.score(sig)[0], scores[0]) for sig in pre] == [True, False, False]
+    assert [not torch.equal(deb.score(sig)[0], scores[0]) for sig in calls[:1]] == [True]  # the next prefill
+    every = Debias(FixedFastV(scores), trend="exp:0.1", pad_theta=None, every_stage=True)
+    assert all(not torch.equal(every.score(sig)[0], scores[0]) for sig in pre + calls)
+
+
+def test_per_index_trend_specs_are_the_release_files_curves():
+    exp = Debias(RandomScorer(), trend="exp:3.99e-3")._trend.weights(576).double()
+    torch.testing.assert_close(exp, torch.exp(-3.99e-3 * torch.arange(576.0, dtype=torch.float64)), rtol=1e-6, atol=0)
+    cubic = Debias(RandomScorer(), trend="cubic:3.015e-3,-1.460e-5,2.569e-8")._trend.weights(576)
+    torch.testing.assert_close(cubic, Trend("cubic", FASTV_CUBIC, "x").weights(576))
+    for bad in ("exp:", "exp:1,2", "cubic:1,2", "exp:abc"):
+        with pytest.raises(ConfigError, match="exp:<lambda>"):
+            Debias(RandomScorer(), trend=bad)
+    with pytest.raises(ConfigError, match="pad_mode"):
+        Debias(RandomScorer(), pad_mode="drop")
+    with pytest.raises(ConfigError, match="every_stage"):
+        Debias(RandomScorer(), every_stage="yes")
 
 
 def test_padding_is_only_for_llava_1_5():

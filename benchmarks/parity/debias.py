@@ -52,13 +52,10 @@ Variants ``random`` and ``peaked`` (`common.peaked`), budgets 64 / 128 / 192 (``
 The weights decide most of the set: with ``trend='none'`` (padding only) vtprune's Jaccard against the release
 is 0.10 / 0.20-0.21 / 0.26 at 64 / 128 / 192 (1 at 512, where all 480 valid patches stay), and plain ``fastv``'s
 0.09 / 0.14 / 0.18 / 0.74.
-Not compared: ``debias+pyramiddrop`` and ``debias+sparsevlm``. Their patches debias the first stage only
-(PyramidDrop: ``cur_num == 0`` in ``modeling_llama_pdrop.py``, padding by ``generate_pad_mask(threshold=0.01)``
-without lowering the budget; SparseVLMs: ``layer_idx == 2`` in ``score.py``, padding from a bilinear-resized
-pad mask ``>= 0.5``), with one exponential weight file per host and task (``w_j = exp(-lambda j)``, lambda from
-2.30e-3 for SparseVLMs/gqa to 3.99e-3 for PyramidDrop/gqa), which vtprune's options cannot express (its
-``trend`` option and calibration files hold a cubic; its exponential is the fixed default lambda = 2.30e-3),
-and the hosts' releases run only inside their LLaVA forks (the transformers 4.37 environment).
+``debias+pyramiddrop`` is compared in `debias_pyramiddrop.py`. Not compared: ``debias+sparsevlm``: its patch
+debiases SparseVLMs' first stage (``layer_idx == 2`` in ``score.py``) with a pad mask from a bilinear 24 x 24
+resize of the pixel mask (``>= 0.5``), which vtprune approximates by the area rule (``pad_theta=0.5``,
+``pad_mode="zero"``, its ``debias_release``), and SparseVLMs v1.5's release runs only inside its own LLaVA fork.
 
     python benchmarks/parity/debias.py --ref /path/to/attention-bias
 """
@@ -195,6 +192,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     from PIL import Image
 
     from vtprune.scorers.debias import default_trend, padding_fraction
+    from vtprune.scorers.fastv import FastVScorer
     from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
 
     weight = ref / WEIGHT
@@ -202,7 +200,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
     if weights.shape != (TOKENS,):
         raise SystemExit(f"{METHOD} parity: {weight} holds {weights.shape} values, not {TOKENS}")
     trend, residual = fitted_trend(weights)
-    default = default_trend("fastv").weights(TOKENS).double().numpy()
+    default = default_trend(FastVScorer()).weights(TOKENS).double().numpy()
     default_gap = float(np.abs(default / weights - 1).max())
 
     with fake_modules(llava_stubs()):

@@ -83,12 +83,16 @@ def run_worker(method: str, script: str | Path, args: Sequence[str | Path], pyth
         raise SystemExit(f"{method} parity: {what} failed:\n{done.stdout}\n{done.stderr}")
 
 
-def run_two_sides(method: str, script: str | Path, ref: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_two_sides(method: str, script: str | Path, ref: Path,
+                  files: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The usual two workers in a temporary folder WORK: ``script --worker vtprune WORK`` (``PYTHONPATH`` the
     repository) then ``script --worker release WORK`` (the checkout ``ref`` first, so that its ``llava``
-    package is imported); returns the JSON each wrote, ``(WORK/vtprune.json, WORK/release.json)``."""
+    package is imported); returns the JSON each wrote, ``(WORK/vtprune.json, WORK/release.json)``. ``files``:
+    name -> text written into WORK first (settings both workers read)."""
     with tempfile.TemporaryDirectory(prefix=f"parity-{method}-") as tmp:
         work = Path(tmp)
+        for name, text in (files or {}).items():
+            (work / name).write_text(text)
         for side, path in (("vtprune", [ROOT]), ("release", [Path(ref).resolve(), ROOT])):
             run_worker(method, Path(script).resolve(), [side, work], path, f"the {side} side")
         return json.loads((work / "vtprune.json").read_text()), json.loads((work / "release.json").read_text())

@@ -56,6 +56,10 @@ class Scorer:
     # see `Adapter.lacks`): "vision_tower_masking" (pruning inside the vision tower), "pre_llm_then_llm"
     # (LLM stages on a sequence shortened before the LLM)
     requires: ClassVar[frozenset[str]] = frozenset()
+    # the settings of the attention-debiasing release's patch of this method (github.com/intcomp/attention-bias),
+    # read by `vtprune.scorers.debias.Debias` for its "auto" options: {"trend": "exp:<lambda>" |
+    # "cubic:<a1>,<a2>,<a3>", "pad_theta": float, "pad_mode": "exclude" | "zero", "source": str}; None: no patch
+    debias_release: ClassVar[dict[str, Any] | None] = None
 
     def score(self, signals: Signals) -> list[torch.Tensor] | torch.Tensor:
         """Return per sample a ``[n_b]`` float tensor, or one ``[B, N_max]`` tensor (``-inf`` on padding slots,

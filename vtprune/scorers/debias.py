@@ -7,7 +7,13 @@ visual index ``x = j / (n - 1)`` of an image's span (``n`` its tokens), the corr
 
 (b) Padding sinks. LLaVA-1.5 pads each image to a square with a constant colour before resizing; the
 patches that are mostly padding carry no content but attract attention. They are excluded (score
-``-inf``), so the image keeps fewer tokens when fewer than ``keep`` real patches exist.
+``-inf``), so the image keeps fewer tokens when fewer than ``keep`` real patches exist, or (``pad_mode
+="zero"``) scored 0, ranked last with the budget unchanged.
+
+The release (github.com/intcomp/attention-bias) patches each host's own code with its own settings; a host
+declares them as ``debias_release`` (trend, ``pad_theta``, ``pad_mode``), so that ``debias+<host>`` with
+default options reproduces that patch. Its patches correct the host's first pruning stage only; so does the
+default ``stages="first"``.
 """
 
 from __future__ import annotations
@@ -23,17 +29,25 @@ import torch
 from vtprune.calibration import CalibrationError, find_calibration, load_calibration
 from vtprune.config import ConfigError
 from vtprune.perthread import PerThread
-from vtprune.scorers.base import PIXEL_VALUES, Scorer, Signals, register
+from vtprune.scorers.base import PIXEL_VALUES, PRE_LLM, Scorer, Signals, register
 from vtprune.scorers.compose import Wrapper, method_string
 
-# The defaults, fitted to the authors' released weight files (576 values, index j = 0..575) and
-# converted to x = j / 575: FastV's 1/w = 1 + 3.015e-3 j - 1.460e-5 j^2 + 2.569e-8 j^3, every other
-# host w = exp(-lambda j) with lambda = 2.30e-3 (the SparseVLM / GQA file).
+# The release's weight files hold 576 values, w_j for the index j = 0..575 of LLaVA-1.5's image span;
+# vtprune's trends are curves on x = j / (n - 1), so a per-index curve is converted at j = 575 x.
+# Per-index specs (the `trend` option's strings and the hosts' `debias_release`):
+#   "exp:<lambda>"        w_j = exp(-lambda j)
+#   "cubic:<a1>,<a2>,<a3>" 1 / w_j = 1 + a1 j + a2 j^2 + a3 j^3
+# FastV's file is the cubic 3.015e-3, -1.460e-5, 2.569e-8; hosts without a declared release use the
+# exponential of the SparseVLM / GQA file, lambda = 2.30e-3.
 REFERENCE_SPAN = 575
 FASTV_CUBIC = (1.0, 3.015e-3 * REFERENCE_SPAN, -1.460e-5 * REFERENCE_SPAN**2, 2.569e-8 * REFERENCE_SPAN**3)
 EXP_RATE = 2.30e-3 * REFERENCE_SPAN
+GENERIC_TREND = "exp:2.30e-3"
+GENERIC_PADDING = {"pad_theta": 0.5, "pad_mode": "exclude"}  # FastV's patch: threshold 0.5, budget lowered
 
 TREND_MODES = ("auto", "default", "none")
+PAD_MODES = ("exclude", "zero")
+STAGE_MODES = ("first", "all")
 
 
 @dataclass(frozen=True)
@@ -74,18 +88,47 @@ class Trend:
         return self
 
 
-def default_trend(host: str) -> Trend:
-    """The documented default: FastV's cubic for ``fastv``, the exponential (lambda = 2.30e-3) otherwise."""
-    if host == "fastv":
-        return Trend("cubic", FASTV_CUBIC, "default (FastV cubic)")
-    return Trend("exp", (EXP_RATE,), "default (exponential, lambda=2.30e-3 per index)")
+def parse_trend(spec: str, source: str) -> Trend | None:
+    """A per-index trend spec (``"exp:<lambda>"``, ``"cubic:<a1>,<a2>,<a3>"``, see above) as a `Trend` on
+    ``x = j / 575``; None when ``spec`` is not of that form. Raises `ConfigError` on bad numbers."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("exp", "cubic"):
+        return None
+    try:
+        numbers = [float(v) for v in rest.split(",")]
+    except ValueError:
+        numbers = []
+    if kind == "exp" and len(numbers) == 1:
+        return Trend("exp", (numbers[0] * REFERENCE_SPAN,), f"{source} (exponential, lambda={numbers[0]:g} per index)").check()
+    if kind == "cubic" and len(numbers) == 3:
+        coeffs = tuple(a * REFERENCE_SPAN**k for k, a in enumerate(numbers, start=1))
+        return Trend("cubic", (1.0, *coeffs), f"{source} (cubic per index {rest})").check()
+    raise ConfigError(f"debias: trend={spec!r}: give 'exp:<lambda>' (w_j = exp(-lambda j)) or "
+                      "'cubic:<a1>,<a2>,<a3>' (1/w_j = 1 + a1 j + a2 j^2 + a3 j^3), j the token's index at 576 tokens")
 
 
-def host_of(scorer: Scorer) -> str:
-    """The name of the innermost (host) scorer under any wrappers."""
+def release_settings(host: Scorer) -> dict[str, Any]:
+    """The debias settings of ``host``'s release patch (its ``debias_release``: ``trend``, ``pad_theta``,
+    ``pad_mode``, ``source``), the generic ones filled in for what it does not declare."""
+    declared = dict(getattr(host, "debias_release", None) or {})
+    return {"trend": GENERIC_TREND, **GENERIC_PADDING, "source": "", **declared}
+
+
+def default_trend(host: Scorer) -> Trend:
+    """The documented default: the trend of ``host``'s release patch (`release_settings`), else the
+    exponential with lambda = 2.30e-3 per index."""
+    settings = release_settings(host)
+    label = f"default ({settings['source']})" if settings["source"] else "default"
+    trend = parse_trend(settings["trend"], label)
+    assert trend is not None, f"{type(host).__name__}.debias_release trend {settings['trend']!r}"
+    return trend
+
+
+def host_of(scorer: Scorer) -> Scorer:
+    """The innermost (host) scorer under any wrappers."""
     while isinstance(scorer, Wrapper):
         scorer = scorer.inner
-    return scorer.name
+    return scorer
 
 
 def trend_from_file(data: dict, path: Any, hosts: Sequence[str]) -> Trend | None:
@@ -172,23 +215,34 @@ class Debias(Wrapper):
       - ``"auto"`` (default): the model's calibration file (`vtprune.calibration` lookup order) when it
         holds a trend for this host (key: the host's method string, then the innermost host's name),
         else the default;
-      - ``"default"``: host ``fastv``: FastV's cubic ``1 + 1.7336 x - 4.8271 x^2 + 4.8839 x^3``
-        (``1/w = 1 + 3.015e-3 j - 1.460e-5 j^2 + 2.569e-8 j^3`` at ``j = 575 x``, ``w(1) = 0.358``);
-        other hosts: ``exp(1.3225 x)`` (``lambda = 2.30e-3`` per index at ``j = 575 x``);
+      - ``"default"``: the trend of the host's release patch (its ``debias_release``): ``fastv``: FastV's
+        cubic ``1 + 1.7336 x - 4.8271 x^2 + 4.8839 x^3`` (``1/w = 1 + 3.015e-3 j - 1.460e-5 j^2 +
+        2.569e-8 j^3`` at ``j = 575 x``, ``w(1) = 0.358``); ``pyramiddrop``: ``exp(-3.99e-3 j)``, its GQA
+        file; ``sparsevlm`` and hosts without a release: ``exp(-2.30e-3 j)`` (SparseVLM's GQA file);
+      - ``"exp:<lambda>"`` / ``"cubic:<a1>,<a2>,<a3>"``: a per-index curve as the release's weight files
+        hold them, ``w_j = exp(-lambda j)`` / ``1/w_j = 1 + a1 j + a2 j^2 + a3 j^3`` at ``j = 575 x`` (the
+        release's per-task files: lambda 2.30e-3 to 3.99e-3);
       - ``"none"``: no trend correction (padding only);
       - a path: that calibration file, which must hold a trend for this host;
       - three numbers ``[c1, c2, c3]``: ``T(x) = 1 + c1 x + c2 x^2 + c3 x^3``.
 
-    (b) ``pad_theta`` (default 0.5; None disables): LLaVA-1.5 (``model_type == "llava"``) only. The
-    padding geometry is read from the processed image itself (``pixel_values`` ``[images, 3, H, W]``):
-    constant bands of one colour at two opposite borders (`padding_bands`); patches of the
-    ``image_size / patch_size`` grid whose area is more than ``pad_theta`` padding get ``-inf``
-    (excluded, the image's budget shrinks to its valid patches). Images without such bands are not
-    touched. Skipped on LLaVA-NeXT (its crops are resized, not padded) and Qwen-VL (native resolution,
-    no padding), and for calls whose pixels are not available (``generate`` with beams).
+    (b) ``pad_theta`` (``"auto"``: the host's release value, 0.01 for ``pyramiddrop``, else 0.5; None
+    disables): LLaVA-1.5 (``model_type == "llava"``) only. The padding geometry is read from the processed
+    image itself (``pixel_values`` ``[images, 3, H, W]``): constant bands of one colour at two opposite
+    borders (`padding_bands`); patches of the ``image_size / patch_size`` grid whose area is more than
+    ``pad_theta`` padding are, by ``pad_mode`` (``"auto"``: the host's release rule, ``"zero"`` for
+    ``pyramiddrop`` and ``sparsevlm``, else ``"exclude"``), ``"exclude"``: scored ``-inf`` (the image's
+    budget shrinks to its valid patches, FastV's patch) or ``"zero"``: scored 0 (ranked last, the budget
+    unchanged, the PyramidDrop and SparseVLM patches). Images without such bands are not touched. Skipped
+    on LLaVA-NeXT (its crops are resized, not padded) and Qwen-VL (native resolution, no padding), and for
+    calls whose pixels are not available (``generate`` with beams).
 
-    Runs before or inside the LLM, wherever its host runs. After each call ``last_padding`` holds per
-    sample the ``[p_b]`` visual-token indices excluded as padding; ``trend_source`` says which ``T`` is
+    (c) ``every_stage`` (default False): a staged host's scores are corrected at its first pruning stage
+    only (its pre-LLM stage where it has one, else its first in-LLM stage), as the release's PyramidDrop
+    and SparseVLM patches do; True corrects every stage.
+
+    Runs before or inside the LLM, wherever its host runs. After each correcting call ``last_padding``
+    holds per sample the ``[p_b]`` visual-token indices treated as padding; ``trend_source`` says which ``T`` is
     in use.
     """
 
@@ -198,14 +252,27 @@ class Debias(Wrapper):
                    "LLaVA-1.5: exclude pad-to-square padding patches")
 
     last_padding = PerThread(factory=list)  # a per-call debugging record: each thread sees its own
+    _after_pre_llm = PerThread(default=False)  # this thread's prefill corrected a pre-LLM stage already
 
-    def __init__(self, inner: Scorer, trend: str | list[float] = "auto", pad_theta: float | None = 0.5) -> None:
+    def __init__(self, inner: Scorer, trend: str | list[float] = "auto", pad_theta: float | str | None = "auto",
+                 pad_mode: str = "auto", every_stage: bool = False) -> None:
         super().__init__(inner)
         self.trend = list(trend) if isinstance(trend, (list, tuple)) else trend
         self.pad_theta = pad_theta
-        if pad_theta is not None and (isinstance(pad_theta, bool) or not isinstance(pad_theta, (int, float))
-                                      or not 0 <= pad_theta < 1):
-            raise ConfigError(f"debias: pad_theta must be a number in [0, 1) or None (disabled), got {pad_theta!r}")
+        self.pad_mode = pad_mode
+        self.every_stage = every_stage
+        if pad_theta is not None and pad_theta != "auto" and (
+                isinstance(pad_theta, bool) or not isinstance(pad_theta, (int, float)) or not 0 <= pad_theta < 1):
+            raise ConfigError(f"debias: pad_theta must be a number in [0, 1), 'auto' (the host's release value) "
+                              f"or None (disabled), got {pad_theta!r}")
+        if pad_mode not in ("auto", *PAD_MODES):
+            raise ConfigError(f"debias: pad_mode must be 'auto', 'exclude' (score -inf, budget lowered) or 'zero' "
+                              f"(score 0, budget kept), got {pad_mode!r}")
+        if not isinstance(every_stage, bool):
+            raise ConfigError(f"debias: every_stage must be True or False, got {every_stage!r}")
+        release = release_settings(host_of(inner))
+        self._pad_theta = release["pad_theta"] if pad_theta == "auto" else pad_theta
+        self._pad_mode = release["pad_mode"] if pad_mode == "auto" else pad_mode
         self._trend = self._initial_trend()
         self._pad = False  # set by bind for LLaVA-1.5
         self._grid = 0
@@ -220,15 +287,19 @@ class Debias(Wrapper):
                 raise ConfigError(f"debias: trend as numbers must be [c1, c2, c3] (T = 1 + c1 x + c2 x^2 + c3 x^3), got {t!r}")
             return Trend("cubic", (1.0, *map(float, t)), "trend option").check()
         if not isinstance(t, str):
-            raise ConfigError(f"debias: trend must be 'auto', 'default', 'none', a file path or [c1, c2, c3], got {t!r}")
+            raise ConfigError(f"debias: trend must be 'auto', 'default', 'none', 'exp:<lambda>', "
+                              f"'cubic:<a1>,<a2>,<a3>', a file path or [c1, c2, c3], got {t!r}")
         if t == "none":
             return Trend("none", (), "trend='none'")
         if t in ("auto", "default"):
             return default_trend(host)
+        spec = parse_trend(t, "trend option")
+        if spec is not None:
+            return spec
         if not Path(t).expanduser().is_file():
             raise ConfigError(
-                f"debias: trend={t!r} is neither 'auto', 'default', 'none' nor an existing calibration file; "
-                "write one with `vtprune calibrate --model <model> --images DIR`"
+                f"debias: trend={t!r} is neither 'auto', 'default', 'none', 'exp:<lambda>', 'cubic:<a1>,<a2>,<a3>' "
+                "nor an existing calibration file; write one with `vtprune calibrate --model <model> --images DIR`"
             )
         return default_trend(host)  # read at bind, against the model
 
@@ -239,17 +310,18 @@ class Debias(Wrapper):
     def tunable(self, model: Any, adapter: Any) -> dict[str, tuple[Any, Any]]:
         from vtprune.tunable import Param
 
-        return {"pad_theta": (Param("float", 0.05, 1.0), self.pad_theta)} if self._pad else {}
+        return {"pad_theta": (Param("float", 0.05, 1.0), self._pad_theta)} if self._pad else {}
 
     def bind_self(self, model: Any, adapter: Any) -> None:
-        hosts = [method_string(self.inner), host_of(self.inner)]
+        host = host_of(self.inner)
+        hosts = [method_string(self.inner), host.name]
         self._warned_layer = False
         if self.trend == "auto":
-            self._trend = default_trend(hosts[-1])
+            self._trend = default_trend(host)
             path = find_calibration(model)
             if path is not None:
                 self._trend = trend_from_file(load_calibration(path, model), path, hosts) or self._trend
-        elif isinstance(self.trend, str) and self.trend not in TREND_MODES:
+        elif isinstance(self.trend, str) and self.trend not in TREND_MODES and parse_trend(self.trend, "") is None:
             data = load_calibration(self.trend, model)
             found = trend_from_file(data, self.trend, hosts)
             if found is None:
@@ -259,7 +331,7 @@ class Debias(Wrapper):
                 )
             self._trend = found
         grid = adapter.pad_grid() if adapter is not None else None
-        self._pad = self.pad_theta is not None and grid is not None
+        self._pad = self._pad_theta is not None and grid is not None
         if self._pad:
             self._grid = int(grid)
 
@@ -277,20 +349,38 @@ class Debias(Wrapper):
             out.append(w)
         return out
 
+    def corrects(self, signals: Signals) -> bool:
+        """Whether this call corrects the host's scores: always with ``every_stage``, else at the host's
+        first stage of the prefill (a pre-LLM stage, or in-LLM stage 0 when no pre-LLM stage ran before it)."""
+        if self.every_stage:
+            return True
+        if signals.stage == PRE_LLM:
+            self._after_pre_llm = True
+            return True
+        if signals.stage_index != 0:
+            return False
+        first = not self._after_pre_llm
+        self._after_pre_llm = False
+        return first
+
     def transform(self, scores: list[torch.Tensor], signals: Signals) -> list[torch.Tensor]:
+        if not self.corrects(signals):
+            return scores
+        self.last_padding = [torch.zeros(0, dtype=torch.long) for _ in scores]
         self._check_layer(signals)
         out = [s.float() * w.to(s.device) for s, w in zip(scores, self.weights(signals))]
-        self.last_padding = [torch.zeros(0, dtype=torch.long) for _ in out]
         if self._pad and signals.pixel_values is not None:
+            fill = float("-inf") if self._pad_mode == "exclude" else 0.0
             for b, s in enumerate(out):
                 pad = self._padding_tokens(signals, b)
                 if pad.numel():
-                    s[pad.to(s.device)] = float("-inf")
+                    idx = pad.to(s.device)
+                    s[idx] = torch.where(s[idx] == float("-inf"), s[idx], fill)  # -inf (excluded) stays
                 self.last_padding[b] = pad
         return out
 
     def _padding_tokens(self, signals: Signals, b: int) -> torch.Tensor:
-        """Visual-token indices of sample ``b`` that are more than ``pad_theta`` padding."""
+        """Visual-token indices of sample ``b`` that are more than ``pad_theta`` padding (its resolved value)."""
         lay, g = signals.layout, self._grid
         pixels = signals.pixel_values
         found = []
@@ -306,7 +396,7 @@ class Debias(Wrapper):
             if frac is None:
                 continue
             rc = lay.coords[b][patch].cpu()
-            found.append(patch[frac[rc[:, 1], rc[:, 2]] > self.pad_theta])
+            found.append(patch[frac[rc[:, 1], rc[:, 2]] > self._pad_theta])
         return torch.sort(torch.cat(found)).values if found else torch.zeros(0, dtype=torch.long)
 
     def _check_layer(self, signals: Signals) -> None:

@@ -23,6 +23,9 @@ class FastVScorer(Scorer):
     needs = frozenset({LLM_ATTENTION})
     stages = (IN_LLM,)
     default_layer = 2
+    # attention-bias's patches/FastV.patch: weight.npy (the cubic, every task), pad mask threshold 0.5, rank lowered
+    debias_release = {"trend": "cubic:3.015e-3,-1.460e-5,2.569e-8", "pad_theta": 0.5, "pad_mode": "exclude",
+                      "source": "FastV cubic"}
 
     def __init__(self) -> None:
         pass

@@ -47,6 +47,10 @@ class PyramidDropScorer(StagedLayers, Scorer):
     name = "pyramiddrop"
     description = "PyramidDrop: last-instruction-token attention, staged drops in the LLM (lambda 0.5)"
     stages = (IN_LLM,)
+    # attention-bias's patches/PyramidDrop.patch, first stage only: its GQA weight file (exp, lambda 3.99e-3 per
+    # index; MME 3.27e-3, ...), generate_pad_mask(threshold=0.01) multiplied in (budget unchanged)
+    debias_release = {"trend": "exp:3.99e-3", "pad_theta": 0.01, "pad_mode": "zero",
+                      "source": "PyramidDrop GQA exponential"}
 
     PAPER_LAYERS = (7, 15, 23)  # 0-based, pruned outputs, for 32-layer LLMs (the release's layer_list [8, 16, 24])
 

@@ -95,6 +95,10 @@ class SparseVLMScorer(StagedLayers, Scorer):
     stages = (IN_LLM,)
     last_raters = PerThread(factory=list)
     last_recycled = PerThread(factory=list)
+    # attention-bias's patches/SparseVLMs.patch, first stage (layer 2) only: its GQA weight file (exp, lambda
+    # 2.30e-3 per index), a pad mask (bilinear 24 x 24 resize of the pixel mask >= 0.5) multiplied in
+    debias_release = {"trend": "exp:2.30e-3", "pad_theta": 0.5, "pad_mode": "zero",
+                      "source": "SparseVLM GQA exponential"}
 
     PAPER_LAYERS = (2, 6, 15)  # 0-based, for 32-layer LLMs; other depths get them scaled (`depth_scaled`)
 
