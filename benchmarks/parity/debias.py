@@ -55,7 +55,10 @@ is 0.10 / 0.20-0.21 / 0.26 at 64 / 128 / 192 (1 at 512, where all 480 valid patc
 ``debias+pyramiddrop`` is compared in `debias_pyramiddrop.py`. Not compared: ``debias+sparsevlm``: its patch
 debiases SparseVLMs' first stage (``layer_idx == 2`` in ``score.py``) with a pad mask from a bilinear 24 x 24
 resize of the pixel mask (``>= 0.5``), which vtprune approximates by the area rule (``pad_theta=0.5``,
-``pad_mode="zero"``, its ``debias_release``), and SparseVLMs v1.5's release runs only inside its own LLaVA fork.
+``pad_mode="zero"``, its ``debias_release``); the patch targets SparseVLMs' v1.5 branch (734d900), whose decoder
+layer calls ``self.flash_attn``, an attribute its ``__init__`` leaves commented out (FlashAttention-2 only), so
+that branch does not run here (vtprune's ``sparsevlm`` itself is compared with the release's main branch,
+26a5f48, in `sparsevlm.py`).
 
     python benchmarks/parity/debias.py --ref /path/to/attention-bias
 """
