@@ -346,7 +346,7 @@ def test_sink_errors_name_the_fix():
         build_scorer("sink+fastv", {"dims": []})
     with pytest.raises(ConfigError, match="cannot stand last"):
         build_scorer("debias", {})
-    with pytest.raises(ConfigError, match="pad_theta"):
+    with pytest.raises(ConfigError, match="^debias: pad_theta"):  # named once, not "debias: debias: ..."
         build_scorer("debias+fastv", {"pad_theta": 2})
     with pytest.raises(ConfigError, match="neither 'auto'"):
         build_scorer("debias+fastv", {"trend": "/no/such/file.json"})

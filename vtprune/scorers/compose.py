@@ -225,6 +225,8 @@ def _describe(cls: type[Scorer]) -> str:
 def _instantiate(cls: type[Scorer], opts: dict[str, Any], name: str, **extra: Any) -> Scorer:
     try:
         return cls(**extra, **opts)
+    except ConfigError:
+        raise  # the component's own message names it already
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{name}: {err}") from None
 
