@@ -20,7 +20,7 @@ reference's commit.
 
 Besides `reference_path` / `write_rows` (and `run_check`, a check's whole ``main``), the pieces the checks
 share live here: importing a release's files (`load_file`, `fake_modules`, `load_llava_arch`,
-`release_llava_package`, `release_clip_tower`, `release_next_self`), the tiny LLaVA-1.5 and NeXT inputs
+`release_llava_package`, `release_arch_and_clip`, `release_clip_tower`, `release_next_self`), the tiny LLaVA-1.5 and NeXT inputs
 (`tiny_llava_inputs`, `tiny_next_inputs`) and the language model run on a
 release's visual rows (`lm_input_kwargs`, `lm_input_embeds`, `logits_on_visual_rows`, `logits_without_unkept`,
 `traced_vtprune_run`). The checks whose release runs in the transformers 4.37 environment share
@@ -279,6 +279,21 @@ def release_llava_package(root: Path) -> Iterator[None]:
         for k in [k for k in sys.modules if k == "llava" or k.startswith("llava.")]:
             del sys.modules[k]
         sys.modules.update(saved)
+
+
+def release_arch_and_clip(root: Path, repo: str, required: Iterable[str] = ()) -> tuple[types.ModuleType, types.ModuleType]:
+    """A release's ``llava.model.llava_arch`` and ``llava.model.multimodal_encoder.clip_encoder`` modules, imported
+    from its checkout folder ``root`` (`release_llava_package`); exits naming ``repo`` where one of those files or
+    of ``required`` (paths under ``root``) is missing."""
+    import importlib
+
+    for f in ("llava/model/llava_arch.py", "llava/model/multimodal_encoder/clip_encoder.py", *required):
+        if not (Path(root) / f).is_file():
+            raise SystemExit(f"{root} is not a checkout of {repo}: {f} is missing")
+    with release_llava_package(root):
+        arch = importlib.import_module("llava.model.llava_arch")
+        clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
+    return arch, clip
 
 
 def tiny_llava_inputs(prompt: str, count: int = 1, seed: int = 0, draw: str = "integers",

@@ -27,7 +27,6 @@ peaked, so that the release's zero padding is compared too (``zero_rows``: 23 an
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from pathlib import Path
@@ -40,8 +39,8 @@ from common import (  # noqa: E402
     jaccard,
     logits_on_visual_rows,
     peaked,
+    release_arch_and_clip,
     release_clip_tower,
-    release_llava_package,
     run_check,
     single_threaded,
     tiny_llava_inputs,
@@ -57,13 +56,7 @@ PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
 def _release(ref: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """The release's ``llava_arch`` (``HoloV``, ``encode_images``) and ``clip_encoder`` modules."""
-    for f in ("llava/model/utils.py", "llava/model/llava_arch.py", "llava/model/multimodal_encoder/clip_encoder.py"):
-        if not (ref / f).is_file():
-            raise SystemExit(f"{ref} is not a checkout of obananas/HoloV: {f} is missing")
-    with release_llava_package(ref):
-        arch = importlib.import_module("llava.model.llava_arch")
-        clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
-    return arch, clip
+    return release_arch_and_clip(ref, "obananas/HoloV", ["llava/model/utils.py"])
 
 
 def _release_encoder(arch: types.ModuleType, clip: types.ModuleType, model: Any) -> Any:

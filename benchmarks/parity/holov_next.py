@@ -49,7 +49,6 @@ allotted more than they hold, so the release pads with zero vectors, 73 of them)
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from pathlib import Path
@@ -62,7 +61,7 @@ from common import (  # noqa: E402
     jaccard,
     lm_input_embeds,
     peaked,
-    release_llava_package,
+    release_arch_and_clip,
     release_next_self,
     run_check,
     single_threaded,
@@ -83,14 +82,7 @@ IMAGE_TOKEN_INDEX = -200  # llava.constants
 
 def _release(ref: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """The release's ``llava_arch`` and ``clip_encoder`` modules (imported from the checkout)."""
-    for f in ("llava/model/utils.py", "llava/model/llava_arch.py", "llava/model/multimodal_encoder/clip_encoder.py",
-              "llava/mm_utils.py"):
-        if not (ref / f).is_file():
-            raise SystemExit(f"{ref} is not a checkout of obananas/HoloV: {f} is missing")
-    with release_llava_package(ref):
-        arch = importlib.import_module("llava.model.llava_arch")
-        clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
-    return arch, clip
+    return release_arch_and_clip(ref, "obananas/HoloV", ["llava/model/utils.py", "llava/mm_utils.py"])
 
 
 def _release_self(arch: types.ModuleType, clip: types.ModuleType, model: Any) -> Any:

@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     jaccard,
     logits_on_visual_rows,
     peaked,
+    release_arch_and_clip,
     release_clip_tower,
     release_llava_package,
     run_check,
@@ -73,9 +74,7 @@ def _release_encoder(root: Path, model: Any) -> Any:
     ``encode_images`` on a stand-in ``self`` whose vision tower is the release's ``CLIPVisionTower`` around
     ``model``'s CLIP (eager attention, so that ``attentions`` are returned)."""
 
-    with release_llava_package(root):
-        arch = importlib.import_module("llava.model.llava_arch")
-        clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
+    arch, clip = release_arch_and_clip(root, "Tencent/SelfEvolvingAgent (VScan/)")
     tower = release_clip_tower(clip, model)
     core = types.SimpleNamespace(get_vision_tower=lambda: tower, mm_projector=model.model.multi_modal_projector)
     meta = arch.LlavaMetaForCausalLM

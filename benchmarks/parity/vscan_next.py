@@ -40,7 +40,6 @@ newlines in ``image_token_list``, vtprune's is over the prunable tokens) and ``k
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from pathlib import Path
@@ -52,7 +51,7 @@ from common import (  # noqa: E402
     image_span,
     jaccard,
     peaked,
-    release_llava_package,
+    release_arch_and_clip,
     release_next_self,
     run_check,
     single_threaded,
@@ -81,10 +80,7 @@ def _root(ref: Path) -> Path:
 # ---- the release ------------------------------------------------------------------------------------
 def _release(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """The release's ``llava_arch`` and ``clip_encoder`` modules (imported from the checkout)."""
-    with release_llava_package(root):
-        arch = importlib.import_module("llava.model.llava_arch")
-        clip = importlib.import_module("llava.model.multimodal_encoder.clip_encoder")
-    return arch, clip
+    return release_arch_and_clip(root, "Tencent/SelfEvolvingAgent (VScan/)")
 
 
 def _release_self(arch: types.ModuleType, clip: types.ModuleType, model: Any, visual_token_num: int) -> Any:
