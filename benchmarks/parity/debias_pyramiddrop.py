@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llava_repo_worker as worker  # noqa: E402
-from common import env_name, jaccard, run_check  # noqa: E402
+from common import env_name, run_check  # noqa: E402
 
 METHOD = "debias-pyramiddrop"
 PRESET = "debias+pyramiddrop"
@@ -154,32 +154,19 @@ def compare(ref: Path) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         for name in settings:
-            mine = ours[f"{variant}/{name}"]
+            trend = {"fitted": f"exp:{rate:.6g} fitted to {WEIGHT} (residual {residual:.1e})",
+                     "default": "the defaults (exp:3.99e-3)",
+                     "every stage": f"exp:{rate:.6g}, every_stage=True (vtprune's earlier default)"}[name]
             for mode in MODES:
-                rel = theirs[f"{variant}/{mode}"]
-                diff = max(abs(a - b) for a, b in zip(mine["logits"], rel["logits"]))
-                stages = range(len(LAYER_LIST)) if mode == "positions kept" else range(1)
-                for s in stages:
-                    a, b = mine["kept"][s], rel["kept"][s]
-                    last = s == len(LAYER_LIST) - 1
-                    trend = {"fitted": f"exp:{rate:.6g} fitted to {WEIGHT} (residual {residual:.1e})",
-                             "default": "the defaults (exp:3.99e-3)",
-                             "every stage": f"exp:{rate:.6g}, every_stage=True (vtprune's earlier default)"}[name]
-                    row = {"method": METHOD, "model": MODEL,
-                           "variant": f"{variant}, {name} trend, stage {s + 1} (after layer {LAYER_LIST[s] - 1}), {mode}",
-                           "budget": len(b), "jaccard": jaccard(a, b), "kept_equal": a == b,
-                           "logit_max_abs": diff if last else None,
-                           "note": f"release tag 'after', layer_list {LAYER_LIST}, ratios {RATIOS}, pad threshold 0.01; "
-                                   f"vtprune {PRESET} keep={KEEP}, {trend}; stage layers {mine['layers']}"}
-                    if mode == "as released":
-                        later = [round(jaccard(x, y), 3) for x, y in zip(mine["kept"], rel["kept"])]
-                        row["note"] += (f"; later stages not asserted (re-indexed positions): Jaccard per stage {later}, "
-                                        f"max |logit diff| {diff:.2e}")
-                    if name != "fitted":
-                        row["asserted"] = False
-                        row["note"] += ("; not asserted (the rounded lambda)" if name == "default" else
-                                        "; not asserted (the release debiases the first stage only)")
-                    rows.append(row)
+                staged = worker.staged_rows(
+                    METHOD, MODEL, f"{variant}, {name} trend", ours[f"{variant}/{name}"], theirs[f"{variant}/{mode}"],
+                    LAYER_LIST, mode, f"release tag 'after', layer_list {LAYER_LIST}, ratios {RATIOS}, pad threshold "
+                    f"0.01; vtprune {PRESET} keep={KEEP}, {trend}")
+                for row in staged if name != "fitted" else ():
+                    row["asserted"] = False
+                    row["note"] += ("; not asserted (the rounded lambda)" if name == "default" else
+                                    "; not asserted (the release debiases the first stage only)")
+                rows += staged
     return rows
 
 

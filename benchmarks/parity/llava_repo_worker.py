@@ -213,3 +213,28 @@ def rank_drop_forward(model: Any, ids: Any, images: Any, keep_positions: bool, d
         for rope in ropes:
             vars(rope).pop("forward", None)
     return kept, logits.tolist()
+
+
+def staged_rows(method: str, model: str, label: str, mine: dict[str, Any], rel: dict[str, Any],
+                layer_list: Sequence[int], mode: str, note: str) -> list[dict[str, Any]]:
+    """The rows of one staged comparison (`rank_drop_forward`'s release against vtprune's stages): ``mine`` /
+    ``rel`` hold ``kept`` (per stage) and ``logits``; the release's ``layer_list`` names the layers that see
+    the fewer tokens. ``mode`` ``"positions kept"``: every stage, the logits with the last; ``"as released"``:
+    the first stage (the release re-indexes positions, so its later stages and logits go into the note).
+    The variant column is ``"<label>, stage s (after layer l), <mode>"``."""
+    from common import jaccard
+
+    diff = max(abs(a - b) for a, b in zip(mine["logits"], rel["logits"]))
+    rows = []
+    for s in range(len(layer_list)) if mode == "positions kept" else range(1):
+        a, b = mine["kept"][s], rel["kept"][s]
+        row = {"method": method, "model": model,
+               "variant": f"{label}, stage {s + 1} (after layer {layer_list[s] - 1}), {mode}",
+               "budget": len(b), "jaccard": jaccard(a, b), "kept_equal": a == b,
+               "logit_max_abs": diff if s == len(layer_list) - 1 else None,
+               "note": f"{note}; vtprune stage layers {mine['layers']}"}
+        if mode == "as released":
+            later = [round(jaccard(x, y), 3) for x, y in zip(mine["kept"], rel["kept"])]
+            row["note"] += f"; not asserted (re-indexed positions): Jaccard per stage {later}, max |logit diff| {diff:.2e}"
+        rows.append(row)
+    return rows

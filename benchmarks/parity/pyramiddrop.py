@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llava_repo_worker as worker  # noqa: E402
-from common import env_name, jaccard, run_check  # noqa: E402
+from common import env_name, run_check  # noqa: E402
 
 METHOD = "pyramiddrop"
 ENV = env_name(METHOD)
@@ -114,25 +114,11 @@ def compare(ref: Path) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         for setting, (layer_list, ratios) in SETTINGS.items():
-            mine = ours[f"{variant}/{setting}"]
             for mode in MODES:
-                rel = theirs[f"{variant}/{setting}/{mode}"]
-                diff = max(abs(a - b) for a, b in zip(mine["logits"], rel["logits"]))
-                stages = range(len(layer_list)) if mode == "positions kept" else range(1)
-                for s in stages:
-                    a, b = mine["kept"][s], rel["kept"][s]
-                    last = s == len(layer_list) - 1
-                    row = {"method": METHOD, "model": MODEL,
-                           "variant": f"{variant}, {setting}, stage {s + 1} (after layer {layer_list[s] - 1}), {mode}",
-                           "budget": len(b), "jaccard": jaccard(a, b), "kept_equal": a == b,
-                           "logit_max_abs": diff if last else None,
-                           "note": f"layer_list {layer_list}, image_token_ratio_list {ratios}; vtprune "
-                                   f"{vtprune_options(setting)}; vtprune stage layers {mine['layers']}"}
-                    if mode == "as released":
-                        later = [round(jaccard(x, y), 3) for x, y in zip(mine["kept"], rel["kept"])]
-                        row["note"] += (f"; not asserted (re-indexed positions): Jaccard per stage {later}, "
-                                        f"max |logit diff| {diff:.2e}")
-                    rows.append(row)
+                rows += worker.staged_rows(
+                    METHOD, MODEL, f"{variant}, {setting}", ours[f"{variant}/{setting}"],
+                    theirs[f"{variant}/{setting}/{mode}"], layer_list, mode,
+                    f"layer_list {layer_list}, image_token_ratio_list {ratios}; vtprune {vtprune_options(setting)}")
     return rows
 
 

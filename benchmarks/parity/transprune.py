@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llava_repo_worker as worker  # noqa: E402
-from common import env_name, jaccard, run_check  # noqa: E402
+from common import env_name, run_check  # noqa: E402
 
 METHOD = "transprune"
 ENV = env_name(METHOD)
@@ -136,27 +136,13 @@ def compare(ref: Path) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         for keep in BUDGETS:
-            mine = ours[f"{variant}/{keep}"]
             ratios = [*RATIOS, last_ratio(keep)]
             for mode in MODES:
-                rel = theirs[f"{variant}/{keep}/{mode}"]
-                diff = max(abs(a - b) for a, b in zip(mine["logits"], rel["logits"]))
-                stages = range(len(PRUNING)) if mode == "positions kept" else range(1)
-                for s in stages:
-                    a, b = mine["kept"][s], rel["kept"][s]
-                    last = s == len(PRUNING) - 1
-                    row = {"method": METHOD, "model": MODEL,
-                           "variant": f"{variant}, keep {keep}, stage {s + 1} (after layer {PRUNING[s] - 1}), {mode}",
-                           "budget": len(b), "jaccard": jaccard(a, b), "kept_equal": a == b,
-                           "logit_max_abs": diff if last else None,
-                           "note": f"accmulating_layer_list {ACCUMULATING}, pruning_layer_list {PRUNING}, "
-                                   f"image_token_ratio_list {ratios}; vtprune keep={keep} (default layers and "
-                                   f"ratios); vtprune stage layers {mine['layers']}"}
-                    if mode == "as released":
-                        later = [round(jaccard(x, y), 3) for x, y in zip(mine["kept"], rel["kept"])]
-                        row["note"] += (f"; not asserted (re-indexed positions): Jaccard per stage {later}, "
-                                        f"max |logit diff| {diff:.2e}")
-                    rows.append(row)
+                rows += worker.staged_rows(
+                    METHOD, MODEL, f"{variant}, keep {keep}", ours[f"{variant}/{keep}"],
+                    theirs[f"{variant}/{keep}/{mode}"], PRUNING, mode,
+                    f"accmulating_layer_list {ACCUMULATING}, pruning_layer_list {PRUNING}, image_token_ratio_list "
+                    f"{ratios}; vtprune keep={keep} (default layers and ratios)")
     return rows
 
 
