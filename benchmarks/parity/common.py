@@ -20,7 +20,7 @@ reference's commit.
 
 Besides `reference_path` / `write_rows` (and `run_check`, a check's whole ``main``), the pieces the checks
 share live here: importing a release's files (`load_file`, `fake_modules`, `load_llava_arch`,
-`release_llava_package`, `release_arch_and_clip`, `release_clip_tower`, `release_next_self`), the tiny LLaVA-1.5 and NeXT inputs
+`release_llava_package`, `release_arch_and_clip`, `release_clip_tower`, `release_next_self`, `release_next_prepare`), the tiny LLaVA-1.5 and NeXT inputs
 (`tiny_llava_inputs`, `tiny_next_inputs`) and the language model run on a
 release's visual rows (`lm_input_kwargs`, `lm_input_embeds`, `logits_on_visual_rows`, `logits_without_unkept`,
 `traced_vtprune_run`). The checks whose release runs in the transformers 4.37 environment share
@@ -358,6 +358,30 @@ def release_next_self(clip: types.ModuleType, model: Any, **attrs: Any) -> Any:
     return types.SimpleNamespace(get_model=lambda: core, get_vision_tower=lambda: tower, config=config,
                                   device=model.device,
                                   model=types.SimpleNamespace(image_newline=model.model.image_newline), **attrs)
+
+
+def release_next_prepare(arch: types.ModuleType, me: Any, inputs: Any, start: int, n: int,
+                         patched: dict[str, Any]) -> Any:
+    """A release's ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`` (its ``llava_arch`` module
+    ``arch``) on the stand-in ``me`` (`release_next_self`) for HF LLaVA-NeXT processor ``inputs`` of one
+    prompt: the image span ``input_ids[:, start:start + n]`` replaced by the single ``IMAGE_TOKEN_INDEX`` (-200)
+    the LLaVA repository uses, ``image_sizes`` as (width, height); the module attributes ``patched`` (name ->
+    replacement: recording wrappers) set on ``arch`` during the call. Returns its output tuple."""
+    import torch
+
+    ids = inputs["input_ids"]
+    release_ids = torch.cat([ids[:, :start], torch.full((1, 1), -200, dtype=ids.dtype), ids[:, start + n:]], dim=1)
+    h, w = (int(x) for x in inputs["image_sizes"][0])
+    saved = {name: getattr(arch, name) for name in patched}
+    for name, fn in patched.items():
+        setattr(arch, name, fn)
+    try:
+        with torch.no_grad():
+            return arch.LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal(
+                me, release_ids, None, None, None, None, inputs["pixel_values"], image_sizes=[(w, h)])
+    finally:
+        for name, fn in saved.items():
+            setattr(arch, name, fn)
 
 
 def lm_input_kwargs(model: Any, inputs: Any) -> dict[str, Any]:

@@ -62,6 +62,7 @@ from common import (  # noqa: E402
     lm_input_embeds,
     peaked,
     release_arch_and_clip,
+    release_next_prepare,
     release_next_self,
     run_check,
     single_threaded,
@@ -77,7 +78,6 @@ NUM_PATCHES = 16  # the LLaVA release's constant (llava_arch.py line 239)
 OVERFLOW = (1600, 256)  # 256 crops of 9-10 tokens, 1600 kept: in the peaked variant crops run out of tokens
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 IMAGE = (400, 500)  # height, width: a 2 x 2 anyres grid (672 x 672 pinpoint)
-IMAGE_TOKEN_INDEX = -200  # llava.constants
 
 
 def _release(ref: Path) -> tuple[types.ModuleType, types.ModuleType]:
@@ -98,12 +98,6 @@ def _release_run(arch: types.ModuleType, me: Any, inputs: Any, start: int, n: in
     """The release's ``prepare_inputs_labels_for_multimodal`` with ``HoloV``'s budget set to ``k`` and
     ``num_patches`` to ``crops``: its packed
     rows (HoloV's input), HoloV's output rows and the LLM input embeddings."""
-    import torch
-
-    ids = inputs["input_ids"]
-    release_ids = torch.cat([ids[:, :start], torch.full((1, 1), IMAGE_TOKEN_INDEX, dtype=ids.dtype),
-                             ids[:, start + n:]], dim=1)
-    h, w = (int(x) for x in inputs["image_sizes"][0])
     seen: dict[str, Any] = {}
     plain = arch.HoloV
 
@@ -115,13 +109,7 @@ def _release_run(arch: types.ModuleType, me: Any, inputs: Any, start: int, n: in
         seen["rows"] = out.detach().clone()
         return out
 
-    arch.HoloV = budgeted
-    try:
-        with torch.no_grad():
-            out = arch.LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal(
-                me, release_ids, None, None, None, None, inputs["pixel_values"], image_sizes=[(w, h)])
-    finally:
-        arch.HoloV = plain
+    out = release_next_prepare(arch, me, inputs, start, n, {"HoloV": budgeted})
     assert seen.get("call") == (16, 64), f"the release's HoloV call changed: {seen.get('call')}"
     return {"packed": seen["packed"][0], "attention": seen["attention"][0], "rows": seen["rows"][0], "embeds": out[4]}
 

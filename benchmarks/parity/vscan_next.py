@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     jaccard,
     peaked,
     release_arch_and_clip,
+    release_next_prepare,
     release_next_self,
     run_check,
     single_threaded,
@@ -66,7 +67,6 @@ MERGE_TOLERANCE = 1e-5
 BUDGETS = (96, 192, 288)  # the release's visual_token_num per tile; vtprune keep = T / 3 (factor 3) or T (factor 1)
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 IMAGE = (400, 500)  # height, width: a 2 x 2 anyres grid (672 x 672 pinpoint)
-IMAGE_TOKEN_INDEX = -200  # llava.constants
 
 
 def _root(ref: Path) -> Path:
@@ -101,10 +101,6 @@ def _release_run(arch: types.ModuleType, clip: types.ModuleType, model: Any, inp
     import torch
 
     me = _release_self(arch, clip, model, visual_token_num)
-    ids = inputs["input_ids"]
-    release_ids = torch.cat([ids[:, :start], torch.full((1, 1), IMAGE_TOKEN_INDEX, dtype=ids.dtype),
-                             ids[:, start + n:]], dim=1)
-    h, w = (int(x) for x in inputs["image_sizes"][0])
     masks: list[Any] = []
     plain = arch.unpad_image
 
@@ -123,13 +119,7 @@ def _release_run(arch: types.ModuleType, clip: types.ModuleType, model: Any, inp
         return out
 
     me.encode_images = encode
-    arch.unpad_image = recorded
-    try:
-        with torch.no_grad():
-            out = arch.LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal(
-                me, release_ids, None, None, None, None, inputs["pixel_values"], image_sizes=[(w, h)])
-    finally:
-        arch.unpad_image = plain
+    out = release_next_prepare(arch, me, inputs, start, n, {"unpad_image": recorded})
     assert len(masks) == 1, f"expected one unpadded index mask, got {len(masks)}"
     crop = masks[0][0]  # [rows, cols] of the crop grid, unpadded
     with_newlines = torch.cat([crop, torch.ones(crop.shape[0], 1, dtype=torch.bool)], dim=1).flatten()
