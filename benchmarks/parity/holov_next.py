@@ -9,8 +9,8 @@ permuted and unpadded as the features (``unpad_image``), the image's base tile i
 ``image_newline`` rows are commented out (lines 192-199 and 215-222), so the packed image has no newline
 rows at all. Then one call ``HoloV(image_features, image_attns, num_patches=16, new_image_token_num=64)``
 (line 239, ``llava/model/utils.py``) on the whole packed image: its budget is per image over all tiles, as
-vtprune's. vtprune keeps the newline rows and never makes them candidates (documented deviation,
-``vtprune/scorers/holov.py``): its candidates are exactly the release's rows.
+vtprune's. vtprune never makes the newline rows candidates and, by default (``newlines="drop"``), drops them as
+the release does (``newlines="keep"`` keeps them beside the budget): its candidates are exactly the release's rows.
 
 What runs: the release's ``prepare_inputs_labels_for_multimodal`` (with its ``encode_images``, ``unpad_image``,
 the checkout's ``llava.mm_utils.get_anyres_image_grid_shape`` and ``HoloV``) on a stand-in ``self`` around the
@@ -34,15 +34,16 @@ allotted more than they hold, so the release pads with zero vectors, 73 of them)
   in order (``packing_equal``; the kept indices are in HF's index space, newlines included);
   ``attention_max_abs``: vtprune's scored attention against the release's (``image_attns``), and
   ``function_equal``: vtprune's ``holov_picks`` on the release's own attention and rows keeps its picks.
-- ``newlines kept`` (asserted): vtprune's kept set (the tokens whose rows reach its LLM, mapped by value, and
+- ``newlines kept`` (asserted; vtprune ``newlines="keep"``): vtprune's kept set (the tokens whose rows reach its LLM, mapped by value, and
   the newline slots; ``vtprune.stats().kept`` also lists the slots holding the zero vectors) against the
   release's picks plus the 38 newline indices; ``sequence_equal``: vtprune's LLM visual rows with the
   newline rows taken out are the release's rows in its order (zero vectors included, ``zero_rows`` the
   release's count; the script fails unless both hold); ``logit_max_abs`` is not given (the release's
   sequence has no newline rows, so its logits belong to the other row).
-- ``as released`` (not asserted): the release's own LLM input (no newline rows): Jaccard of the two kept
-  sets (the note: over the non-newline rows) and the first-token logits of the unpatched LLM on the
-  release's ``new_input_embeds`` against vtprune's run.
+- ``as released`` (asserted; vtprune's default, ``newlines="drop"``): vtprune's LLM visual rows are the release's
+  own LLM input rows in its order (``sequence_equal``, zero vectors included; the kept set by value), and
+  ``logit_max_abs``: the first-token logits of the unpatched LLM on the release's ``new_input_embeds`` against
+  vtprune's run.
 
     python benchmarks/parity/holov_next.py --ref /path/to/HoloV
 """
@@ -196,7 +197,8 @@ def compare(ref: Path) -> list[dict[str, Any]]:
                 hidden = model.model.language_model(inputs_embeds=rel["embeds"], use_cache=False).last_hidden_state
                 rel_logits = model.lm_head(hidden[:, -1])[0]
 
-            kept, our_rows, our_logits, our_attention = _vtprune_run(model, inputs, start, k, options)
+            kept, our_rows, our_logits, our_attention = _vtprune_run(model, inputs, start, k,
+                                                                     {**options, "newlines": "keep"})
             attention_diff = float((our_attention.float() - rel["attention"].float()).abs().max())
             # vtprune's selection function on the release's own attention and packed rows
             fn_picks, _ = holov_picks(rel["attention"], rel["packed"], k, crops)
@@ -227,23 +229,26 @@ def compare(ref: Path) -> list[dict[str, Any]]:
                         f"{nl_in_rows} newlines, {ours_no_nl.count(-1)} zero rows (release {zeros_theirs}); "
                         f"vtprune.stats kept {len(kept)}",
             })
-            logit = float((our_logits - rel_logits).abs().max())
+            # the default (newlines="drop", the release): its LLM input is the release's, logits included
+            kept_d, rows_d, logits_d, _ = _vtprune_run(model, inputs, start, k, options)
+            seq_d = _index_rows(rows_d.to(visual.dtype), visual)
+            logit = float((logits_d - rel_logits).abs().max())
             rows.append({
                 "method": METHOD, "model": model_name, "variant": f"{variant}, as released", "budget": k,
-                "jaccard": jaccard(ours, theirs), "kept_equal": ours == theirs, "logit_max_abs": logit,
-                "asserted": False,
-                "note": f"not asserted (documented deviation: the release drops the newline rows, vtprune keeps "
-                        f"them): release LLM input {tuple(rel['embeds'].shape)} with {k} visual rows, vtprune "
-                        f"{len(our_rows)} ({nl_in_rows} newlines); Jaccard over the non-newline rows "
-                        f"{jaccard(set(ours) - set(newlines), theirs):.3f}; logits of the unpatched LLM on the "
-                        f"release's new_input_embeds",
+                "jaccard": jaccard(sorted(i for i in seq_d if i >= 0), theirs),
+                "kept_equal": seq_d == theirs_seq and sorted(i for i in seq_d if i >= 0) == theirs,
+                "sequence_equal": seq_d == theirs_seq, "logit_max_abs": logit,
+                "note": f"vtprune's default (newlines='drop', {options or 'default options'}) against the release's "
+                        f"own LLM input {tuple(rel['embeds'].shape)} ({k} visual rows): its {len(rows_d)} visual rows "
+                        f"in order, {seq_d.count(-1)} zero rows (release {zeros_theirs}); logits of the unpatched "
+                        f"LLM on the release's new_input_embeds",
             })
     return rows
 
 
 def summary(rows: list[dict[str, Any]]) -> None:
     for r in rows:
-        if "sequence_equal" in r:
+        if "packing_equal" in r:
             print(f"  {r['model'].split('), ')[-1]} {r['variant']} {r['budget']}: kept equal {r['kept_equal']}, "
                   f"sequence equal {r['sequence_equal']}, packing equal {r['packing_equal']}, zero rows "
                   f"{r['zero_rows']}, vtprune's function on the release's inputs equal {r['function_equal']}, "

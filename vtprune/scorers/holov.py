@@ -180,8 +180,9 @@ class HoloVScorer(Scorer):
 
     Deviations from the release:
         - ``keep`` covering the image keeps it whole (the release would re-allocate and lose tokens).
-        - LLaVA-NeXT: image-newline tokens are kept and are not candidates (the release drops them all);
-          the budget is per image over its base and high-resolution tokens, as the release.
+        - LLaVA-NeXT: the budget is per image over its base and high-resolution tokens, as the release;
+          the image-newline tokens are never candidates and, as in the release (its newline rows are
+          commented out), dropped (``newlines="keep"``: kept beside the budget).
         - Qwen-VL: raster order (the release orders as in step 5 and carries the positions along); the zero
           vectors sit at the image's last unkept slots with those slots' positions (the release gives
           them the position of its slice's last row, the image's second-to-last token; on Qwen3-VL they
@@ -205,6 +206,8 @@ class HoloVScorer(Scorer):
         overflow: ``"pad"`` (the release: the budget a crop cannot hold becomes zero-vector tokens, so an
             image keeps exactly ``k``; `stats().contextual` counts them) or ``"drop"`` (it is not spent).
         vision_layer: the ``hidden_states`` index of the attention layer (None: the feature layer).
+        newlines: ``"drop"`` (the release) or ``"keep"``: LLaVA-NeXT's image-newline tokens (the image's
+            never-pruned tokens) when the image is pruned.
     """
 
     name = "holov"
@@ -216,7 +219,7 @@ class HoloVScorer(Scorer):
 
     def __init__(self, num_crops: int | None = None, diversity_weight: float = DIVERSITY_WEIGHT,
                  power: float = 1.0, order: str | None = None, overflow: str = "pad",
-                 vision_layer: int | None = None) -> None:
+                 vision_layer: int | None = None, newlines: str = "drop") -> None:
         if num_crops is not None and (isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1):
             raise ConfigError(f"holov: num_crops must be a positive int or None (the release's rule), got {num_crops!r}")
         for opt, value in (("diversity_weight", diversity_weight), ("power", power)):
@@ -226,6 +229,8 @@ class HoloVScorer(Scorer):
             raise ConfigError(f"holov: order must be one of {ORDERS} or None, got {order!r}")
         if overflow not in OVERFLOWS:
             raise ConfigError(f"holov: overflow must be one of {OVERFLOWS}, got {overflow!r}")
+        if newlines not in ("drop", "keep"):
+            raise ConfigError(f"holov: newlines must be 'drop' (the release) or 'keep', got {newlines!r}")
         if vision_layer is not None and (isinstance(vision_layer, bool) or not isinstance(vision_layer, int)):
             raise ConfigError(f"holov: vision_layer must be one int (a hidden_states index) or None, "
                               f"got {vision_layer!r}")
@@ -235,6 +240,7 @@ class HoloVScorer(Scorer):
         self.order = order
         self.overflow = overflow
         self.vision_layer = vision_layer
+        self.newlines = newlines
         self._release_order = order != "raster"
 
     def bind(self, model: Any, adapter: Any) -> None:
@@ -278,7 +284,8 @@ class HoloVScorer(Scorer):
                 cand = span.candidates
                 n = span.n_candidates
                 k, _ = image_budget(budget, n)
-                parts.append(span.fixed)
+                if self.newlines == "keep" or k >= n:  # keep-all keeps the image whole, newlines included
+                    parts.append(span.fixed)
                 if k >= n:
                     parts.append(cand)
                     continue
