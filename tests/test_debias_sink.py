@@ -20,13 +20,15 @@ from vtprune.layout import VisualLayout
 from vtprune.scorers import Scorer, Signals, build_scorer
 from vtprune.scorers.baselines import RandomScorer
 from vtprune.scorers.cls import CLSScorer
-from vtprune.scorers.debias import FASTV_CUBIC, Debias, Trend, padding_bands, padding_fraction
+from vtprune.scorers.debias import REFERENCE_SPAN, Debias, Trend, padding_bands, padding_fraction
 from vtprune.scorers.fastv import FastVScorer
 from vtprune.scorers.pyramiddrop import PyramidDropScorer
 from vtprune.scorers.select import select_topk
 from vtprune.scorers.sink import Sink, known_sink_dims, massive_activation, rank_last
 from vtprune.toy.tiny import tiny_llava_processor
 
+# FastV's weight file as its per-index cubic 1/w = 1 + 3.015e-3 j - 1.460e-5 j^2 + 2.569e-8 j^3, in x = j / 575
+FASTV_CUBIC = (1.0, 3.015e-3 * REFERENCE_SPAN, -1.460e-5 * REFERENCE_SPAN**2, 2.569e-8 * REFERENCE_SPAN**3)
 TREND = Trend("cubic", FASTV_CUBIC, "test")
 
 

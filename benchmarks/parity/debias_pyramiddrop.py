@@ -101,12 +101,12 @@ def patched_release(ref: Path, work: Path) -> Path:
 
 def _vtprune_side(work: Path) -> None:
     """Both variants' weights and inputs, vtprune with the fitted and the default trend; writes ``vtprune.json``."""
-    options = json.loads((work / "options.json").read_text())
+    settings = json.loads((work / "options.json").read_text())["settings"]
     out = {}
     for variant in VARIANTS:
         factor = 8.0 if variant == "peaked" else None
         model, ids, images = worker.prepared_variant(work, variant, factor, **TINY)
-        for name, extra in ((n, o) for n, o in options.items() if not n.startswith("_")):
+        for name, extra in settings.items():
             logits, st = worker.vtprune_prefill(model, ids, images, PRESET, keep=KEEP, **extra)
             out[f"{variant}/{name}"] = {"layers": [s["layer"] for s in st.stages],
                                         "kept": [s["kept"][0].tolist() for s in st.stages],
@@ -119,7 +119,7 @@ def _release_side(work: Path) -> None:
     import torch
     from llava.model.language_model.llava_llama_pdrop import LlavaLlamaForCausalLM_PDrop
 
-    weight = json.loads((work / "options.json").read_text())["_weight"]
+    weight = json.loads((work / "options.json").read_text())["weight"]
     out = {}
     for variant in VARIANTS:
         saved = torch.load(work / f"{variant}.pt")
@@ -150,7 +150,7 @@ def compare(ref: Path) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix=f"parity-{METHOD}-") as tmp:
         release = patched_release(ref, Path(tmp))
         ours, theirs = worker.run_two_sides(METHOD, __file__, release,
-                                            files={"options.json": json.dumps({**settings, "_weight": str(weight)})})
+                                            files={"options.json": json.dumps({"settings": settings, "weight": str(weight)})})
     rows = []
     for variant in VARIANTS:
         for name in settings:

@@ -222,10 +222,12 @@ def release_tower(fns: dict, model: Any, inputs: Any, visual_target: int) -> dic
     return {"merged": merged, "patches": patches, "lengths": lengths, "scores": seen["scores"], "score0": seen["score0"].flatten(), "input0": seen["input0"]}
 
 
-def release_llm_stage(fns: dict, model: Any, inputs: Any, survivors: list[int], keep: int) -> dict[str, Any]:
+def release_llm_stage(fns: dict, model: Any, inputs: Any, lm_in: dict[str, Any], survivors: list[int],
+                      keep: int) -> dict[str, Any]:
     """The release's LLM stage (``Qwen2VLSdpaAttention_forward`` with its ``prune`` kwargs, as its
     ``Qwen2VLModel_forward`` calls it at layer 1) on the sequence the release's LLM would receive had its tower
-    kept the merged tokens ``survivors`` (indices among the image's tokens): the model's own LLM input with the
+    kept the merged tokens ``survivors`` (indices among the image's tokens): the model's own LLM input (``lm_in``,
+    `common.lm_input_kwargs`) with the
     other visual rows removed, original 3-D positions kept (as the release's tower does). Returns ``kept``
     (visual indices, sorted: ``survivors[keep_indices]``), ``scores`` ``[len(survivors)]`` (its
     ``compute_score_llm``), and ``attn`` / ``own`` (its attention output and the tiny model's own on that
@@ -233,11 +235,11 @@ def release_llm_stage(fns: dict, model: Any, inputs: Any, survivors: list[int], 
     import torch
 
     start, n = image_span(model, inputs)
-    seen = lm_input_kwargs(model, inputs)
+    seen: dict[str, Any] = {}
     lm = model.model.language_model
-    length = seen["inputs_embeds"].shape[1]
+    length = lm_in["inputs_embeds"].shape[1]
     rows = torch.tensor(list(range(start)) + [start + i for i in survivors] + list(range(start + n, length)))
-    embeds, positions = seen["inputs_embeds"][:, rows], seen["position_ids"][:, :, rows]
+    embeds, positions = lm_in["inputs_embeds"][:, rows], lm_in["position_ids"][:, :, rows]
     attn = lm.layers[1].self_attn
     handles = [attn.register_forward_pre_hook(lambda m, a, k: seen.update(layer_in=k["hidden_states"]), with_kwargs=True),
                attn.register_forward_hook(lambda m, a, out: seen.update(own=out[0]))]
@@ -346,6 +348,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
             own = model.model.get_image_features(inputs["pixel_values"], grid)
         own = torch.cat(list(own.pooler_output if hasattr(own, "pooler_output") else own))
         full = release_tower(fns, model, inputs, n_patches)  # target >= sequence: nothing pruned
+        lm_in = lm_input_kwargs(model, inputs)  # the unpruned LLM input, shared by the budgets' LLM stages
         diff = float((full["merged"] - own).abs().max())
         rows.append(_row(variant, "all", "tower", 1.0, full["patches"] == list(range(n_patches)), diff,
                      "the release's tower (stand-ins, nothing pruned) against the model's own image embeddings",
@@ -382,7 +385,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
                     f"{2 * keep} groups by the group mean of the release's own cumulative patch scores", True))
             survivors = [int(i) for i in torch.nonzero(torch.isfinite(ours["scores"])).flatten()]
             assert survivors == groups_ours, "vtprune's LLM stage scores exactly its tower survivors"
-            llm = release_llm_stage(fns, model, inputs, survivors, keep)
+            llm = release_llm_stage(fns, model, inputs, lm_in, survivors, keep)
             if keep == BUDGETS[0]:
                 rows.append(_row(
                     variant, "all", "llm-attention", 1.0, True, float((llm["attn"] - llm["own"]).abs().max()),

@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     single_threaded,
     tiny_next_inputs,
 )
+from vscan import _root as vscan_root  # noqa: E402
 
 METHOD = "vscan-next"
 PRESET = "vscan"
@@ -69,18 +70,10 @@ PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 IMAGE = (400, 500)  # height, width: a 2 x 2 anyres grid (672 x 672 pinpoint)
 
 
-def _root(ref: Path) -> Path:
-    """The release's VScan folder (``ref`` itself or ``ref/VScan``)."""
-    for root in (ref / "VScan", ref):
-        if (root / "llava" / "model" / "llava_arch.py").is_file() and (root / "llava" / "mm_utils.py").is_file():
-            return root
-    raise SystemExit(f"{ref} is not a checkout of Tencent/SelfEvolvingAgent: no VScan/llava/model/llava_arch.py")
-
-
-# ---- the release ------------------------------------------------------------------------------------
-def _release(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
-    """The release's ``llava_arch`` and ``clip_encoder`` modules (imported from the checkout)."""
-    return release_arch_and_clip(root, "Tencent/SelfEvolvingAgent (VScan/)")
+def _release(ref: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """The release's ``llava_arch`` and ``clip_encoder`` modules, imported from its VScan folder
+    (`vscan._root`), which must hold ``llava/mm_utils.py`` too (its anyres grid shape)."""
+    return release_arch_and_clip(vscan_root(ref), "Tencent/SelfEvolvingAgent (VScan/)", ["llava/mm_utils.py"])
 
 
 def _release_self(arch: types.ModuleType, clip: types.ModuleType, model: Any, visual_token_num: int) -> Any:
@@ -160,7 +153,7 @@ def compare(ref: Path) -> list[dict[str, Any]]:
 
     from vtprune.toy.tiny import tiny_llava_next
 
-    arch, clip = _release(_root(ref))
+    arch, clip = _release(ref)
     inputs = tiny_next_inputs(PROMPT, IMAGE)
     rows: list[dict[str, Any]] = []
     for variant in ("random", "peaked"):

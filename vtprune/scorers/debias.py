@@ -12,8 +12,8 @@ patches that are mostly padding carry no content but attract attention. They are
 
 The release (github.com/intcomp/attention-bias) patches each host's own code with its own settings; a host
 declares them as ``debias_release`` (trend, ``pad_theta``, ``pad_mode``), so that ``debias+<host>`` with
-default options reproduces that patch. Its patches correct the host's first pruning stage only; so does the
-default ``stages="first"``.
+default options reproduces that patch. Its patches correct the host's first pruning stage only; so does
+``every_stage=False`` (the default).
 """
 
 from __future__ import annotations
@@ -40,14 +40,10 @@ from vtprune.scorers.compose import Wrapper, method_string
 # FastV's file is the cubic 3.015e-3, -1.460e-5, 2.569e-8; hosts without a declared release use the
 # exponential of the SparseVLM / GQA file, lambda = 2.30e-3.
 REFERENCE_SPAN = 575
-FASTV_CUBIC = (1.0, 3.015e-3 * REFERENCE_SPAN, -1.460e-5 * REFERENCE_SPAN**2, 2.569e-8 * REFERENCE_SPAN**3)
-EXP_RATE = 2.30e-3 * REFERENCE_SPAN
 GENERIC_TREND = "exp:2.30e-3"
 GENERIC_PADDING = {"pad_theta": 0.5, "pad_mode": "exclude"}  # FastV's patch: threshold 0.5, budget lowered
 
-TREND_MODES = ("auto", "default", "none")
 PAD_MODES = ("exclude", "zero")
-STAGE_MODES = ("first", "all")
 
 
 @dataclass(frozen=True)
@@ -273,6 +269,7 @@ class Debias(Wrapper):
         release = release_settings(host_of(inner))
         self._pad_theta = release["pad_theta"] if pad_theta == "auto" else pad_theta
         self._pad_mode = release["pad_mode"] if pad_mode == "auto" else pad_mode
+        self._trend_file: str | None = None  # a calibration file given as `trend`, read at bind
         self._trend = self._initial_trend()
         self._pad = False  # set by bind for LLaVA-1.5
         self._grid = 0
@@ -296,6 +293,7 @@ class Debias(Wrapper):
         spec = parse_trend(t, "trend option")
         if spec is not None:
             return spec
+        self._trend_file = t
         if not Path(t).expanduser().is_file():
             raise ConfigError(
                 f"debias: trend={t!r} is neither 'auto', 'default', 'none', 'exp:<lambda>', 'cubic:<a1>,<a2>,<a3>' "
@@ -321,12 +319,12 @@ class Debias(Wrapper):
             path = find_calibration(model)
             if path is not None:
                 self._trend = trend_from_file(load_calibration(path, model), path, hosts) or self._trend
-        elif isinstance(self.trend, str) and self.trend not in TREND_MODES and parse_trend(self.trend, "") is None:
-            data = load_calibration(self.trend, model)
-            found = trend_from_file(data, self.trend, hosts)
+        elif self._trend_file is not None:
+            data = load_calibration(self._trend_file, model)
+            found = trend_from_file(data, self._trend_file, hosts)
             if found is None:
                 raise CalibrationError(
-                    f"debias: the calibration file {self.trend!r} has no trend for host {hosts[-1]!r} "
+                    f"debias: the calibration file {self._trend_file!r} has no trend for host {hosts[-1]!r} "
                     f"(it has {sorted(data.get('trend') or {})}); run `vtprune calibrate --host {hosts[-1]} ...`"
                 )
             self._trend = found

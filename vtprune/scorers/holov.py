@@ -284,11 +284,11 @@ class HoloVScorer(Scorer):
                 cand = span.candidates
                 n = span.n_candidates
                 k, _ = image_budget(budget, n)
-                if self.newlines == "keep" or k >= n:  # keep-all keeps the image whole, newlines included
-                    parts.append(span.fixed)
-                if k >= n:
-                    parts.append(cand)
+                if k >= n:  # keep-all keeps the image whole, newlines included
+                    parts += [span.fixed, cand]
                     continue
+                if self.newlines == "keep":
+                    parts.append(span.fixed)
                 dev = scores[b].device
                 picks, _ = holov_picks(scores[b][cand.to(dev)], feats[b][cand.to(feats[b].device)], k,
                                        self.num_crops, self.diversity_weight, self.power)
