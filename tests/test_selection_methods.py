@@ -376,3 +376,50 @@ def test_greedy_selection_on_cuda_stays_there_without_syncs():
     on_cpu = run(torch.device("cpu"), cpu_lay)
     for g, c in zip(on_gpu, on_cpu):  # picks, then scores (integers encoding the picks): exactly as on the CPU
         assert torch.equal(g.cpu(), c)
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_divprune_ranks_next_newlines_inside_the_budget(next_processor, layer):
+    """DivPrune's release ranks LLaVA-NeXT's image-newline rows with the others (default newlines='rank'):
+    an image keeps exactly ``keep`` tokens, newlines counted, at most one of the identical newline rows,
+    and before the LLM they are the max-min picks over all the image's LLM input rows; newlines='keep'
+    keeps every newline beside ``keep`` others. A padded batch of two image sizes."""
+    model = get_model("next")
+    inputs = batch(next_processor, [1, 1], sizes=((300, 620), (400, 500)))
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+
+    hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)  # unpatched: the LLM input rows
+        hook.remove()
+        runs = {}
+        for newlines in ("rank", "keep"):
+            vtprune.apply(model, "divprune", keep=24, layer=layer, newlines=newlines)
+            with torch.no_grad():
+                model(**inputs)
+            runs[newlines] = (vtprune.stats(model).kept, model._vtprune_state.session.layout)
+    finally:
+        hook.remove()
+        vtprune.remove(model)
+    for newlines, (kept, lay) in runs.items():
+        for b in range(2):
+            fixed = torch.nonzero(~lay.prunable[b]).flatten()
+            assert fixed.numel() > 0  # the tiled image has row newlines
+            n_fixed_kept = int(torch.isin(kept[b], fixed).sum())
+            if newlines == "keep":
+                assert kept[b].numel() == 24 + fixed.numel() and n_fixed_kept == fixed.numel()
+                continue
+            assert kept[b].numel() == 24 and n_fixed_kept <= 1
+            if layer is None:
+                rows = seen["embeds"][b, lay.positions[b]]
+                expected = max_min_diversity(rows, 24)
+                assert sorted(kept[b].tolist()) == sorted(expected.tolist())
+
+
+def test_divprune_refuses_an_unknown_newline_mode(llava):
+    with pytest.raises(ConfigError, match="newlines must be 'rank'"):
+        vtprune.apply(llava, "divprune", keep=8, newlines="drop")

@@ -8,7 +8,7 @@ device with shapes known in advance and no further host syncs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -106,6 +106,17 @@ class VisualLayout:
                     spans.append(ImageSpan(s, e - s, idx[s:e][p], idx[s:e][~p], dev))
             out.append(spans)
         return out
+
+    def all_candidates(self) -> VisualLayout:
+        """The same tokens with every one of them prunable (no never-pruned tokens): the layout a scorer that
+        ranks the never-pruned tokens inside the budget (`Scorer.ranks_fixed`) scores and selects on. Its
+        spans hold every token of an image as candidates, so a budget counts them too. ``self`` when it
+        has no never-pruned token (no device read: the host copies decide)."""
+        host = self.host_prunable if self.host_prunable is not None else [t.cpu() for t in self.prunable]
+        if all(bool(h.all()) for h in host):
+            return self
+        return replace(self, prunable=[torch.ones_like(p) for p in self.prunable],
+                       host_prunable=[torch.ones_like(h) for h in host])
 
     def image_slices(self, b: int) -> list[torch.Tensor]:
         """Per image of sample ``b``: the indices (into the sample's visual tokens) of its tokens."""

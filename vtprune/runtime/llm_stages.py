@@ -21,6 +21,7 @@ for sdpa and eager, a 2D key validity (or None) for FlashAttention, a `BlockMask
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -452,7 +453,8 @@ class LLMStageHooks:
         over ``lay``'s visual tokens, the scores, and rows to overwrite after compaction
         (``{sample: (indices into lay's visual tokens, [m, D] states)}``, recycling methods only)."""
         sess = self.state.session
-        signals = Signals(layout=lay, stage=IN_LLM, layer=layer, keep=keep, extras=sess.extras, stage_index=j)
+        ranked = lay.all_candidates() if self.state.scorer.ranks_fixed else lay  # see `Scorer.ranks_fixed`
+        signals = Signals(layout=ranked, stage=IN_LLM, layer=layer, keep=keep, extras=sess.extras, stage_index=j)
         if sess.llm_attention is not None:  # one gather; per-sample views only if a scorer asks
             signals.padded_scores[LLM_ATTENTION] = gather_padded(sess.llm_attention, lay)
         if self.state.scorer.needs_signal(HIDDEN_STATES):
@@ -472,7 +474,8 @@ class LLMStageHooks:
         replayed = replayed_selection(sess, j, lay)  # a continuation: the prompt's
         if replayed is not None:
             return replayed, scores, {}
-        return select(scores, lay, keep, excludes=self.state.scorer.excludes), scores, {}
+        sel = select(scores, ranked, keep, excludes=self.state.scorer.excludes)
+        return (sel if ranked is lay else dataclasses.replace(sel, layout=lay)), scores, {}
 
     # ---- layers after the first pruning point ---------------------------------------------------
     def _make_pre_after(self, i: int):

@@ -9,6 +9,7 @@ the shortened rows are re-padded on the side the batch was already padded on (le
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,7 +64,9 @@ def shorten_prefill_inputs(
     with state.timer.part("score"):  # signals, scores and selection
         budget = state.pre_keep if state.pre_keep is not None else state.config.keep
         record = images.record  # set by ensure_encoded where the call holds images; never an earlier call's
-        signals = Signals(layout=lay, stage=PRE_LLM, keep=budget, extras=sess.extras, vision_record=record,
+        # a scorer that ranks the never-pruned tokens (newlines) inside the budget sees them as candidates
+        ranked = lay.all_candidates() if state.scorer.ranks_fixed else lay
+        signals = Signals(layout=ranked, stage=PRE_LLM, keep=budget, extras=sess.extras, vision_record=record,
                           video_record=getattr(images, "video_record", None))
         if state.scorer.needs_signal(VISION_CLS_ATTENTION):
             # one gather; per-sample views only if a scorer asks
@@ -84,7 +87,11 @@ def shorten_prefill_inputs(
         else:
             scores = state.scorer.score(signals)
             replayed = replayed_selection(sess, PRE_LLM, lay)  # a continuation: the prompt's
-            sel = replayed if replayed is not None else select(scores, lay, budget, excludes=state.scorer.excludes)
+            if replayed is not None:
+                sel = replayed
+            else:
+                sel = select(scores, ranked, budget, excludes=state.scorer.excludes)
+                sel = sel if ranked is lay else dataclasses.replace(sel, layout=lay)
             sess.selections[PRE_LLM] = sel
 
     with state.timer.part("compact"):  # the shortened sequence, its mask and positions

@@ -39,6 +39,9 @@ class Scorer:
       finite-scored tokens; the selection reads those counts from the device once).
     - ``accepts_auto_keep``: whether an adaptive budget (``keep="auto:0.95"``) can be chosen from the
       scores: False for methods that place a fixed number of tokens themselves (a lattice, a merge plan).
+    - ``ranks_fixed``: whether the never-pruned tokens (LLaVA-NeXT image newlines) are candidates ranked
+      inside the image's budget rather than kept beside it: the runtime then scores and selects on
+      `VisualLayout.all_candidates` (an instance may set it from an option: DivPrune's release).
 
     Options are the keyword arguments of ``__init__``; unknown options are rejected by name.
     """
@@ -52,6 +55,7 @@ class Scorer:
     # whether `score` may return -inf for tokens it excludes (the selection then reads the finite counts
     # once per prefill); scorers that always return finite scores leave it False and select without a read
     excludes: ClassVar[bool] = False
+    ranks_fixed: bool = False
     # model capabilities the method needs beyond the signals (an adapter lacking one refuses the method,
     # see `Adapter.lacks`): "vision_tower_masking" (pruning inside the vision tower), "pre_llm_then_llm"
     # (LLM stages on a sequence shortened before the LLM)

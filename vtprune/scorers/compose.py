@@ -52,6 +52,10 @@ class Wrapper(Scorer):
     def accepts_auto_keep(self) -> bool:  # type: ignore[override]
         return self.inner.accepts_auto_keep
 
+    @property
+    def ranks_fixed(self) -> bool:  # type: ignore[override]
+        return self.inner.ranks_fixed
+
     own_excludes: ClassVar[bool] = False  # the wrapper itself may write -inf (debias's padding)
 
     @property

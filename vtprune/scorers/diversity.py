@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.config import ConfigError
 from vtprune.scorers.base import HIDDEN_STATES, Scorer, Signals, register
 from vtprune.scorers.greedy import max_min_diversity, per_image
 
@@ -18,8 +19,13 @@ class DivPruneScorer(Scorer):
     image's budget. A selection, not a ranking: scores encode the pick order (see `scorers.greedy`), so
     adaptive budgets are refused. Query-free; no attention.
 
-    Deviation: LLaVA-NeXT newline tokens are kept and never candidates (the reference treats them as
-    candidates); the budget is per image (the reference: per prompt).
+    On LLaVA-NeXT the image-newline tokens are candidates like any other token, ranked inside the image's
+    budget (``newlines="rank"``, the release: its "LLaVA 1.6" branch runs DivPrune on the image's whole
+    packed sequence, newline rows included, and counts them in ``img_feature_len``); a budget then counts
+    every token of the image, newlines included (``keep=0.098`` keeps ``round(0.098 * n)`` of its ``n``
+    tokens; the newline rows are identical, so at most one of them is picked unless nothing else is
+    left). ``newlines="keep"`` keeps them beside the budget, as every other method does. Deviation: the
+    budget is per image (the reference: per prompt, the same with one image).
     """
 
     name = "divprune"
@@ -27,8 +33,15 @@ class DivPruneScorer(Scorer):
     needs = frozenset({HIDDEN_STATES})
     accepts_auto_keep = False
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, newlines: str = "rank") -> None:
+        """Args:
+            newlines: ``"rank"`` (the release) or ``"keep"``: whether LLaVA-NeXT's image-newline tokens are
+                candidates inside the budget or always kept beside it (no effect on models without them).
+        """
+        if newlines not in ("rank", "keep"):
+            raise ConfigError(f"divprune: newlines must be 'rank' (the release) or 'keep', got {newlines!r}")
+        self.newlines = newlines
+        self.ranks_fixed = newlines == "rank"
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         hidden = signals.require(HIDDEN_STATES)
