@@ -71,6 +71,8 @@ def test_selection_equals_the_release_rounds_on_random_features():
 def test_options_are_validated():
     with pytest.raises(ConfigError, match="important_ratio"):
         build_scorer("vispruner", {"important_ratio": 1.5})
+    with pytest.raises(ConfigError, match="budget_per"):
+        build_scorer("vispruner", {"budget_per": "crop"})
     with pytest.raises(ConfigError, match="vision_layer"):
         build_scorer("vispruner", {"vision_layer": [-2]})
     with pytest.raises(ConfigError, match="adaptive|auto"):
@@ -137,7 +139,8 @@ def test_counts_equal_keep_on_every_model(kind, processor, next_processor):
         inputs = batch(next_processor, [1], sizes=((300, 620),))
     else:
         inputs = qwen_batch(kind, "left_padded_2")
-    vtprune.apply(model, method="vispruner", keep=12)
+    # NeXT: the per-image rule (its default selects per tile, see below)
+    vtprune.apply(model, method="vispruner", keep=12, **({"budget_per": "image"} if kind == "next" else {}))
     try:
         with torch.no_grad():
             model(**inputs)
@@ -149,3 +152,53 @@ def test_counts_equal_keep_on_every_model(kind, processor, next_processor):
         items = len(lay.image_slices(b))
         assert int(lay.prunable[b][kept].sum()) == 12 * items  # exactly keep per image
         assert bool(torch.isin(torch.nonzero(~lay.prunable[b]).flatten(), kept).all())  # NeXT newlines stay
+
+
+def _next_tiles(model, inputs):
+    """The NeXT call's real tiles, ``[T, 3, H, W]``, as `get_image_features` flattens them."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    cfg = model.config
+    counts = [image_size_to_num_patches(tuple(s.tolist()), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+              for s in inputs["image_sizes"]]
+    return torch.cat([px[:n] for px, n in zip(inputs["pixel_values"], counts)])
+
+
+@pytest.mark.parametrize("keep", [12, 40])
+def test_next_selects_per_tile_like_the_release(next_processor, keep):
+    """The default on LLaVA-NeXT: VisPruner on every tile's whole grid with ``keep`` each (the release's
+    ``encode_images``), the picks mapped onto HF's unpadded sequence by source row, newlines dropped."""
+    model = get_model("next")
+    inputs = batch(next_processor, [1], sizes=((300, 620),))
+    vtprune.apply(model, method="vispruner", keep=keep)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+        lay = model._vtprune_state.session.layout
+    finally:
+        vtprune.remove(model)
+    picks = _llava_by_hand(model, {"pixel_values": _next_tiles(model, inputs)}, keep)  # per tile, patch rows
+    stride = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    stride = stride * stride + 1  # a tile's rows, CLS first
+    src = lay.source[0].tolist()
+    expected = [i for i, s in enumerate(src) if s >= 0 and (s % stride) - 1 in picks[s // stride]]
+    kept = st.kept[0].tolist()
+    assert kept == expected
+    assert not (~lay.prunable[0][st.kept[0]]).any()  # the release feeds no newlines
+    base = sum(1 for i in kept if src[i] // stride == 0)
+    assert base == keep  # the base tile is a whole 24 x 24 grid in the sequence: exactly keep of it
+    assert len(kept) <= len(picks) * keep
+    assert st.per_image[0] == [len(kept)]
+
+
+def test_next_per_tile_refuses_wrappers_and_ensembles():
+    model = get_model("next")
+    for method, kw in (("debias+vispruner", {}), ("ensemble", {"members": ["vispruner", "random"]})):
+        with pytest.raises(ConfigError, match="budget_per='image'"):
+            vtprune.apply(model, method=method, keep=12, **kw)
+        vtprune.remove(model)
+    vtprune.apply(model, method="debias+vispruner", keep=12, **{"vispruner.budget_per": "image"})
+    vtprune.remove(model)
+    llava = get_model("llava")  # untiled: the per-image path, so wrappers compose
+    vtprune.apply(llava, method="debias+vispruner", keep=12)
+    vtprune.remove(llava)

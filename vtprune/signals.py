@@ -66,6 +66,13 @@ class Signals:
       expanded to generate()'s beams / return sequences); None where the prefill holds no image (in-LLM
       stages: read ``PruneState.vision_record``).
     - ``video_record``: the same for the prefill's videos (Qwen-VL); None where it holds none.
+    - ``tile_cls_attention`` / ``tile_features`` (pre-LLM, for a scorer that selects per tile,
+      `Scorer.per_tile`): every tile's whole encoder grid, all tiles of the call in order, before
+      LLaVA-NeXT's unpadding: ``[T, S]`` float head-mean CLS attention and ``[T, S, C]`` features entering
+      the projector (``S`` rows per tile, the CLS row first; `VisualLayout.source` indexes them once
+      flattened), each set where the scorer needs the per-token signal of that name; ``tile_first``: the
+      first row of a tile that is a visual token (1: the CLS row is not one; 0 under the ``"full"``
+      feature strategy).
     """
 
     layout: VisualLayout
@@ -85,6 +92,9 @@ class Signals:
     vision_record: Any = None
     video_record: Any = None
     padded_scores: dict = field(default_factory=dict)
+    tile_cls_attention: torch.Tensor | None = None
+    tile_features: torch.Tensor | None = None
+    tile_first: int = 1
 
     def padded(self, name: str) -> torch.Tensor:
         """Signal ``name`` as ``[B, N_max]`` float32 (``-inf`` on padding): the runtime's batched tensor when

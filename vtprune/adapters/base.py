@@ -152,6 +152,9 @@ class Adapter:
     vision_family: ClassVar[str] = "clip"
     # the oldest transformers release the adapter works with (the transformers-v5 model classes need 5.0)
     min_transformers: ClassVar[str] = "5.0"
+    # whether an image is several encoder tiles whose grids the model crops into its sequence (LLaVA-NeXT's
+    # anyres unpadding): a scorer that selects per tile (`Scorer.per_tile`) does so only there
+    tiled: ClassVar[bool] = False
 
     # host geometry of the encoder call running now in this thread (see the runtime's encoder wrapper)
     encoding_geometry = PerThread()
@@ -305,6 +308,12 @@ class Adapter:
         if rows is None:
             raise RuntimeError("no CLS attention was recorded while the images were encoded")
         return rows
+
+    def tile_first(self, images: Any) -> int:
+        """The first row of a tile's encoder output (`vision_scores`, `merge_features`) that becomes a
+        visual token: 1, the CLS row is none (CLIP-family adapters override it where the feature strategy
+        keeps CLS)."""
+        return 1
 
     def merge_features(self, images: Any) -> torch.Tensor:
         """``[tiles, patches + 1, C]`` the vision features entering the projector, CLS row kept (VisionZip

@@ -68,6 +68,9 @@ class _LlavaFamily(Adapter):
             coords = torch.cat([torch.tensor([[2, 0, 0]]), coords])
         return src, coords
 
+    def tile_first(self, images: ImageInputs) -> int:
+        return 0 if self._strategy(images) == "full" else 1
+
     def merge_features(self, images: ImageInputs) -> torch.Tensor:
         rec = images.record
         hidden = rec.output.hidden_states
@@ -121,6 +124,7 @@ class LlavaNextAdapter(_LlavaFamily):
 
     model_types = ("llava_next",)
     description = "LLaVA-NeXT / LLaVA-1.6 (LlavaNextForConditionalGeneration)"
+    tiled = True
 
     def tiles_per_image(self, image_sizes: Any, n_images: int) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

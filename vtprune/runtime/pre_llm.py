@@ -30,7 +30,7 @@ from vtprune.scorers.base import (
     VISION_FEATURES,
     Signals,
 )
-from vtprune.scorers.select import Selection, select
+from vtprune.scorers.select import Selection, select, select_tiles
 from vtprune.signals import cls_scores_padded, per_sample
 from vtprune.state import PruneState, PruneStats, Session
 
@@ -85,10 +85,14 @@ def shorten_prefill_inputs(
         if own is not None:  # the method selects itself (VisionZip's merge, VFlowOpt's recycling)
             sel, embeds, contextual, scores = own
         else:
-            scores = state.scorer.score(signals)
+            scores = None if state.scorer.per_tile else state.scorer.score(signals)
             replayed = replayed_selection(sess, PRE_LLM, lay)  # a continuation: the prompt's
             if replayed is not None:
                 sel = replayed
+            elif state.scorer.per_tile:  # each tile's whole grid with its own budget, before the unpadding
+                tile_scores = state.scorer.score_tiles(_with_tiles(signals, state.scorer, adapter, images))  # [T, S]
+                sel = select_tiles(tile_scores, lay, budget, signals.tile_first, keep_fixed=not state.scorer.drops_fixed)
+                scores = cls_scores_padded(tile_scores, lay)  # the tokens' rows, for the stats
             else:
                 sel = select(scores, ranked, budget, excludes=state.scorer.excludes)
                 sel = sel if ranked is lay else dataclasses.replace(sel, layout=lay)
@@ -232,3 +236,15 @@ def shortened_decode_mask(sess: Session, q_len: int) -> torch.Tensor:
     dev = sess.pre_valid.device
     tail = torch.ones(sess.pre_valid.shape[0], sess.decoded + q_len, dtype=torch.long, device=dev)
     return torch.cat([sess.pre_valid.long(), tail], dim=1)
+
+
+def _with_tiles(signals: Signals, scorer: Any, adapter: Adapter, images: Any) -> Signals:
+    """``signals`` with the tile-level signals a per-tile scorer reads (`Signals.tile_cls_attention`,
+    ``tile_features``: every tile's whole grid, before the unpadding), each where it needs the per-token
+    one, and ``tile_first``."""
+    if scorer.needs_signal(VISION_CLS_ATTENTION):
+        signals.tile_cls_attention = adapter.vision_scores(images)  # [T, S]
+    if scorer.needs_signal(VISION_FEATURES):
+        signals.tile_features = adapter.merge_features(images)  # [T, S, C]
+    signals.tile_first = adapter.tile_first(images)
+    return signals

@@ -39,6 +39,12 @@ class Scorer:
       finite-scored tokens; the selection reads those counts from the device once).
     - ``accepts_auto_keep``: whether an adaptive budget (``keep="auto:0.95"``) can be chosen from the
       scores: False for methods that place a fixed number of tokens themselves (a lattice, a merge plan).
+    - ``per_tile``: whether the scorer selects per tile of LLaVA-NeXT's anyres image, each tile's whole
+      encoder grid with its own budget, before the unpadding drops the grid's padding (the NeXT releases
+      of VisPruner and CDPruner): the runtime then calls `score_tiles` and `select_tiles` instead of
+      `score` and the per-image selection (an instance sets it in `bind`, where the adapter is ``tiled``,
+      and offers ``budget_per='image'`` to turn it off: wrappers and ensembles need per-token scores);
+      ``drops_fixed``: there, the never-pruned tokens are dropped too (releases that feed no newlines).
     - ``ranks_fixed``: whether the never-pruned tokens (LLaVA-NeXT image newlines) are candidates ranked
       inside the image's budget rather than kept beside it: the runtime then scores and selects on
       `VisualLayout.all_candidates` (an instance may set it from an option: DivPrune's release).
@@ -56,6 +62,8 @@ class Scorer:
     # once per prefill); scorers that always return finite scores leave it False and select without a read
     excludes: ClassVar[bool] = False
     ranks_fixed: bool = False
+    per_tile: bool = False
+    drops_fixed: bool = False
     # model capabilities the method needs beyond the signals (an adapter lacking one refuses the method,
     # see `Adapter.lacks`): "vision_tower_masking" (pruning inside the vision tower), "pre_llm_then_llm"
     # (LLM stages on a sequence shortened before the LLM)
@@ -72,6 +80,12 @@ class Scorer:
 
     def needs_signal(self, name: str) -> bool:
         return name in self.needs
+
+    def score_tiles(self, signals: Signals) -> torch.Tensor:
+        """For a scorer with ``per_tile`` set: ``[T, S]`` float scores over every tile's grid (higher = keep;
+        rows before ``signals.tile_first`` are ignored), from ``signals.tile_cls_attention`` /
+        ``tile_features`` (see `Signals`); `vtprune.scorers.select.select_tiles` keeps each tile's best."""
+        raise NotImplementedError(f"{self.name} sets per_tile but does not score tiles")
 
     def schedule(self, model: Any, adapter: Any, layer: int, keep: Any) -> list[tuple[int, Any]]:
         """In-LLM pruning points ``[(layer K_j, per-image budget), ...]`` in increasing layer order.

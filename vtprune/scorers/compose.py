@@ -71,6 +71,11 @@ class Wrapper(Scorer):
 
     def bind(self, model, adapter) -> None:
         self.inner.bind(model, adapter)
+        if self.inner.per_tile:
+            raise ConfigError(
+                f"{self.method_string()}: {self.inner.name} selects per tile on this model (its release's "
+                f"LLaVA-NeXT path), where {self.name} has no token scores to correct: pass "
+                f"{self.inner.name}.budget_per='image'")
         self.bind_self(model, adapter)
 
     # the host's plan: a wrapper corrects scores wherever the host prunes, at every stage it plans
@@ -331,6 +336,11 @@ class Ensemble(Scorer):
     def bind(self, model, adapter) -> None:
         for m in self.members:
             m.bind(model, adapter)
+            if m.per_tile:
+                raise ConfigError(
+                    f"{method_string(self)}: {m.name} selects per tile on this model (its release's LLaVA-NeXT "
+                    f"path), where an ensemble has no per-token scores of it to combine: pass "
+                    f"{m.name}.budget_per='image'")
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         lay = signals.layout

@@ -207,6 +207,43 @@ def select(scores: Scores, layout: VisualLayout, keep: int | float | str | Stage
     return Selection(layout, mask, counts, per_image, s)
 
 
+def select_tiles(tile_scores: torch.Tensor, layout: VisualLayout, keep: int | float | StageBudget,
+                 first: int = 1, keep_fixed: bool = True) -> Selection:
+    """Keep the ``keep`` best rows of every tile's whole encoder grid, then every visual token whose source
+    row was kept, plus (``keep_fixed``) every never-pruned token (LLaVA-NeXT newlines): the per-tile
+    selection of VisPruner's and CDPruner's NeXT releases, which select on each tile's whole grid. Picks
+    that fall in the grid's padding have no token in the unpadded sequence, so such a tile keeps fewer
+    than ``keep``.
+
+    Args:
+        tile_scores: ``[T, S]`` float scores (higher = keep) of all tiles of the call, rows as
+            `VisualLayout.source` indexes them once flattened (``tile * S + row``).
+        keep: per-tile budget over its ``S - first`` candidate rows (see `image_budget`).
+        first: the first candidate row of a tile (1: the CLS row is no visual token).
+        keep_fixed: keep the never-pruned tokens (False: drop them, as releases that feed no newlines).
+
+    The kept counts depend on where the picks fall: one host read of the per-image counts.
+    """
+    tiles, stride = tile_scores.shape
+    n = stride - first
+    k, _ = image_budget(keep, n)
+    dev = tile_scores.device
+    rows = torch.zeros(tiles, stride, dtype=torch.bool, device=dev)
+    if k:
+        order = torch.sort(tile_scores[:, first:].float(), dim=1, descending=True, stable=True).indices[:, :k]
+        rows[:, first:].scatter_(1, order, True)
+    pad = layout.padded
+    flat = rows.reshape(-1)
+    src = pad.source.to(dev)
+    mask = (src >= 0) & flat[src.clamp(min=0)] & pad.valid.to(dev)
+    if pad.fixed.numel():
+        mask.view(-1)[pad.fixed.to(dev)] = keep_fixed
+    host = mask.cpu()  # the one read: how many tokens each image keeps
+    per_image = [layout.kept_per_image(b, torch.nonzero(host[b, :n]).flatten())
+                 for b, n in enumerate(layout.counts())]
+    return Selection(layout, mask.to(pad.positions.device), [sum(c) for c in per_image], per_image)
+
+
 def select_topk(scores: list[torch.Tensor], layout: VisualLayout, keep: int | float | str,
                 excludes: bool = True) -> list[torch.Tensor]:
     """Per sample, keep the ``keep`` best prunable tokens of every image plus every non-prunable token.

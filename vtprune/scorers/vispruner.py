@@ -37,7 +37,8 @@ from vtprune.scorers.base import (
     Signals,
     register,
 )
-from vtprune.scorers.greedy import per_image
+from vtprune.scorers.greedy import order_scores, per_image
+from vtprune.scorers.select import image_budget
 
 IMPORTANT_RATIO = 0.5  # the release's --important_ratio default (llava/eval/model_vqa_loader.py)
 REMOVAL_STEP = 8  # tokens dropped per round at most (the release's `r = min(8, R - diverse_token_num)`)
@@ -111,14 +112,23 @@ class VisPrunerScorer(Scorer):
       full-attention block (vtprune's Qwen ``vision_cls_attention``), and the similarity uses the merger
       outputs (``HIDDEN_STATES``), the visual tokens as the LLM receives them.
 
-    Deviations: the budget is per image (LLaVA-NeXT: over all its tiles together, image-newline tokens
-    kept and never candidates); the release runs VisPruner per tile with ``visual_token_num`` each and
-    lets LLaVA-NeXT's unpadding drop selected tokens. Kept tokens stay in raster order (so does the
-    release, through its index mask).
+    Budget (``budget_per``): ``"tile"`` (the default, the release) runs VisPruner on every tile's whole
+    24 x 24 grid with ``keep`` each (the release's ``visual_token_num`` per tile of ``encode_images``;
+    `vtprune.scorers.select.select_tiles`) and drops LLaVA-NeXT's image-newline tokens. The release feeds
+    its LLM neither newlines nor an unpadded grid (its ``prepare_inputs_labels_for_multimodal`` strips
+    ``_unpad`` from ``mm_patch_merge_type``: every crop's picks, padding included, in the padded grid's raster
+    order). HF's LLaVA-NeXT sequence holds only the unpadded grid, so the picks that fall in the padding
+    have no token here: vtprune keeps the release's picks in the unpadded area, in the release's order, and
+    the LLM sees ``tiles x keep`` tokens minus those (deviation, recorded in `benchmarks/parity/vispruner_next.py`).
+    On untiled models (LLaVA-1.5) a tile is an image, so both rules agree and the per-image path runs. ``"image"``: per image over all its tiles
+    together, after the unpadding, newlines kept beside the budget (every other method's rule; Qwen-VL,
+    which has no tiles, always uses it). Kept tokens stay in raster order (so does the release, through
+    its index mask).
 
     Options:
         important_ratio: the important share of the budget (0.5, the release's default).
         vision_layer: the ``hidden_states`` index of the CLS-attention layer (None: the feature layer).
+        budget_per: ``"tile"`` (the release) or ``"image"``.
     """
 
     name = "vispruner"
@@ -128,19 +138,26 @@ class VisPrunerScorer(Scorer):
     default_layer = None
     accepts_auto_keep = False  # a selection of exactly k tokens per image
 
-    def __init__(self, important_ratio: float = IMPORTANT_RATIO, vision_layer: int | None = None) -> None:
+    def __init__(self, important_ratio: float = IMPORTANT_RATIO, vision_layer: int | None = None,
+                 budget_per: str = "tile") -> None:
         if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) \
                 or not 0.0 <= float(important_ratio) <= 1.0:
             raise ConfigError(f"vispruner: important_ratio must be a number in [0, 1], got {important_ratio!r}")
         if vision_layer is not None and (isinstance(vision_layer, bool) or not isinstance(vision_layer, int)):
             raise ConfigError(f"vispruner: vision_layer must be one int (a hidden_states index) or None, "
                               f"got {vision_layer!r}")
+        if budget_per not in ("tile", "image"):
+            raise ConfigError(f"vispruner: budget_per must be 'tile' (the release) or 'image', got {budget_per!r}")
         self.important_ratio = float(important_ratio)
         self.vision_layer = vision_layer
+        self.budget_per = budget_per
         self._features = VISION_FEATURES  # HIDDEN_STATES on Qwen-VL (see `bind`)
 
     def bind(self, model: Any, adapter: Any) -> None:
-        self._features = HIDDEN_STATES if getattr(adapter, "vision_family", "clip") == "qwen" else VISION_FEATURES
+        qwen = getattr(adapter, "vision_family", "clip") == "qwen"
+        self._features = HIDDEN_STATES if qwen else VISION_FEATURES
+        self.per_tile = self.budget_per == "tile" and getattr(adapter, "tiled", False)
+        self.drops_fixed = self.per_tile  # the release feeds no newlines
 
     def needs_signal(self, name: str) -> bool:
         return name in (VISION_CLS_ATTENTION, self._features)
@@ -160,3 +177,21 @@ class VisPrunerScorer(Scorer):
             return vispruner_order(att, feats, k, self.important_ratio)
 
         return per_image(signals.layout, signals.keep, pick)
+
+    def score_tiles(self, signals: Signals) -> torch.Tensor:
+        """``[T, S]`` pick-order scores of every tile's grid (`order_scores`; rows before ``tile_first`` -inf):
+        VisPruner on each tile's ``S - tile_first`` rows with the per-tile budget, as the release's
+        ``encode_images`` runs on the batch of tiles."""
+        attention = signals.tile_cls_attention
+        features = signals.tile_features
+        if attention is None or features is None:
+            raise RuntimeError("vispruner: the per-tile signals were not recorded for this call")
+        first = signals.tile_first
+        tiles, stride = attention.shape
+        k, _ = image_budget(signals.keep, stride - first)
+        out = torch.full((tiles, stride), float("-inf"), device=features.device)
+        for t in range(tiles):
+            order = vispruner_order(attention[t, first:].to(features.device), features[t, first:], k,
+                                    self.important_ratio)
+            out[t, first:] = order_scores(order, stride - first)
+        return out
