@@ -146,6 +146,36 @@ def batch(proc, n_images: list[int], padding_side: str = "left", sizes=((400, 50
     return proc(images=images, text=prompts(n_images), return_tensors="pt", padding=True)
 
 
+def feature_layer_by_hand(model, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpatched CLIP tower's feature layer (``hidden_states[-2]``) on ``pixel_values`` ``[T, 3, H, W]``:
+    the head-mean CLS attention of the layer that outputs it, ``[T, patches]``, and its output
+    ``[T, patches + 1, C]`` (CLS row first)."""
+    core = model.model
+    attn = core.vision_tower.encoder.layers[-2].self_attn  # CLIP layer whose output is hidden_states[-2]
+    cap = {}
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(h=a[0] if a else kw["hidden_states"]),
+                                            with_kwargs=True)
+    with torch.no_grad():
+        out = core.vision_tower(pixel_values, output_hidden_states=True)
+    handle.remove()
+    h, t, n = cap["h"], cap["h"].shape[0], cap["h"].shape[1]
+    heads, hd = attn.num_heads, attn.head_dim
+    with torch.no_grad():
+        q = attn.q_proj(h[:, :1]).view(t, 1, heads, hd).transpose(1, 2)
+        kk = attn.k_proj(h).view(t, n, heads, hd).transpose(1, 2)
+        cls = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1)[:, 0, 1:]  # head mean
+    return cls, out.hidden_states[-2]
+
+
+def next_tiles(model, inputs) -> torch.Tensor:
+    """A LLaVA-NeXT call's real tiles, ``[T, 3, H, W]``, as its `get_image_features` flattens them."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    cfg = model.config
+    counts = [image_size_to_num_patches(tuple(s.tolist()), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+              for s in inputs["image_sizes"]]
+    return torch.cat([px[:n] for px, n in zip(inputs["pixel_values"], counts)])
+
+
 _PROCESSORS: dict = {}
 
 

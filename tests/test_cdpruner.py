@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model, register_tiny_clip
+from conftest import batch, get_model, next_tiles, register_tiny_clip
 
 import vtprune
 from vtprune.config import ConfigError
@@ -163,3 +163,73 @@ def test_toy_llava_own_clip(tmp_path):
     rel = model._vtprune_state.scorer.last_relevance
     vtprune.remove(model)
     assert st.visual_after == [7] * 4 and all(torch.isfinite(r).all() for r in rel)
+
+
+def _greedy_logdet(kernel: torch.Tensor, k: int) -> list[int]:
+    """Greedy DPP MAP by determinants (independent of the incremental Cholesky): each step adds the
+    token that maximises ``det L[S + j]``."""
+    chosen: list[int] = []
+    for _ in range(k):
+        best, arg = -float("inf"), -1
+        for j in range(kernel.shape[0]):
+            if j in chosen:
+                continue
+            idx = torch.tensor(chosen + [j])
+            d = float(torch.linalg.det(kernel[idx][:, idx]))
+            if d > best:
+                best, arg = d, j
+        chosen.append(arg)
+    return chosen
+
+
+def _next_run(next_processor, keep, **options):
+    model = get_model("next")
+    inputs = batch(next_processor, [1], sizes=((300, 620),))
+    vtprune.apply(model, method="cdpruner", keep=keep, **options)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+        lay = model._vtprune_state.session.layout
+        relevance = list(model._vtprune_state.scorer.last_relevance)
+    finally:
+        vtprune.remove(model)
+    return model, inputs, st, lay, relevance
+
+
+def test_next_selects_per_tile_like_the_release(next_processor):
+    """The default on LLaVA-NeXT: the DPP on every tile's whole grid with ``keep`` each, from the tile's
+    projector outputs (padding rows included) and the text relevance normalised over all the image's tiles,
+    mapped onto HF's unpadded sequence, newlines dropped."""
+    keep = 6
+    model, inputs, st, lay, _ = _next_run(next_processor, keep)
+    core = model.model
+    with torch.no_grad():
+        hidden = core.vision_tower(next_tiles(model, inputs), output_hidden_states=True).hidden_states[-2][:, 1:]
+        z = torch.nn.functional.normalize(core.multi_modal_projector(hidden).double(), dim=-1)  # [T, 576, D]
+        ids = inputs["input_ids"][0]
+        after = ids[int(torch.nonzero(ids == model.config.image_token_id).max()) + 1:]  # the instruction
+        words = torch.nn.functional.normalize(model.get_input_embeddings()(after).double(), dim=-1)
+    r = (z @ words.T).mean(-1)  # [T, 576]
+    r = (r - r.min() + 1e-6) / (r.max() - r.min())  # the release's normalisation, over all tiles at once
+    picks = [set(_greedy_logdet(r[t, :, None] * (z[t] @ z[t].T) * r[t, None, :], keep)) for t in range(z.shape[0])]
+    stride = z.shape[1] + 1
+    src = lay.source[0].tolist()
+    expected = [i for i, s in enumerate(src) if s >= 0 and (s % stride) - 1 in picks[s // stride]]
+    assert st.kept[0].tolist() == expected
+    assert not (~lay.prunable[0][st.kept[0]]).any()  # the release feeds no newlines
+    assert sum(1 for i in expected if src[i] // stride == 0) == keep  # the base tile: exactly keep
+
+
+def test_next_relevance_is_normalised_over_the_image_tiles_together(next_processor):
+    _, inputs, st, lay, relevance = _next_run(next_processor, 8)
+    tiles = int(inputs["pixel_values"].shape[1])
+    assert len(relevance) == 1 and relevance[0].numel() == tiles * 576  # one image: every tile's rows at once
+    r = relevance[0]
+    span = float(r.max() - r.min())
+    assert span == pytest.approx(1.0, abs=1e-5) and float(r.min()) < 1e-4
+    per_image = _next_run(next_processor, 8, budget_per="image")
+    assert (~per_image[3].prunable[0][per_image[2].kept[0]]).any()  # budget_per='image': newlines kept
+    assert int(per_image[3].prunable[0][per_image[2].kept[0]].sum()) == 8
+    with pytest.raises(ConfigError, match="budget_per"):
+        CDPruner(budget_per="tiles")

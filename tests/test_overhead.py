@@ -17,7 +17,7 @@ from vtprune.eval.opcount import count_prefill_decode
 from vtprune.toy.tiny import tiny_llava, tiny_llava_processor
 
 # the prefill targets: at most 2 host syncs, the same at batch 1 and with a padded batch
-HOT = ["fastv", "cls", "visionzip", "divprune", "cdpruner"]
+HOT = ["fastv", "cls", "visionzip", "divprune", "cdpruner", "vispruner"]
 
 
 def _inputs(kind: str, n: int):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import batch, get_model, one_sample_layout, qwen_batch
+from conftest import batch, feature_layer_by_hand, get_model, next_tiles, one_sample_layout, qwen_batch
 from oracle import lm_on_kept
 
 import vtprune
@@ -159,17 +159,24 @@ def test_options_are_validated():
 def test_release_order_is_refused_where_the_release_has_no_such_sequence(next_processor):
     with pytest.raises(ConfigError, match="Qwen-VL towers have no CLS token"):
         vtprune.apply(get_model("qwen2_vl"), method="visionzip", keep=12, order="release")
-    model = get_model("next")  # tiled images: the release compresses per crop, vtprune per image
-    vtprune.apply(model, method="visionzip", keep=12, order="release")
+    model = get_model("next")  # tiled images: the release's sequence is per tile; per image it has none
+    vtprune.apply(model, method="visionzip", keep=12, order="release", budget_per="image")
     try:
         with pytest.raises(ConfigError, match="order='release' reproduces the release's LLaVA-1.5 sequence"):
             with torch.no_grad():
                 model(**batch(next_processor, [1], sizes=((300, 620),)))
-        vtprune.apply(model, method="visionzip", keep=12)  # None: raster on NeXT
+        vtprune.apply(model, method="visionzip", keep=12, budget_per="image")  # None: raster per image
         with torch.no_grad():
             model(**batch(next_processor, [1], sizes=((300, 620),)))
         assert model._vtprune_state.scorer.release_order  # resolved for the model; the image decides
         assert vtprune.stats(model).contextual == [2]
+        for order in ("release", None):  # per tile (the default): 3 tiles, 2 contextual tokens each
+            vtprune.apply(model, method="visionzip", keep=12, **({"order": order} if order else {}))
+            with torch.no_grad():
+                model(**batch(next_processor, [1], sizes=((300, 620),)))
+            assert vtprune.stats(model).contextual == [6] and vtprune.stats(model).visual_after == [36]
+        with pytest.raises(ConfigError, match="budget_per"):
+            vtprune.apply(model, method="visionzip", keep=12, budget_per="crop")
     finally:
         vtprune.remove(model)
 
@@ -413,11 +420,18 @@ def test_visionzip_generate_on_every_model(kind, processor, next_processor):
         n = inputs["input_ids"].shape[1]
         assert gen.sequences.shape == (inputs["input_ids"].shape[0], n + 3)
         items = [len(lay.image_slices(b)) for b in range(lay.batch_size)]
+        if kind == "next":  # per tile (the release): 12 of every tile, newlines dropped
+            tiles = adapter_for(model).tiles_per_image(inputs["image_sizes"], len(inputs["image_sizes"]))
+            items = [sum(tiles[sum(items[:b]):sum(items[:b + 1])]) for b in range(lay.batch_size)]
         for b, kept in enumerate(st.kept):
             fixed = ~lay.prunable[b]
-            assert bool(torch.isin(torch.nonzero(fixed).flatten(), kept).all())  # NeXT newlines stay
-            assert int(lay.prunable[b][kept].sum()) == 12 * items[b]  # per item: 10 dominant + 2 contextual
             assert (int(fixed.sum()) > 0) == (kind == "next")
+            if kind == "next":
+                assert not bool(torch.isin(torch.nonzero(fixed).flatten(), kept).any())  # the release: no newline
+                assert len(kept) == 12 * items[b]  # per tile: CLS + 9 dominant + 2 contextual
+                continue
+            assert bool(torch.isin(torch.nonzero(fixed).flatten(), kept).all())
+            assert int(lay.prunable[b][kept].sum()) == 12 * items[b]  # per item: 10 dominant + 2 contextual
         assert st.contextual == [2 * i for i in items]
         # generate() encodes the images before the prefill: the same merged tokens as a plain forward
         torch.testing.assert_close(gen.logits[0], pruned[:, -1], atol=2e-5, rtol=1e-4)
@@ -639,7 +653,9 @@ def test_visionzip_prefill_issues_no_host_sync_from_its_files(kind, processor, n
     model = get_model(kind)
     inputs = inputs_for(kind, "mixed" if kind.startswith("qwen") else "left_padded_2", processor, next_processor)
     for method, want in (("visionzip", 0), ("debias+visionzip", 1)):
-        vtprune.apply(model, method=method, keep=12)
+        # NeXT: the default selects per tile (no per-token scores for debias to correct): debias per image
+        per_image = {"visionzip.budget_per": "image"} if kind == "next" and method != "visionzip" else {}
+        vtprune.apply(model, method=method, keep=12, **per_image)
         try:
             assert model._vtprune_state.scorer.excludes == (want == 1)
             with torch.no_grad(), _VisionZipSyncs() as syncs:
@@ -649,3 +665,39 @@ def test_visionzip_prefill_issues_no_host_sync_from_its_files(kind, processor, n
             vtprune.remove(model)
         assert len(syncs.sites) == want, syncs.sites
         assert st.contextual and all(c > 0 for c in st.contextual)
+
+
+def test_next_default_sends_the_release_sequence_per_tile(next_processor):
+    """LLaVA-NeXT's default (the release, per tile): the LLM's visual rows are the base tile's CLS and its
+    ``D - 1`` dominant patches (raster order), its contextual tokens, then the crops' dominant patches in the
+    padded crop grid's raster order, then each crop's CLS: checked against the unpatched tower by hand."""
+    from vtprune.scorers.visionzip import split_budget
+
+    model = get_model("next")
+    inputs = batch(next_processor, [1], sizes=((300, 620),))  # 3 tiles: the base and a 1 x 2 crop grid
+    keep = 12
+    dominant, contextual = split_budget(keep)
+    seen = {}
+    vtprune.apply(model, method="visionzip", keep=keep)
+    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+        vtprune.remove(model)
+    ids = inputs["input_ids"][0]
+    start = int(torch.nonzero(ids == model.config.image_token_id).min())
+    rows = seen["inputs_embeds"][0, start:start + 3 * keep]
+    assert seen["inputs_embeds"].shape[1] == ids.numel() - int((ids == model.config.image_token_id).sum()) + 3 * keep
+    cls, hidden = feature_layer_by_hand(model, next_tiles(model, inputs))
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(hidden)  # [3, 577, D]
+    top = [torch.sort(torch.sort(cls[t], descending=True, stable=True).indices[:dominant - 1]).values for t in range(3)]
+    want = torch.cat([projected[0, :1], projected[0, 1 + top[0]]])
+    torch.testing.assert_close(rows[:dominant], want, atol=1e-5, rtol=1e-4)
+    side = 24
+    crops = [(c, p) for c in (1, 2) for p in top[c].tolist()]
+    crops.sort(key=lambda cp: (cp[1] // side) * (2 * side) + (cp[0] - 1) * side + cp[1] % side)  # grid raster
+    want = torch.stack([projected[c, 1 + p] for c, p in crops] + [projected[1, 0], projected[2, 0]])
+    torch.testing.assert_close(rows[keep:keep + len(crops) + 2], want, atol=1e-5, rtol=1e-4)

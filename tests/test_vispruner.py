@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model, qwen_batch
+from conftest import batch, feature_layer_by_hand, get_model, next_tiles, qwen_batch
 
 import vtprune
 from vtprune.adapters import adapter_for
@@ -92,25 +92,12 @@ def test_features_follow_the_tower(kind, features):
 
 def _llava_by_hand(model, inputs, k):
     """Per image: VisPruner's kept raster indices from the unpatched tower's feature layer."""
-    core = model.model
-    attn = core.vision_tower.encoder.layers[-2].self_attn  # CLIP layer whose output is hidden_states[-2]
-    cap = {}
-    handle = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(h=a[0] if a else kw["hidden_states"]),
-                                            with_kwargs=True)
-    with torch.no_grad():
-        out = core.vision_tower(inputs["pixel_values"], output_hidden_states=True)
-    handle.remove()
-    h, t, n = cap["h"], cap["h"].shape[0], cap["h"].shape[1]
-    heads, hd = attn.num_heads, attn.head_dim
-    with torch.no_grad():
-        q = attn.q_proj(h[:, :1]).view(t, 1, heads, hd).transpose(1, 2)
-        kk = attn.k_proj(h).view(t, n, heads, hd).transpose(1, 2)
-        cls = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1)[:, 0, 1:]  # head mean
-        x = out.hidden_states[-2][:, 1:]
-        unit = x / x.norm(dim=-1, keepdim=True)
+    cls, hidden = feature_layer_by_hand(model, inputs["pixel_values"])
+    x = hidden[:, 1:]
+    unit = x / x.norm(dim=-1, keepdim=True)
     kept = []
     n_imp, n_div = split_budget(k)
-    for i in range(t):
+    for i in range(cls.shape[0]):
         ranked = torch.argsort(cls[i], descending=True).tolist()
         kept.append(sorted(ranked[:n_imp] + _release_loop(unit[i], ranked[n_imp:], n_div)))
     return kept
@@ -154,15 +141,6 @@ def test_counts_equal_keep_on_every_model(kind, processor, next_processor):
         assert bool(torch.isin(torch.nonzero(~lay.prunable[b]).flatten(), kept).all())  # NeXT newlines stay
 
 
-def _next_tiles(model, inputs):
-    """The NeXT call's real tiles, ``[T, 3, H, W]``, as `get_image_features` flattens them."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-    cfg = model.config
-    counts = [image_size_to_num_patches(tuple(s.tolist()), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-              for s in inputs["image_sizes"]]
-    return torch.cat([px[:n] for px, n in zip(inputs["pixel_values"], counts)])
-
-
 @pytest.mark.parametrize("keep", [12, 40])
 def test_next_selects_per_tile_like_the_release(next_processor, keep):
     """The default on LLaVA-NeXT: VisPruner on every tile's whole grid with ``keep`` each (the release's
@@ -177,7 +155,7 @@ def test_next_selects_per_tile_like_the_release(next_processor, keep):
         lay = model._vtprune_state.session.layout
     finally:
         vtprune.remove(model)
-    picks = _llava_by_hand(model, {"pixel_values": _next_tiles(model, inputs)}, keep)  # per tile, patch rows
+    picks = _llava_by_hand(model, {"pixel_values": next_tiles(model, inputs)}, keep)  # per tile, patch rows
     stride = model.config.vision_config.image_size // model.config.vision_config.patch_size
     stride = stride * stride + 1  # a tile's rows, CLS first
     src = lay.source[0].tolist()

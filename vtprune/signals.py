@@ -72,7 +72,10 @@ class Signals:
       the projector (``S`` rows per tile, the CLS row first; `VisualLayout.source` indexes them once
       flattened), each set where the scorer needs the per-token signal of that name; ``tile_first``: the
       first row of a tile that is a visual token (1: the CLS row is not one; 0 under the ``"full"``
-      feature strategy).
+      feature strategy); ``tile_hidden_states``: ``[T, S, D]`` those features through the projector (the
+      visual tokens as the LLM would receive them, padding rows included), set where the scorer needs
+      ``hidden_states``; ``tile_counts``: the tiles of each image of the call, in order (sample-major, as
+      `VisualLayout.spans`).
     """
 
     layout: VisualLayout
@@ -95,6 +98,8 @@ class Signals:
     tile_cls_attention: torch.Tensor | None = None
     tile_features: torch.Tensor | None = None
     tile_first: int = 1
+    tile_hidden_states: torch.Tensor | None = None
+    tile_counts: list[int] = field(default_factory=list)
 
     def padded(self, name: str) -> torch.Tensor:
         """Signal ``name`` as ``[B, N_max]`` float32 (``-inf`` on padding): the runtime's batched tensor when

@@ -361,12 +361,13 @@ def release_next_self(clip: types.ModuleType, model: Any, **attrs: Any) -> Any:
 
 
 def release_next_prepare(arch: types.ModuleType, me: Any, inputs: Any, start: int, n: int,
-                         patched: dict[str, Any]) -> Any:
+                         patched: dict[str, Any], **call_kwargs: Any) -> Any:
     """A release's ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`` (its ``llava_arch`` module
     ``arch``) on the stand-in ``me`` (`release_next_self`) for HF LLaVA-NeXT processor ``inputs`` of one
     prompt: the image span ``input_ids[:, start:start + n]`` replaced by the single ``IMAGE_TOKEN_INDEX`` (-200)
     the LLaVA repository uses, ``image_sizes`` as (width, height); the module attributes ``patched`` (name ->
-    replacement: recording wrappers) set on ``arch`` during the call. Returns its output tuple."""
+    replacement: recording wrappers) set on ``arch`` during the call; ``call_kwargs`` go to the call (CDPruner's
+    ``texts``). Returns its output tuple."""
     import torch
 
     ids = inputs["input_ids"]
@@ -378,10 +379,30 @@ def release_next_prepare(arch: types.ModuleType, me: Any, inputs: Any, start: in
     try:
         with torch.no_grad():
             return arch.LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal(
-                me, release_ids, None, None, None, None, inputs["pixel_values"], image_sizes=[(w, h)])
+                me, release_ids, None, None, None, None, inputs["pixel_values"], image_sizes=[(w, h)], **call_kwargs)
     finally:
         for name, fn in saved.items():
             setattr(arch, name, fn)
+
+
+def release_next_hf_kept(arch: types.ModuleType, model: Any, inputs: Any, masks: Any, n: int) -> tuple[list[int], int]:
+    """A per-tile release's ``index_masks`` (``[T, 576]``, the base tile first, the crops in the anyres grid's
+    order) on HF's unpadded LLaVA-NeXT sequence of ``n`` visual tokens: the kept HF visual indices (the crops'
+    mask unpadded by the release's own ``unpad_image`` as the original LLaVA-NeXT code unpads, a ``False``
+    newline column per grid row) and how many picks fall in the grid's padding (no HF token)."""
+    import torch
+
+    h, w = (int(x) for x in inputs["image_sizes"][0])
+    tower = model.config.vision_config
+    pinpoints = [list(p) for p in model.config.image_grid_pinpoints]
+    cols, rows = arch.get_anyres_image_grid_shape((w, h), pinpoints, tower.image_size)
+    masks = masks.cpu()
+    side = tower.image_size // tower.patch_size
+    crops = masks[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
+    unpadded = arch.unpad_image(crops, (w, h))[0]
+    hf = torch.cat([masks[0], torch.cat([unpadded, torch.zeros(unpadded.shape[0], 1, dtype=torch.bool)], 1).flatten()])
+    assert hf.numel() == n, f"the release's mask maps to {hf.numel()} slots, HF's image has {n}"
+    return torch.nonzero(hf).flatten().tolist(), int(masks.sum()) - int(hf.sum())
 
 
 def lm_input_kwargs(model: Any, inputs: Any) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     logits_without_unkept,
     peaked,
     release_arch_and_clip,
+    release_next_hf_kept,
     release_next_prepare,
     release_next_self,
     run_check,
@@ -102,18 +103,10 @@ def _release_run(arch: types.ModuleType, clip: types.ModuleType, model: Any, inp
 
     me.encode_images = encode
     out = release_next_prepare(arch, me, inputs, start, n, {})
-    h, w = (int(x) for x in inputs["image_sizes"][0])
-    tower = model.config.vision_config
-    cols, rows = arch.get_anyres_image_grid_shape((w, h), me.config.image_grid_pinpoints, tower.image_size)
     masks = seen["masks"].cpu()
-    side = tower.image_size // tower.patch_size
-    crops = masks[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
-    unpadded = arch.unpad_image(crops, (w, h))[0]
-    hf = torch.cat([masks[0], torch.cat([unpadded, torch.zeros(unpadded.shape[0], 1, dtype=torch.bool)], 1).flatten()])
-    assert hf.numel() == n, f"the release's mask maps to {hf.numel()} slots, HF's image has {n}"
-    return {"embeds": out[4], "masks": masks, "hf_kept": torch.nonzero(hf).flatten().tolist(),
-            "in_padding": int(masks.sum()) - int(hf.sum()), "attention": seen["attention"],
-            "features": seen["features"]}
+    hf_kept, in_padding = release_next_hf_kept(arch, model, inputs, masks, n)
+    return {"embeds": out[4], "masks": masks, "hf_kept": hf_kept, "in_padding": in_padding,
+            "attention": seen["attention"], "features": seen["features"]}
 
 
 def removal_ties(attention: Any, features: Any, budget: int) -> int:

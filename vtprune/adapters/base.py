@@ -173,6 +173,25 @@ class Adapter:
         self._host_copies = [(t, host), *self._host_copies[:3]]
         return host
 
+    def keep_host_copy(self, t: torch.Tensor, host: torch.Tensor) -> None:
+        """Remember ``host`` as the host copy of ``t`` (read along with the prefill's token kinds)."""
+        self._host_copies = [(t, host), *self._host_copies[:3]]
+
+    # the model-call keywords holding small geometry tensors (`host_of`), read with the prefill's one read
+    geometry_keys: ClassVar[tuple[str, ...]] = ()
+
+    def geometry_inputs(self, kwargs: dict[str, Any], records: tuple[Any, ...] = ()) -> list[torch.Tensor]:
+        """The geometry tensors whose host copies the layout will need and that have none yet: the call's
+        (`geometry_keys`) and, where generate() encoded the images before the call, those of the latest
+        encoder ``records`` (`VisionRecord.geometry`)."""
+        found = [kwargs.get(k) for k in self.geometry_keys] + [getattr(r, "geometry", None) for r in records]
+        out: list[torch.Tensor] = []
+        for t in found:
+            if isinstance(t, torch.Tensor) and t.numel() and not t.is_floating_point() \
+                    and not any(t is u for u in out) and not any(t is src for src, _ in self._host_copies):
+                out.append(t)
+        return out
+
     def host_geometry(self, modality: str, bound: dict[str, Any]) -> Any:
         """The host copy of an encoder call's geometry argument (None where the family has none)."""
         return None
@@ -314,6 +333,10 @@ class Adapter:
         visual token: 1, the CLS row is none (CLIP-family adapters override it where the feature strategy
         keeps CLS)."""
         return 1
+
+    def tile_grid(self, image_size: Any) -> tuple[int, int]:
+        """``(rows, cols)`` of the crop grid of a ``tiled`` adapter's image of ``image_size``."""
+        raise NotImplementedError(f"{type(self).__name__} has no tiled images")
 
     def merge_features(self, images: Any) -> torch.Tensor:
         """``[tiles, patches + 1, C]`` the vision features entering the projector, CLS row kept (VisionZip

@@ -125,6 +125,16 @@ class LlavaNextAdapter(_LlavaFamily):
     model_types = ("llava_next",)
     description = "LLaVA-NeXT / LLaVA-1.6 (LlavaNextForConditionalGeneration)"
     tiled = True
+    geometry_keys = ("image_sizes",)
+
+    def tile_grid(self, image_size: Any) -> tuple[int, int]:
+        """``(rows, cols)`` of the crop grid of an image of ``image_size`` (height, width)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        cfg = self.model.config
+        size = image_size.tolist() if isinstance(image_size, torch.Tensor) else list(image_size)
+        rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        return int(rows), int(cols)
 
     def tiles_per_image(self, image_sizes: Any, n_images: int) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -148,7 +158,7 @@ class LlavaNextAdapter(_LlavaFamily):
                 "tokens); pass the processor's outputs (pixel_values and image_sizes) to the model"
             )
         if isinstance(sizes, torch.Tensor):
-            sizes = sizes.cpu()  # the prefill's one read of the image geometry
+            sizes = self.host_of(sizes)  # read with the prefill's token kinds (`geometry_keys`)
         cfg = self.model.config
         full = self._strategy(images) == "full"
         g = self._grid()

@@ -91,6 +91,7 @@ def window_order(grid_thw: torch.Tensor, merge: int, window: int, patch: int) ->
 class _QwenFamily(Adapter):
     encoders = {"image": "get_image_features", "video": "get_video_features"}
     vision_family = "qwen"
+    geometry_keys = ("image_grid_thw", "video_grid_thw")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

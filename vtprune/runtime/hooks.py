@@ -305,7 +305,15 @@ class Runtime:
         cacheless = cache is None and input_ids is not None
         if cacheless:
             rows.append(input_ids.to(kinds.dtype))
-        host = torch.stack(rows).cpu()
+        # the call's small geometry tensors (image_sizes, grid_thw) ride along: the adapter keeps their host copies
+        geometry = self.adapter.geometry_inputs(kwargs, (state.vision_record, state.video_record))
+        flat = torch.cat([torch.stack(rows).flatten().long(), *(g.flatten().to(ref.device).long() for g in geometry)])
+        flat = flat.cpu()
+        host = flat[:len(rows) * kinds.numel()].view(len(rows), *kinds.shape).to(kinds.dtype)
+        offset = len(rows) * kinds.numel()
+        for g in geometry:
+            self.adapter.keep_host_copy(g, flat[offset:offset + g.numel()].view(g.shape).to(g.dtype))
+            offset += g.numel()
         host_kinds, host_valid = host[0], host[1].bool()
         if not bool(host_kinds.any()):
             state.stats = None

@@ -240,11 +240,19 @@ def shortened_decode_mask(sess: Session, q_len: int) -> torch.Tensor:
 
 def _with_tiles(signals: Signals, scorer: Any, adapter: Adapter, images: Any) -> Signals:
     """``signals`` with the tile-level signals a per-tile scorer reads (`Signals.tile_cls_attention`,
-    ``tile_features``: every tile's whole grid, before the unpadding), each where it needs the per-token
-    one, and ``tile_first``."""
+    ``tile_features``, ``tile_hidden_states``: every tile's whole grid, before the unpadding), each where it
+    needs the per-token one, ``tile_first`` and ``tile_counts``."""
     if scorer.needs_signal(VISION_CLS_ATTENTION):
         signals.tile_cls_attention = adapter.vision_scores(images)  # [T, S]
-    if scorer.needs_signal(VISION_FEATURES):
-        signals.tile_features = adapter.merge_features(images)  # [T, S, C]
+    if scorer.needs_signal(VISION_FEATURES) or scorer.needs_signal(HIDDEN_STATES):
+        features = adapter.merge_features(images)  # [T, S, C]
+        if scorer.needs_signal(VISION_FEATURES):
+            signals.tile_features = features
+        if scorer.needs_signal(HIDDEN_STATES):  # the projector is row-wise: the padding rows' tokens too
+            projector = adapter.merge_projector()
+            weight = next(projector.parameters(), None)
+            with torch.no_grad():
+                signals.tile_hidden_states = projector(features if weight is None else features.to(weight.dtype))
     signals.tile_first = adapter.tile_first(images)
+    signals.tile_counts = list(adapter.tiles_per_image(images.record.geometry, images.record.n_images))
     return signals

@@ -19,6 +19,8 @@ pre-LLM stage then shortens:
 - Release order (LLaVA-1.5, the default there): the image's kept slots are then refilled with the
   release's sequence, its CLS token (the feature layer's CLS row, projected), its dominant patches, its
   contextual tokens (positions are contiguous, so only the order matters).
+- Per tile (LLaVA-NeXT's default, `tile_merge`): the release's sequence over every tile's whole grid,
+  built from the tile table (CLS, dominant and padding rows included) and projected here.
 
 ``generate(num_beams > 1)`` / ``num_return_sequences > 1`` expand the encoded images; the recorded keys
 are expanded with them (`vtprune.adapters.base.match_record`).
@@ -174,6 +176,8 @@ def contextual_merge(
         (host ints; contextual targets, CLS slots and non-prunable tokens included).
     """
     host = recycling_host(state.scorer)
+    if host.per_tile:
+        return tile_merge(adapter, host, images, signals, embeds)
     lay = signals.layout
     scores = per_sample(state.scorer.score(signals), lay)  # wrappers (sink, debias) act on the dominance scores
     keys = [k.to(p.device) for k, p in zip(token_keys(adapter, images, lay.source), lay.positions)]
@@ -214,3 +218,62 @@ def contextual_merge(
             rows.index_copy_(0, plan.cls_at.to(rows.device), project(cls_rows).to(rows.device, rows.dtype))
             out[b, pos_b[plan.kept.to(pos_b.device)].to(out.device)] = rows
     return [p.kept for p in plans], out, [int(p.targets.numel()) for p in plans], [p.per_image for p in plans]
+
+
+def tile_merge(adapter: Adapter, host: VisionZipScorer, images: Any, signals: Signals, embeds: torch.Tensor
+               ) -> tuple[list[torch.Tensor], torch.Tensor, list[int], list[list[int]]]:
+    """`contextual_merge` per tile, the release's LLaVA-NeXT path (`VisionZipScorer.plan_tiles`): every image's
+    release sequence (tile-table rows, contextual tokens merged before the projector, then projected) is
+    written into ``tiles x keep`` of its slots in order; newlines are dropped. The slots: the dominant
+    patches that have a token in the unpadded sequence hold theirs, the other rows take the image's last
+    remaining tokens; every size is host-known, so nothing is read from the device. An image whose budget
+    covers a tile, or whose sequence has fewer tokens than its rows, is kept whole."""
+    lay = signals.layout
+    rec = images.record
+    cls_rows = adapter.vision_scores(images)  # [T, S]
+    keys = _recorded(rec, KEYS)  # [T, S, d]
+    table = adapter.merge_features(images)  # [T, S, C], CLS rows kept
+    flat = table.flatten(0, 1)
+    sizes = adapter.host_of(rec.geometry) if isinstance(rec.geometry, torch.Tensor) else rec.geometry
+    counts = adapter.tiles_per_image(sizes, rec.n_images)
+    grids = [adapter.tile_grid(size) for size in sizes]
+    plans = host.plan_tiles(cls_rows, keys.to(cls_rows.device), counts, grids, signals.keep)
+    spans = [sp for b in range(lay.batch_size) for sp in lay.spans[b]]  # per image, in call order
+    owner = [b for b in range(lay.batch_size) for _ in lay.spans[b]]
+    inverse = {}  # per sample: the visual token of each tile-table row (-1: none, e.g. the padding)
+    project = adapter.merge_projector()
+    out = embeds.clone()
+    kept: list[list[torch.Tensor]] = [[] for _ in range(lay.batch_size)]
+    per_image: list[list[int]] = [[] for _ in range(lay.batch_size)]
+    contextual = [0] * lay.batch_size
+    for plan, sp, b in zip(plans, spans, owner):
+        pos_b = lay.positions[b]
+        if plan is None or sp.n_candidates < int(plan.rows.numel()):  # kept whole
+            kept[b].append(torch.arange(sp.start, sp.start + sp.length, device=pos_b.device))
+            per_image[b].append(sp.length)
+            continue
+        if b not in inverse:
+            src = lay.source[b].to(flat.device)
+            inv = torch.full((flat.shape[0] + 1,), -1, dtype=torch.long, device=flat.device)  # last: a sink
+            inv.scatter_(0, torch.where(src >= 0, src, flat.shape[0]), torch.arange(src.numel(), device=flat.device))
+            inverse[b] = inv[:-1]
+        own = inverse[b][plan.rows[plan.own].to(flat.device)]  # [P] the dominant patches' tokens, -1 in the padding
+        cand = sp.candidates.to(own.device)
+        taken = torch.zeros(int(pos_b.numel()) + 1, dtype=torch.long, device=own.device)
+        taken[torch.where(own >= 0, own, pos_b.numel())] = 1
+        # the slots: every dominant patch's own token first, then the image's last remaining tokens (top-L of
+        # a priority with host-known L: no read of how many patches have a token)
+        priority = taken[cand] * cand.numel() + torch.arange(cand.numel(), device=own.device)
+        slots = torch.sort(cand[torch.topk(priority, int(plan.rows.numel())).indices]).values
+        x = flat[plan.rows.to(flat.device)]
+        targets = plan.rows[plan.ctx_at].to(flat.device)
+        ctx, _ = contextual_tokens(flat, targets, plan.members.to(flat.device), plan.slot.to(flat.device))
+        x = x.index_copy(0, plan.ctx_at.to(flat.device), ctx)
+        rows = project(x).to(out.device, out.dtype)
+        out[b, pos_b[slots.to(pos_b.device)].to(out.device)] = rows
+        kept[b].append(slots.to(pos_b.device))
+        per_image[b].append(int(plan.rows.numel()))
+        contextual[b] += int(plan.ctx_at.numel())
+    dev = lay.positions[0].device if lay.batch_size else embeds.device
+    merged = [torch.cat(k) if k else torch.zeros(0, dtype=torch.long, device=dev) for k in kept]
+    return merged, out, contextual, per_image

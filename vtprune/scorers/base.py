@@ -43,7 +43,8 @@ class Scorer:
       encoder grid with its own budget, before the unpadding drops the grid's padding (the NeXT releases
       of VisPruner and CDPruner): the runtime then calls `score_tiles` and `select_tiles` instead of
       `score` and the per-image selection (an instance sets it in `bind`, where the adapter is ``tiled``,
-      and offers ``budget_per='image'`` to turn it off: wrappers and ensembles need per-token scores);
+      and offers ``budget_per='image'`` to turn it off: wrappers and ensembles need per-token scores; a
+      method with a pre-LLM stage of its own, VisionZip, plans per tile there);
       ``drops_fixed``: there, the never-pruned tokens are dropped too (releases that feed no newlines).
     - ``ranks_fixed``: whether the never-pruned tokens (LLaVA-NeXT image newlines) are candidates ranked
       inside the image's budget rather than kept beside it: the runtime then scores and selects on

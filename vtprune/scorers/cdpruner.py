@@ -26,7 +26,8 @@ from vtprune.scorers.base import (
     Signals,
     register,
 )
-from vtprune.scorers.greedy import cosine_matrix, dpp_map, per_image
+from vtprune.scorers.greedy import cosine_matrix, dpp_map, order_scores, per_image
+from vtprune.scorers.select import image_budget
 
 RELEVANCE = ("clip", "text")
 RELEVANCE_EPS = 1e-6  # the release's offset in its min-max normalisation
@@ -109,8 +110,16 @@ class CDPrunerScorer(Scorer):
     with ``q = r`` (``theta=None``, the release: its ``theta`` term is commented out) or the paper's
     ``q = exp(theta r / (2 (1 - theta)))`` (``theta=0.5`` in the paper); the kept set is the greedy DPP MAP
     of the image's budget (incremental Cholesky, float64; the release runs it in float32). A selection:
-    adaptive budgets are refused. LLaVA-NeXT: per image over all its tiles (the release: per tile, each
-    tile its own budget, the relevance normalised over the call's tiles together).
+    adaptive budgets are refused.
+
+    LLaVA-NeXT (``budget_per``): ``"tile"`` (the default, the release's ``encode_images`` on the batch of
+    tiles) runs the DPP on every tile's whole 24 x 24 grid with ``keep`` each, the similarity from that
+    tile's projector outputs (padding rows included), the relevance min-max normalised over all tiles of
+    the image together, and drops the image-newline tokens (the release strips ``_unpad`` and feeds no
+    newlines; `vtprune.scorers.select.select_tiles`). Deviations: HF's sequence holds only the unpadded
+    grid, so picks in the crops' padding have no token (the image keeps fewer than ``tiles x keep``); the
+    release normalises over the call's tiles (one image per call there). ``"image"``: the DPP per image
+    over its unpadded tokens of all tiles, newlines kept beside the budget.
 
     Relevance (``relevance=``):
     - ``"clip"`` (the paper's): ``r_i = mean_m -cos(e_i, t_m)`` with ``e_i`` the token's feature-layer
@@ -123,7 +132,7 @@ class CDPrunerScorer(Scorer):
       with ``z_i`` the projector output and ``w_m`` the LLM input embeddings of the instruction tokens.
 
     Options: ``relevance`` ("text"), ``theta`` (None: the release's kernel; a float in [0, 1): the paper's
-    exponential weighting), ``clip_model``, ``clip_pretrained``, ``tokenizer``.
+    exponential weighting), ``clip_model``, ``clip_pretrained``, ``tokenizer``, ``budget_per`` ("tile").
 
     After each scoring call ``last_relevance`` holds, per image of the batch, its min-max normalised
     relevance ``r`` (on the device), a debug record of the calling thread (`vtprune.perthread.PerThread`:
@@ -138,7 +147,10 @@ class CDPrunerScorer(Scorer):
     last_relevance = PerThread(factory=list)
 
     def __init__(self, relevance: str = "text", theta: float | None = None, clip_model: str | None = None,
-                 clip_pretrained: str | None = None, tokenizer: str | None = None) -> None:
+                 clip_pretrained: str | None = None, tokenizer: str | None = None, budget_per: str = "tile") -> None:
+        if budget_per not in ("tile", "image"):
+            raise ConfigError(f"cdpruner: budget_per must be 'tile' (the release) or 'image', got {budget_per!r}")
+        self.budget_per = budget_per
         if relevance not in RELEVANCE:
             raise ConfigError(f"cdpruner: relevance={relevance!r} must be one of {RELEVANCE}")
         if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
@@ -162,6 +174,8 @@ class CDPrunerScorer(Scorer):
         return {"theta": (Param("float", 0.0, 0.95), self.theta)}
 
     def bind(self, model: Any, adapter: Any) -> None:
+        self.per_tile = self.budget_per == "tile" and getattr(adapter, "tiled", False)
+        self.drops_fixed = self.per_tile  # the release feeds no newlines
         if self.relevance != "clip":
             return
         try:
@@ -229,3 +243,45 @@ class CDPrunerScorer(Scorer):
             return dpp_map(dpp_kernel(sim, r.to(sim.device), self.theta), k)
 
         return per_image(signals.layout, signals.keep, pick)
+
+    @torch.no_grad()
+    def score_tiles(self, signals: Signals) -> torch.Tensor:
+        """``[T, S]`` pick-order scores of every tile's grid (`order_scores`; rows before ``tile_first`` -inf):
+        per image, the relevance of all its tiles' rows normalised together, then the DPP MAP of each tile
+        with the per-tile budget."""
+        hidden = signals.tile_hidden_states
+        if hidden is None:
+            raise RuntimeError("cdpruner: the per-tile signals were not recorded for this call")
+        signals.require(INSTRUCTION)
+        first = signals.tile_first
+        tiles, stride = hidden.shape[:2]
+        k, _ = image_budget(signals.keep, stride - first)
+        out = torch.full((tiles, stride), float("-inf"), device=hidden.device)
+        samples = [b for b, n in enumerate(signals.layout.images_per_sample()) for _ in range(n)]  # per image
+        self.last_relevance = []
+        start = 0
+        for image, count in enumerate(signals.tile_counts):
+            b = samples[image]
+            z = hidden[start:start + count, first:].float()  # [t, n, D]
+            r = normalise_relevance(self._tile_relevance(signals, b, z, start, count, first).flatten())
+            self.last_relevance.append(r)
+            r = r.view(count, -1)
+            for t in range(count):
+                kernel = dpp_kernel(cosine_matrix(z[t]), r[t].to(z.device), self.theta)
+                out[start + t, first:] = order_scores(dpp_map(kernel, k), stride - first).to(out.device)
+            start += count
+        return out
+
+    def _tile_relevance(self, signals: Signals, b: int, z: torch.Tensor, start: int, count: int,
+                        first: int) -> torch.Tensor:
+        """``[count, n]`` raw relevance of one image's tile rows (``z``: their projector outputs)."""
+        if self.relevance == "text":
+            words = signals.instruction_embeds[b].float().to(z.device)
+            if words.shape[0] == 0:
+                return torch.ones(z.shape[:2], device=z.device)
+            unit = torch.nn.functional.normalize(words, dim=-1)
+            return (torch.nn.functional.normalize(z, dim=-1) @ unit.T).mean(-1)
+        feats = signals.tile_features[start:start + count, first:]
+        e = torch.nn.functional.normalize(self._clip.image_embeddings(feats.flatten(0, 1)), dim=-1)
+        text = self._text(signals, b).to(e.device)
+        return -(e @ text.T).mean(1).view(count, -1)

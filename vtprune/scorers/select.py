@@ -221,12 +221,14 @@ def select_tiles(tile_scores: torch.Tensor, layout: VisualLayout, keep: int | fl
         keep: per-tile budget over its ``S - first`` candidate rows (see `image_budget`).
         first: the first candidate row of a tile (1: the CLS row is no visual token).
         keep_fixed: keep the never-pruned tokens (False: drop them, as releases that feed no newlines).
+            A budget covering the tile keeps them either way: keep-all is the unpatched model.
 
     The kept counts depend on where the picks fall: one host read of the per-image counts.
     """
     tiles, stride = tile_scores.shape
     n = stride - first
     k, _ = image_budget(keep, n)
+    keep_fixed = keep_fixed or k >= n
     dev = tile_scores.device
     rows = torch.zeros(tiles, stride, dtype=torch.bool, device=dev)
     if k:

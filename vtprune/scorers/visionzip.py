@@ -24,13 +24,16 @@ Per image with budget ``k`` (a float ``keep`` is first converted to a count, see
    family's positions are contiguous, so a slot only fixes a position, and the slots are filled in that
    order.
 
-``order="raster"`` (the behaviour before the release order was the default, and the only one on Qwen-VL
-and on LLaVA-NeXT's tiled images): no CLS token, all ``D`` dominant tokens are patches, and each
-contextual token sits at its target's slot, so the kept tokens stay in raster order (and keep the target's
-position, Qwen's M-RoPE included).
+LLaVA-NeXT (``budget_per="tile"``, the default): all of the above per tile, each tile's whole 24 x 24 grid,
+and the LLM receives the release's sequence over the tiles (`plan_visionzip_tiles`, `TileZipPlan`).
 
-Deviations from the release: a ``keep`` covering the image keeps it whole (no CLS, nothing merged);
-LLaVA-NeXT and Qwen-VL (see `VisionZipScorer`); ties among the CLS scores go to the earlier token (a
+``order="raster"`` (the behaviour before the release order was the default, the only one on Qwen-VL, and
+per image on LLaVA-NeXT with ``budget_per="image"``): no CLS token, all ``D`` dominant tokens are patches,
+and each contextual token sits at its target's slot, so the kept tokens stay in raster order (and keep the
+target's position, Qwen's M-RoPE included).
+
+Deviations from the release: a ``keep`` covering the image (LLaVA-NeXT: a tile) keeps it whole (no CLS,
+nothing merged); Qwen-VL (see `VisionZipScorer`); ties among the CLS scores go to the earlier token (a
 stable sort; the release's ``topk`` leaves them unspecified).
 """
 
@@ -245,6 +248,105 @@ def plan_visionzip(
     return plans
 
 
+@dataclass
+class TileZipPlan:
+    """One image's VisionZip plan per tile (the release's LLaVA-NeXT sequence), as rows of the call's tile
+    table (``tile * S + row``, ``S`` rows per tile, CLS first; `Signals.tile_features`).
+
+    - ``rows``: ``[L]`` the release's sequence, in order: the base tile's CLS, dominant patches and
+      contextual tokens; every crop's dominant patch in the raster order of the padded crop grid; every
+      crop's CLS; every crop's contextual tokens. A contextual entry holds its target's row.
+    - ``ctx_at``: ``[C_all]`` the positions in ``rows`` of the contextual tokens (in order).
+    - ``members`` / ``slot``: ``[M]`` the rows merged into contextual token ``slot`` (an index into ``ctx_at``).
+    - ``own``: ``[P]`` the positions in ``rows`` of the dominant patches (the rows that may have a token of
+      their own in the unpadded sequence).
+    """
+
+    rows: torch.Tensor
+    ctx_at: torch.Tensor
+    members: torch.Tensor
+    slot: torch.Tensor
+    own: torch.Tensor
+
+
+def plan_visionzip_tiles(cls_rows: torch.Tensor, keys: torch.Tensor, tile_counts: list[int],
+                         grids: list[tuple[int, int]], keep: int | float,
+                         contextual_ratio: float = CONTEXTUAL_RATIO) -> list[TileZipPlan | None]:
+    """VisionZip per tile as its LLaVA-NeXT release runs (``CLIPVisionTower_VisionZip.forward`` on the batch of
+    tiles, ``prepare_inputs_labels_for_multimodal_visionzip`` / ``restore_image_features_sorted``): every tile
+    keeps CLS + ``D - 1`` dominant patches + ``C`` contextual tokens (``D + C = keep``, `split_budget`).
+
+    Args:
+        cls_rows: ``[T, S]`` CLS attention of every tile of the call (row 0: CLS itself).
+        keys: ``[T, S, d]`` the key layer's head-mean keys.
+        tile_counts: the tiles of each image, in order (the base tile first, then the crops).
+        grids: per image ``(rows, cols)`` of its crop grid.
+        keep: the per-tile budget (see `image_budget`, over a tile's ``S - 1`` patches).
+
+    Returns per image its `TileZipPlan`, or None where the budget covers a tile (the image is kept whole).
+    Every shape follows from the counts and the budget: nothing is read from the device.
+    """
+    tiles, stride = cls_rows.shape
+    n = stride - 1
+    k, _ = image_budget(keep, n)
+    if k >= n:
+        return [None] * len(tile_counts)
+    dev = cls_rows.device
+    if k == 0:  # nothing of the image is kept
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return [TileZipPlan(empty, empty, empty, empty, empty) for _ in tile_counts]
+    n_dom, n_ctx = split_budget(k, contextual_ratio)
+    n_patch = max(n_dom - 1, 0)  # the release's dominant count includes CLS
+    side = int(round(math.sqrt(n)))
+    per_tile = []
+    for t in range(tiles):
+        order = torch.sort(cls_rows[t, 1:].float(), descending=True, stable=True).indices
+        dominant = torch.sort(order[:n_patch]).values + 1  # rows, raster order
+        rest = torch.sort(order[n_patch:]).values + 1
+        targets, members, slot = contextual_assign(keys[t, rest.to(keys.device)], n_ctx)
+        base = t * stride
+        per_tile.append((base + dominant, base + rest[targets.to(dev)], base + rest[members.to(dev)], slot.to(dev)))
+    plans: list[TileZipPlan | None] = []
+    first = 0
+    for count, (grid_rows, grid_cols) in zip(tile_counts, grids):
+        image = list(range(first, first + count))
+        first += count
+        if grid_rows * grid_cols != count - 1:
+            raise ValueError(f"an image of {count} tiles cannot have a {grid_rows} x {grid_cols} crop grid")
+        cls = [torch.tensor([t * stride], device=dev) for t in image]
+        crops = image[1:]
+        # the crops' dominant patches in the padded crop grid's raster order
+        crop_rows = [per_tile[t][0] for t in crops]
+        if crop_rows:
+            grid_key = []
+            for c, rows in enumerate(crop_rows):
+                r, col = divmod(c, grid_cols)
+                patch = rows - crops[c] * stride - 1
+                i, j = patch // side, patch % side
+                grid_key.append((r * side + i) * (grid_cols * side) + col * side + j)
+            flat = torch.cat(crop_rows)
+            crop_dominant = flat[torch.sort(torch.cat(grid_key), stable=True).indices]
+        else:
+            crop_dominant = torch.zeros(0, dtype=torch.long, device=dev)
+        base = image[0]
+        head = [cls[0], per_tile[base][0]]
+        contextual = [per_tile[t][1] for t in image]  # the base tile's, then every crop's
+        parts = [*head, contextual[0], crop_dominant, *cls[1:], *contextual[1:]]
+        rows = torch.cat(parts)
+        sizes = [int(p.numel()) for p in parts]  # host-known
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        ctx_at = torch.cat([torch.arange(starts[2], starts[2] + sizes[2])]
+                           + [torch.arange(starts[i], starts[i] + sizes[i]) for i in range(4 + len(crops), len(parts))])
+        own = torch.cat([torch.arange(starts[1], starts[1] + sizes[1]), torch.arange(starts[3], starts[3] + sizes[3])])
+        offsets = [0]
+        for t in image:
+            offsets.append(offsets[-1] + int(per_tile[t][1].numel()))
+        members = torch.cat([per_tile[t][2] for t in image])
+        slot = torch.cat([per_tile[t][3] + offsets[i] for i, t in enumerate(image)])
+        plans.append(TileZipPlan(rows, ctx_at.to(dev), members, slot, own.to(dev)))
+    return plans
+
+
 @register
 class VisionZipScorer(Scorer):
     """VisionZip: ``D`` dominant tokens by CLS attention + ``C`` contextual tokens merged by key cosine.
@@ -258,9 +360,18 @@ class VisionZipScorer(Scorer):
       vision features *before* the projector and then projected. By default the LLM receives the
       release's sequence: CLS (the feature layer's CLS row, projected), ``D - 1`` dominant patches,
       ``C`` contextual tokens (64 = CLS + 53 + 10).
-    - LLaVA-NeXT (raster order): the budget, the targets and the matching run per image over all its
-      tiles (base image and high-resolution grid together, in sequence order), not per crop as in
-      VisionZip, no CLS token is sent and image-newline tokens are kept and never merged.
+    - LLaVA-NeXT (default ``budget_per="tile"``, the release): every tile (the base image and each crop,
+      its whole 24 x 24 grid) keeps CLS + ``D - 1`` dominant patches + ``C`` contextual tokens of its own
+      (``keep`` per tile), and the LLM receives the release's sequence: the base tile's CLS, dominant
+      patches and contextual tokens, then every crop's dominant patches in the raster order of the padded
+      crop grid (no unpadding), every crop's CLS, every crop's contextual tokens; no newline
+      (`plan_visionzip_tiles`). The padding's patches are sent as the release sends them (vtprune projects
+      the tiles' features itself), so the LLM input is the release's. The image keeps ``tiles x keep``
+      slots: the dominant patches that have a token in the unpadded sequence hold theirs, the others take
+      the image's last remaining tokens (positions are contiguous, so a slot only fixes a position); an
+      image whose unpadded sequence is shorter than that is kept whole. ``budget_per="image"`` (or
+      ``order="raster"``): the budget, the targets and the matching run per image over all its tiles in
+      sequence order, no CLS token is sent and image-newline tokens are kept and never merged.
     - Qwen2-VL / 2.5-VL / 3-VL (our adaptation, raster order): dominant by the attention received in the
       last full-attention block (pooled per 2x2 merge group); keys = mean of the 4 patch keys of each
       merge group (pre-RoPE ``k``, head mean; mapped back from Qwen2.5-VL's window order); the *merger
@@ -271,10 +382,11 @@ class VisionZipScorer(Scorer):
         vision_layer: the ``hidden_states`` index of the layer whose CLS row and keys are used
             (default: the adapter's feature layer: LLaVA ``-2``, Qwen the last full-attention block).
         contextual_ratio: fraction of the budget given to contextual tokens (10/64, VisionZip's 54:10).
-        order: ``"release"`` (CLS + dominant patches + contextual tokens, the release's sequence; images
-            of one tile whose tokens are its patches, i.e. LLaVA-1.5) or ``"raster"`` (no CLS, ``D``
-            dominant patches, contextual tokens at their targets' slots); None (default): release where
-            the image allows it, raster on LLaVA-NeXT's tiled images and on Qwen-VL.
+        order: ``"release"`` (CLS + dominant patches + contextual tokens, the release's sequence: LLaVA-1.5,
+            and LLaVA-NeXT per tile) or ``"raster"`` (no CLS, ``D`` dominant patches, contextual tokens at
+            their targets' slots, per image); None (default): release where the model allows it, raster
+            on Qwen-VL.
+        budget_per: ``"tile"`` (the release on LLaVA-NeXT) or ``"image"`` (per image, raster order).
 
     `vtprune.stats` reports ``contextual`` (contextual tokens per sample, included in ``visual_after``;
     the CLS slot is among the kept tokens but is not contextual).
@@ -294,7 +406,10 @@ class VisionZipScorer(Scorer):
         return {"contextual_ratio": (Param("float", 0.0, 0.5), self.contextual_ratio)}
 
     def __init__(self, vision_layer: int | None = None, contextual_ratio: float = CONTEXTUAL_RATIO,
-                 order: str | None = None) -> None:
+                 order: str | None = None, budget_per: str = "tile") -> None:
+        if budget_per not in ("tile", "image"):
+            raise ConfigError(f"visionzip: budget_per must be 'tile' (the release) or 'image', got {budget_per!r}")
+        self.budget_per = budget_per
         if vision_layer is not None and (isinstance(vision_layer, bool) or not isinstance(vision_layer, int)):
             raise ValueError(f"vision_layer must be one int (a hidden_states index) or None, got {vision_layer!r}")
         if isinstance(contextual_ratio, bool) or not isinstance(contextual_ratio, (int, float)) \
@@ -313,6 +428,13 @@ class VisionZipScorer(Scorer):
             raise ConfigError("visionzip: order='release' sends the CLS token first, but Qwen-VL towers have no CLS "
                               "token and their tokens keep their own M-RoPE positions; use order='raster' or None")
         self.release_order = self.order == "release" or (self.order is None and not qwen)
+        # LLaVA-NeXT: the release's per-tile sequence (`plan_visionzip_tiles`), unless the per-image rule is asked for
+        self.per_tile = getattr(adapter, "tiled", False) and self.budget_per == "tile" and self.order != "raster"
+
+    def plan_tiles(self, cls_rows: torch.Tensor, keys: torch.Tensor, tile_counts: list[int],
+                   grids: list[tuple[int, int]], keep: int | float) -> list[TileZipPlan | None]:
+        """The per-image `TileZipPlan` of the release's LLaVA-NeXT path (see `plan_visionzip_tiles`)."""
+        return plan_visionzip_tiles(cls_rows, keys, tile_counts, grids, keep, self.contextual_ratio)
 
     def cls_images(self, layout: VisualLayout, patches: int) -> list[list[bool]] | None:
         """Per sample, per image, whether it follows the release order: images of exactly ``patches``
@@ -328,7 +450,8 @@ class VisionZipScorer(Scorer):
                         raise ConfigError(
                             f"visionzip: order='release' reproduces the release's LLaVA-1.5 sequence (an image of one "
                             f"tile, {patches} patches, CLS first), but this image has {sp.length} tokens (LLaVA-NeXT's "
-                            f"tiles, or CLS among them); use order='raster' or None")
+                            f"tiles, or CLS among them); use order='raster' or None, or on LLaVA-NeXT the release's "
+                            f"per-tile sequence, budget_per='tile' (the default)")
         return flags
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
