@@ -233,3 +233,19 @@ def test_next_relevance_is_normalised_over_the_image_tiles_together(next_process
     assert int(per_image[3].prunable[0][per_image[2].kept[0]].sum()) == 8
     with pytest.raises(ConfigError, match="budget_per"):
         CDPruner(budget_per="tiles")
+
+
+def test_batched_dpp_map_picks_as_one_call_per_kernel():
+    from vtprune.scorers.greedy import dpp_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50, 16, generator=g)
+    r = torch.rand(4, 50, generator=g)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    kernels = dpp_kernel(unit @ unit.transpose(1, 2), r, None)
+    batched = dpp_map(kernels, 12)
+    assert batched.shape == (4, 12)
+    for t in range(4):
+        assert batched[t].tolist() == dpp_map(kernels[t], 12).tolist()
+        assert len(set(batched[t].tolist())) == 12
+    assert dpp_map(kernels, 0).shape == (4, 0)

@@ -45,9 +45,9 @@ def dpp_kernel(similarity: torch.Tensor, relevance: torch.Tensor, theta: float |
     """``L = diag(q) S diag(q)``: ``q = r`` for ``theta=None`` (the release's kernel), the paper's
     ``q = exp(theta / (2 (1 - theta)) r)`` for a float ``theta`` in [0, 1) (0: ``q = 1``, diversity only).
 
-    ``similarity``: ``[n, n]``; ``relevance``: ``[n]`` (normalised, `normalise_relevance`)."""
+    ``similarity``: ``[..., n, n]``; ``relevance``: ``[..., n]`` (normalised, `normalise_relevance`)."""
     q = relevance if theta is None else torch.exp(theta / (2.0 * (1.0 - theta)) * relevance)
-    return q[:, None] * similarity * q[None, :]
+    return q[..., :, None] * similarity * q[..., None, :]
 
 
 def toy_clip_dir(name: str):
@@ -265,10 +265,11 @@ class CDPrunerScorer(Scorer):
             z = hidden[start:start + count, first:].float()  # [t, n, D]
             r = normalise_relevance(self._tile_relevance(signals, b, z, start, count, first).flatten())
             self.last_relevance.append(r)
-            r = r.view(count, -1)
+            r = r.view(count, -1).to(z.device)
+            unit = torch.nn.functional.normalize(z, dim=-1)
+            picks = dpp_map(dpp_kernel(unit @ unit.transpose(1, 2), r, self.theta), k)  # [t, k]: one pass
             for t in range(count):
-                kernel = dpp_kernel(cosine_matrix(z[t]), r[t].to(z.device), self.theta)
-                out[start + t, first:] = order_scores(dpp_map(kernel, k), stride - first).to(out.device)
+                out[start + t, first:] = order_scores(picks[t], stride - first).to(out.device)
             start += count
         return out
 

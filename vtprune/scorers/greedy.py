@@ -129,24 +129,29 @@ def sensitivity_diversity(sensitivity: torch.Tensor, z: torch.Tensor, k: int) ->
 def dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy MAP inference of a DPP with kernel ``L`` ``[n, n]`` (incremental Cholesky, Chen et al. 2018):
     ``[k]`` indices in pick order (on ``kernel``'s device). Each step picks the largest marginal gain
-    ``d_j^2`` and updates the others by the new Cholesky row."""
-    n = kernel.shape[0]
+    ``d_j^2`` and updates the others by the new Cholesky row. A batch of kernels ``[B, n, n]`` (the tiles of
+    an image) runs in one pass: ``[B, k]``, the same picks as one call per kernel."""
+    single = kernel.dim() == 2
+    L = (kernel[None] if single else kernel).double()
+    b, n, _ = L.shape
     k = min(k, n)
     if k <= 0:
-        return _empty(kernel.device)
-    L = kernel.double()
-    d2 = torch.diagonal(L).clone()
-    rows = torch.zeros(k, n, dtype=L.dtype, device=L.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=L.device)
+        return _empty(kernel.device) if single else torch.zeros(b, 0, dtype=torch.long, device=kernel.device)
+    d2 = torch.diagonal(L, dim1=1, dim2=2).clone()  # [B, n]
+    rows = torch.zeros(b, k, n, dtype=L.dtype, device=L.device)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=L.device)
     picks = []
     for t in range(k):
-        j = torch.argmax(d2, dim=0, keepdim=True)
+        j = torch.argmax(d2, dim=1, keepdim=True)  # [B, 1]
         picks.append(j)
         if t == k - 1:
             break
-        taken.index_fill_(0, j, True)
-        dj = torch.sqrt(torch.clamp(d2.index_select(0, j), min=1e-12))  # [1]
-        e = (_row(L, j) - rows[:t].index_select(1, j).squeeze(1) @ rows[:t]) / dj
-        rows[t] = e
+        taken.scatter_(1, j, True)
+        dj = torch.sqrt(torch.clamp(d2.gather(1, j), min=1e-12))  # [B, 1]
+        row = L.gather(1, j[:, :, None].expand(b, 1, n)).squeeze(1)  # [B, n]: row j of each kernel
+        done = rows[:, :t]  # [B, t, n]
+        e = (row - torch.bmm(done.gather(2, j[:, None, :].expand(b, t, 1)).transpose(1, 2), done).squeeze(1)) / dj
+        rows[:, t] = e
         d2 = (d2 - e * e).masked_fill_(taken, _NEG_INF)
-    return torch.cat(picks)
+    out = torch.cat(picks, dim=1)
+    return out[0] if single else out
