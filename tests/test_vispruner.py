@@ -180,3 +180,14 @@ def test_next_per_tile_refuses_wrappers_and_ensembles():
     llava = get_model("llava")  # untiled: the per-image path, so wrappers compose
     vtprune.apply(llava, method="debias+vispruner", keep=12)
     vtprune.remove(llava)
+
+
+def test_batched_order_picks_as_one_call_per_tile():
+    g = torch.Generator().manual_seed(1)
+    att = torch.rand(3, 120, generator=g)
+    feats = torch.randn(3, 120, 16, generator=g)
+    for k in (1, 13, 40):
+        batched = vispruner_order(att, feats, k)
+        assert batched.shape == (3, k)
+        for t in range(3):
+            assert batched[t].tolist() == vispruner_order(att[t], feats[t], k).tolist()

@@ -65,17 +65,24 @@ def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, target: int,
     highest ``s`` leave, and ``residual = [a sorted by descending s, minus the first r; b]``. Sorting is
     stable (ties: the earlier token first); the release's ``argsort`` leaves tie order unspecified. Every
     shape follows from ``R`` and ``target`` on the host: nothing is read from the device. Returns the
-    surviving indices ``[target]`` (``[R]`` when ``R <= target``) in their final order.
+    surviving indices ``[target]`` (``[R]`` when ``R <= target``) in their final order. Batched: ``unit``
+    ``[B, n, C]`` and ``residual`` ``[B, R]`` give ``[B, target]``.
     """
+    single = residual.dim() == 1  # one image; a leading batch dimension runs the images (tiles) at once
+    u = unit[None] if single else unit  # [B, n, C]
+    res = residual[None] if single else residual  # [B, R]
+    width = u.shape[-1]
     while True:
-        r = min(step, int(residual.numel()) - target)
+        r = min(step, int(res.shape[1]) - target)
         if r <= 0:
-            return residual
-        a, b = residual[0::2], residual[1::2]
-        closest = (unit[a] @ unit[b].T).max(dim=1).values  # [ceil(R / 2)]
+            return res[0] if single else res
+        a, b = res[:, 0::2], res[:, 1::2]
+        ua = u.gather(1, a[..., None].expand(-1, -1, width))
+        ub = u.gather(1, b[..., None].expand(-1, -1, width))
+        closest = (ua @ ub.transpose(1, 2)).max(dim=2).values  # [B, ceil(R / 2)]
         # r > len(a) only on tiny images (the release's indexing fails there): every even token leaves
-        distinct = torch.sort(closest, descending=True, stable=True).indices[r:]
-        residual = torch.cat([a[distinct], b])
+        distinct = torch.sort(closest, dim=1, descending=True, stable=True).indices[:, r:]
+        res = torch.cat([a.gather(1, distinct), b], dim=1)
 
 
 def vispruner_order(attention: torch.Tensor, features: torch.Tensor, k: int,
@@ -86,16 +93,19 @@ def vispruner_order(attention: torch.Tensor, features: torch.Tensor, k: int,
     Args:
         attention: ``[n]`` CLS attention of the image's candidate tokens.
         features: ``[n, C]`` their features for the similarity (any float dtype).
+
+    A leading batch dimension (``[B, n]``, ``[B, n, C]``: the tiles of an image, as the release's
+    ``encode_images`` runs them) gives ``[B, min(k, n)]``, the same picks as one call per row.
     """
-    n = int(attention.numel())
+    n = int(attention.shape[-1])
     k = min(k, n)
     n_imp, n_div = split_budget(k, important_ratio)
-    order = torch.sort(attention.float(), descending=True, stable=True).indices
+    order = torch.sort(attention.float(), dim=-1, descending=True, stable=True).indices
     if n_div <= 0:
-        return order[:n_imp]
+        return order[..., :n_imp]
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    diverse = remove_duplicates(unit, order[n_imp:], n_div)
-    return torch.cat([order[:n_imp], diverse])
+    diverse = remove_duplicates(unit, order[..., n_imp:], n_div)
+    return torch.cat([order[..., :n_imp], diverse], dim=-1)
 
 
 @register
@@ -190,8 +200,8 @@ class VisPrunerScorer(Scorer):
         tiles, stride = attention.shape
         k, _ = image_budget(signals.keep, stride - first)
         out = torch.full((tiles, stride), float("-inf"), device=features.device)
+        orders = vispruner_order(attention[:, first:].to(features.device), features[:, first:], k,
+                                 self.important_ratio)  # [T, k]: all tiles in one pass
         for t in range(tiles):
-            order = vispruner_order(attention[t, first:].to(features.device), features[t, first:], k,
-                                    self.important_ratio)
-            out[t, first:] = order_scores(order, stride - first)
+            out[t, first:] = order_scores(orders[t], stride - first)
         return out
