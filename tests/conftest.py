@@ -146,10 +146,11 @@ def batch(proc, n_images: list[int], padding_side: str = "left", sizes=((400, 50
     return proc(images=images, text=prompts(n_images), return_tensors="pt", padding=True)
 
 
-def feature_layer_by_hand(model, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unpatched CLIP tower's feature layer (``hidden_states[-2]``) on ``pixel_values`` ``[T, 3, H, W]``:
-    the head-mean CLS attention of the layer that outputs it, ``[T, patches]``, and its output
-    ``[T, patches + 1, C]`` (CLS row first)."""
+def feature_layer_by_hand(model, pixel_values) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unpatched CLIP tower's feature layer (``hidden_states[-2]``) on ``pixel_values`` ``[T, 3, H, W]``,
+    recomputed from the input of the layer that outputs it: the CLS row of its attention per head
+    ``[T, heads, patches + 1]``, its raw keys per head ``[T, heads, patches + 1, head_dim]`` and the layer's
+    output ``[T, patches + 1, C]`` (CLS row first)."""
     core = model.model
     attn = core.vision_tower.encoder.layers[-2].self_attn  # CLIP layer whose output is hidden_states[-2]
     cap = {}
@@ -163,8 +164,21 @@ def feature_layer_by_hand(model, pixel_values) -> tuple[torch.Tensor, torch.Tens
     with torch.no_grad():
         q = attn.q_proj(h[:, :1]).view(t, 1, heads, hd).transpose(1, 2)
         kk = attn.k_proj(h).view(t, n, heads, hd).transpose(1, 2)
-        cls = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1)[:, 0, 1:]  # head mean
-    return cls, out.hidden_states[-2]
+        cls = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]
+    return cls, kk, out.hidden_states[-2]
+
+
+def run_pruned(model, inputs, method: str, **options):
+    """``vtprune.apply(model, method, **options)``, one forward on ``inputs``, removed afterwards: the stats, the
+    prefill's layout and the bound scorer."""
+    vtprune.apply(model, method=method, **options)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        state = model._vtprune_state
+        return vtprune.stats(model), state.session.layout, state.scorer
+    finally:
+        vtprune.remove(model)
 
 
 def next_tiles(model, inputs) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, get_model, next_tiles, register_tiny_clip
+from conftest import batch, get_model, next_tiles, register_tiny_clip, run_pruned
 
 import vtprune
 from vtprune.config import ConfigError
@@ -185,16 +185,8 @@ def _greedy_logdet(kernel: torch.Tensor, k: int) -> list[int]:
 def _next_run(next_processor, keep, **options):
     model = get_model("next")
     inputs = batch(next_processor, [1], sizes=((300, 620),))
-    vtprune.apply(model, method="cdpruner", keep=keep, **options)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = vtprune.stats(model)
-        lay = model._vtprune_state.session.layout
-        relevance = list(model._vtprune_state.scorer.last_relevance)
-    finally:
-        vtprune.remove(model)
-    return model, inputs, st, lay, relevance
+    st, lay, scorer = run_pruned(model, inputs, "cdpruner", keep=keep, **options)
+    return model, inputs, st, lay, list(scorer.last_relevance)
 
 
 def test_next_selects_per_tile_like_the_release(next_processor):

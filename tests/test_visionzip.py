@@ -322,30 +322,20 @@ def _llava_by_hand(model, inputs, k, with_cls: bool):
     """Per image: kept raster indices and the projected features of its visual tokens as the LLM gets them
     before shortening: merged values at the targets (raster order), or in release order the kept slots
     refilled with CLS, the dominant patches and the contextual tokens."""
-    core = model.model
-    attn = core.vision_tower.encoder.layers[-2].self_attn  # CLIP layer whose output is hidden_states[-2]
-    cap = {}
-    handle = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(h=a[0] if a else kw["hidden_states"]),
-                                            with_kwargs=True)
+    project = model.model.multi_modal_projector
+    probs, kk, hidden = feature_layer_by_hand(model, inputs["pixel_values"])
+    t = hidden.shape[0]
     with torch.no_grad():
-        out = core.vision_tower(inputs["pixel_values"], output_hidden_states=True)
-    handle.remove()
-    h, t, n = cap["h"], cap["h"].shape[0], cap["h"].shape[1]
-    heads, hd = attn.num_heads, attn.head_dim
-    project = core.multi_modal_projector
-    with torch.no_grad():
-        q = attn.q_proj(h[:, :1]).view(t, 1, heads, hd).transpose(1, 2)
-        kk = attn.k_proj(h).view(t, n, heads, hd).transpose(1, 2)
-        cls = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale, dim=-1).sum(dim=1)[:, 0, 1:]  # head sum
+        cls = probs.sum(dim=1)[:, 1:]  # head sum
         keys = kk.mean(dim=1)[:, 1:]
-        x = out.hidden_states[-2][:, 1:]
+        x = hidden[:, 1:]
         kept, rows = [], []
         for i in range(t):
             keep_i, dominant, groups, cls_slot = _plan_by_hand(cls[i], keys[i], k, with_cls)
             kept.append(keep_i)
             merged = project(_merge_by_hand(x[i], groups))
             if with_cls:  # the release's sequence in the kept slots
-                seq = torch.cat([project(out.hidden_states[-2][i, :1]), merged[dominant], merged[list(groups)]])
+                seq = torch.cat([project(hidden[i, :1]), merged[dominant], merged[list(groups)]])
                 merged[keep_i] = seq
             rows.append(merged)
     return kept, rows
@@ -690,7 +680,8 @@ def test_next_default_sends_the_release_sequence_per_tile(next_processor):
     start = int(torch.nonzero(ids == model.config.image_token_id).min())
     rows = seen["inputs_embeds"][0, start:start + 3 * keep]
     assert seen["inputs_embeds"].shape[1] == ids.numel() - int((ids == model.config.image_token_id).sum()) + 3 * keep
-    cls, hidden = feature_layer_by_hand(model, next_tiles(model, inputs))
+    probs, _, hidden = feature_layer_by_hand(model, next_tiles(model, inputs))
+    cls = probs.mean(dim=1)[:, 1:]  # head mean, patches
     with torch.no_grad():
         projected = model.model.multi_modal_projector(hidden)  # [3, 577, D]
     top = [torch.sort(torch.sort(cls[t], descending=True, stable=True).indices[:dominant - 1]).values for t in range(3)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, feature_layer_by_hand, get_model, next_tiles, qwen_batch
+from conftest import batch, feature_layer_by_hand, get_model, next_tiles, qwen_batch, run_pruned
 
 import vtprune
 from vtprune.adapters import adapter_for
@@ -92,7 +92,8 @@ def test_features_follow_the_tower(kind, features):
 
 def _llava_by_hand(model, inputs, k):
     """Per image: VisPruner's kept raster indices from the unpatched tower's feature layer."""
-    cls, hidden = feature_layer_by_hand(model, inputs["pixel_values"])
+    cls, _, hidden = feature_layer_by_hand(model, inputs["pixel_values"])
+    cls = cls.mean(dim=1)[:, 1:]  # head mean, patches
     x = hidden[:, 1:]
     unit = x / x.norm(dim=-1, keepdim=True)
     kept = []
@@ -127,14 +128,7 @@ def test_counts_equal_keep_on_every_model(kind, processor, next_processor):
     else:
         inputs = qwen_batch(kind, "left_padded_2")
     # NeXT: the per-image rule (its default selects per tile, see below)
-    vtprune.apply(model, method="vispruner", keep=12, **({"budget_per": "image"} if kind == "next" else {}))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = vtprune.stats(model)
-        lay = model._vtprune_state.session.layout
-    finally:
-        vtprune.remove(model)
+    st, lay, _ = run_pruned(model, inputs, "vispruner", keep=12, **({"budget_per": "image"} if kind == "next" else {}))
     for b, kept in enumerate(st.kept):
         items = len(lay.image_slices(b))
         assert int(lay.prunable[b][kept].sum()) == 12 * items  # exactly keep per image
@@ -147,14 +141,7 @@ def test_next_selects_per_tile_like_the_release(next_processor, keep):
     ``encode_images``), the picks mapped onto HF's unpadded sequence by source row, newlines dropped."""
     model = get_model("next")
     inputs = batch(next_processor, [1], sizes=((300, 620),))
-    vtprune.apply(model, method="vispruner", keep=keep)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        st = vtprune.stats(model)
-        lay = model._vtprune_state.session.layout
-    finally:
-        vtprune.remove(model)
+    st, lay, _ = run_pruned(model, inputs, "vispruner", keep=keep)
     picks = _llava_by_hand(model, {"pixel_values": next_tiles(model, inputs)}, keep)  # per tile, patch rows
     stride = model.config.vision_config.image_size // model.config.vision_config.patch_size
     stride = stride * stride + 1  # a tile's rows, CLS first

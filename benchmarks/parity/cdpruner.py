@@ -87,6 +87,17 @@ def tiny_clip(folder: Path) -> tuple[str, str, Any]:
     return CLIP_NAME, str(weights), model
 
 
+def clip_relevance_options(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """The tiny open_clip model (`tiny_clip`, saved in ``folder`` with the tiny tokenizer) and the options that
+    give vtprune's ``cdpruner`` the release's relevance with it (``relevance="clip"``, the same weights)."""
+    from vtprune.toy.tiny import tiny_llava_tokenizer
+
+    name, weights, clip = tiny_clip(folder)
+    tiny_llava_tokenizer().save_pretrained(folder / "tokenizer")
+    return clip, {"relevance": "clip", "clip_model": name, "clip_pretrained": weights,
+                  "tokenizer": str(folder / "tokenizer")}
+
+
 def instruction_text(model: Any, inputs: Any) -> str:
     """The prompt after the (last) image token, decoded as vtprune's ``relevance="clip"`` decodes it."""
     import torch
@@ -122,17 +133,14 @@ def release_mask(meta_cls: Any, model: Any, clip: Any, pixels: Any, text: str, b
 def compare(ref: Path) -> list[dict[str, Any]]:
     import torch
 
-    from vtprune.toy.tiny import tiny_llava, tiny_llava_tokenizer
+    from vtprune.toy.tiny import tiny_llava
 
     meta_cls = load_release(ref)
     inputs = tiny_llava_inputs(PROMPT)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        name, weights, clip = tiny_clip(folder)
-        tiny_llava_tokenizer().save_pretrained(folder / "tokenizer")
-        options = {"relevance": "clip", "clip_model": name, "clip_pretrained": weights,
-                   "tokenizer": str(folder / "tokenizer")}
+        clip, options = clip_relevance_options(folder)
         for variant in ("random", "peaked"):
             model = tiny_llava(hidden=LLM_WIDTH)
             if variant == "peaked":

@@ -41,13 +41,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cdpruner import CLIP_NAME, instruction_text, tiny_clip  # noqa: E402
+from cdpruner import CLIP_NAME, clip_relevance_options, instruction_text  # noqa: E402
 from common import (  # noqa: E402
     env_name,
     image_span,
     jaccard,
+    kept_and_logits_passed,
     logits_without_unkept,
+    padding_summary,
     peaked,
+    per_image_rule_row,
     release_arch_and_clip,
     release_next_hf_kept,
     release_next_prepare,
@@ -142,16 +145,13 @@ def _greedy(kernel: Any, budget: int) -> set[int]:
 
 @single_threaded
 def compare(ref: Path) -> list[dict[str, Any]]:
-    from vtprune.toy.tiny import tiny_llava_next, tiny_llava_tokenizer
+    from vtprune.toy.tiny import tiny_llava_next
 
     arch, clip_module = release_arch_and_clip(ref, "Theia-4869/CDPruner", ["llava/mm_utils.py"])
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        name, weights, clip = tiny_clip(folder)
-        tiny_llava_tokenizer().save_pretrained(folder / "tokenizer")
-        options = {"relevance": "clip", "clip_model": name, "clip_pretrained": weights,
-                   "tokenizer": str(folder / "tokenizer")}
+        clip, options = clip_relevance_options(folder)
         for variant in ("random", "peaked"):
             model = tiny_llava_next(hidden=LLM_WIDTH)
             if variant == "peaked":
@@ -192,32 +192,15 @@ def _rows(arch: types.ModuleType, clip_module: types.ModuleType, clip: Any, mode
         t = BUDGETS[1]
         kept, _ = vtprune_run(model, inputs, PRESET, keep=t, budget_per="image", **options)
         rel = _release_run(arch, clip_module, clip, model, inputs, start, n, text, t)
-        rows.append({
-            **common, "variant": f"{variant}, seed {seed}, budget_per='image'", "budget": t,
-            "jaccard": jaccard(sorted(kept), rel["hf_kept"]), "kept_equal": sorted(kept) == rel["hf_kept"],
-            "logit_max_abs": None, "asserted": False, "in_padding": rel["in_padding"],
-            "note": f"vtprune's per-image rule (keep={t} of the unpadded image's patch tokens, newlines beside it: "
-                    f"{len(kept)} kept) against the release's picks in HF's sequence ({len(rel['hf_kept'])}): "
-                    "recorded, not asserted"})
+        rows.append(per_image_rule_row(common, variant, seed, t, sorted(kept), rel["hf_kept"],
+                                       in_padding=rel["in_padding"]))
     return rows
 
 
-def passed(row: dict[str, Any]) -> bool:
-    return not row["asserted"] or (row["kept_equal"] and row["logit_max_abs"] < LOGIT_TOLERANCE)
-
-
-def summary(rows: list[dict[str, Any]]) -> None:
-    for variant in ("random", "peaked"):
-        asserted = [r for r in rows if r["weights"] == variant and r["asserted"]]
-        padded = [r for r in asserted if r["in_padding"]]
-        print(f"{variant}: {len(asserted)} tie-free rows asserted, {len(padded)} of them with picks in the padding")
-        if not padded:
-            raise SystemExit(f"{METHOD} parity: no tie-free input with picks in the padding for the {variant} "
-                             "variant; add a seed to SEEDS")
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_check(METHOD, compare, argv, __doc__ or "", passed=passed, summary=summary)
+    return run_check(METHOD, compare, argv, __doc__ or "",
+                     passed=lambda row: kept_and_logits_passed(row, LOGIT_TOLERANCE),
+                     summary=lambda rows: padding_summary(METHOD, rows))
 
 
 if __name__ == "__main__":

@@ -520,6 +520,36 @@ def traced_vtprune_run(model: Any, inputs: Any, method: str, **options: Any) -> 
     return {"kept": kept, "rows": rows, "inputs": torch.stack(inputs_of), "logits": logits}
 
 
+def per_image_rule_row(common: dict[str, Any], variant: str, seed: int, budget: int, kept: list[int],
+                       release_kept: list[int], **extra: Any) -> dict[str, Any]:
+    """The recorded row of a per-tile check (VisPruner, CDPruner on LLaVA-NeXT): vtprune's ``budget_per="image"``
+    rule (``kept``, sorted visual indices) against the release's per-tile picks in HF's sequence; not asserted.
+    ``common``: the row's method / model / weights / seed entries; ``extra``: entries before the note."""
+    return {**common, "variant": f"{variant}, seed {seed}, budget_per='image'", "budget": budget,
+            "jaccard": jaccard(kept, release_kept), "kept_equal": kept == release_kept,
+            "logit_max_abs": None, "asserted": False, **extra,
+            "note": f"vtprune's per-image rule (keep={budget} of the unpadded image's patch tokens, newlines beside "
+                    f"it: {len(kept)} kept) against the release's picks in HF's sequence ({len(release_kept)}): "
+                    "recorded, not asserted"}
+
+
+def kept_and_logits_passed(row: dict[str, Any], tolerance: float) -> bool:
+    """A per-tile check's row passes: recorded only, or the same kept set and logits within ``tolerance``."""
+    return not row["asserted"] or (row["kept_equal"] and row["logit_max_abs"] < tolerance)
+
+
+def padding_summary(method: str, rows: list[dict[str, Any]]) -> None:
+    """Per variant, how many asserted rows a per-tile check has and how many of them have picks in the
+    grid's padding; exits where a variant has none (the deviation the check must exercise)."""
+    for variant in ("random", "peaked"):
+        asserted = [r for r in rows if r["weights"] == variant and r["asserted"]]
+        padded = [r for r in asserted if r["in_padding"]]
+        print(f"{variant}: {len(asserted)} tie-free rows asserted, {len(padded)} of them with picks in the padding")
+        if not padded:
+            raise SystemExit(f"{method} parity: no tie-free input with picks in the padding for the {variant} "
+                             "variant; add a seed to SEEDS")
+
+
 def single_threaded(compare: Callable[[Path], list[dict[str, Any]]]) -> Callable[[Path], list[dict[str, Any]]]:
     """``compare`` run with one torch thread (restored afterwards): the tiny matrices are fastest on one thread,
     which also does not contend with other jobs."""

@@ -47,8 +47,11 @@ from common import (  # noqa: E402
     env_name,
     image_span,
     jaccard,
+    kept_and_logits_passed,
     logits_without_unkept,
+    padding_summary,
     peaked,
+    per_image_rule_row,
     release_arch_and_clip,
     release_next_hf_kept,
     release_next_prepare,
@@ -186,32 +189,14 @@ def _rows(arch: types.ModuleType, clip: types.ModuleType, model: Any, variant: s
         t = BUDGETS[1]
         per_image = _vtprune_run(model, inputs, t, budget_per="image")
         rel = _release_run(arch, clip, model, inputs, start, n, t)
-        rows.append({
-            **common, "variant": f"{variant}, seed {seed}, budget_per='image'", "budget": t,
-            "jaccard": jaccard(per_image["kept"], rel["hf_kept"]), "kept_equal": per_image["kept"] == rel["hf_kept"],
-            "logit_max_abs": None, "asserted": False,
-            "note": f"vtprune's per-image rule (keep={t} of the unpadded image's patch tokens, newlines beside it: "
-                    f"{len(per_image['kept'])} kept) against the release's picks in HF's sequence "
-                    f"({len(rel['hf_kept'])}): recorded, not asserted"})
+        rows.append(per_image_rule_row(common, variant, seed, t, per_image["kept"], rel["hf_kept"]))
     return rows
 
 
-def passed(row: dict[str, Any]) -> bool:
-    return not row["asserted"] or (row["kept_equal"] and row["logit_max_abs"] < LOGIT_TOLERANCE)
-
-
-def summary(rows: list[dict[str, Any]]) -> None:
-    for variant in ("random", "peaked"):
-        clean = [r for r in rows if r["weights"] == variant and r["asserted"]]
-        padded = [r for r in clean if r["in_padding"]]
-        print(f"{variant}: {len(clean)} tie-free rows asserted, {len(padded)} of them with picks in the padding")
-        if not padded:
-            raise SystemExit(f"{METHOD} parity: no tie-free input with picks in the padding for the {variant} "
-                             "variant; add a seed to SEEDS")
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_check(METHOD, compare, argv, __doc__ or "", passed=passed, summary=summary)
+    return run_check(METHOD, compare, argv, __doc__ or "",
+                     passed=lambda row: kept_and_logits_passed(row, LOGIT_TOLERANCE),
+                     summary=lambda rows: padding_summary(METHOD, rows))
 
 
 if __name__ == "__main__":

@@ -170,8 +170,12 @@ class Adapter:
             if src is t:
                 return host
         host = t.cpu()
-        self._host_copies = [(t, host), *self._host_copies[:3]]
+        self.keep_host_copy(t, host)
         return host
+
+    def record_geometry_on_host(self, rec: Any) -> Any:
+        """An encoder record's geometry (`VisionRecord.geometry`) as a host copy (`host_of`) where it is a tensor."""
+        return self.host_of(rec.geometry) if isinstance(rec.geometry, torch.Tensor) else rec.geometry
 
     def keep_host_copy(self, t: torch.Tensor, host: torch.Tensor) -> None:
         """Remember ``host`` as the host copy of ``t`` (read along with the prefill's token kinds)."""

@@ -68,15 +68,16 @@ def shorten_prefill_inputs(
         ranked = lay.all_candidates() if state.scorer.ranks_fixed else lay
         signals = Signals(layout=ranked, stage=PRE_LLM, keep=budget, extras=sess.extras, vision_record=record,
                           video_record=getattr(images, "video_record", None))
-        if state.scorer.needs_signal(VISION_CLS_ATTENTION):
+        per_token = not state.scorer.per_tile  # a per-tile scorer reads its tiles (`_with_tiles`) instead
+        if per_token and state.scorer.needs_signal(VISION_CLS_ATTENTION):
             # one gather; per-sample views only if a scorer asks
             signals.padded_scores[VISION_CLS_ATTENTION] = cls_scores_padded(adapter.vision_scores(images), lay)
-        if state.scorer.needs_signal(HIDDEN_STATES):
+        if per_token and state.scorer.needs_signal(HIDDEN_STATES):
             signals.hidden_states = [embeds[b, p] for b, p in enumerate(lay.positions)]
         if state.scorer.needs_signal(INSTRUCTION):
             signals.instruction_embeds, signals.instruction_ids = instruction_tokens(
                 embeds, input_ids, sess.host_prompt_valid(), sess.host_kinds)
-        if state.scorer.needs_signal(VISION_FEATURES):
+        if per_token and state.scorer.needs_signal(VISION_FEATURES):
             signals.vision_features = vision_features(adapter, images, lay.source)
         if state.scorer.needs_signal(PIXEL_VALUES):
             signals.pixel_values = record.pixel_values if record is not None else None
@@ -85,7 +86,7 @@ def shorten_prefill_inputs(
         if own is not None:  # the method selects itself (VisionZip's merge, VFlowOpt's recycling)
             sel, embeds, contextual, scores = own
         else:
-            scores = None if state.scorer.per_tile else state.scorer.score(signals)
+            scores = state.scorer.score(signals) if per_token else None
             replayed = replayed_selection(sess, PRE_LLM, lay)  # a continuation: the prompt's
             if replayed is not None:
                 sel = replayed
@@ -254,5 +255,6 @@ def _with_tiles(signals: Signals, scorer: Any, adapter: Adapter, images: Any) ->
             with torch.no_grad():
                 signals.tile_hidden_states = projector(features if weight is None else features.to(weight.dtype))
     signals.tile_first = adapter.tile_first(images)
-    signals.tile_counts = list(adapter.tiles_per_image(images.record.geometry, images.record.n_images))
+    signals.tile_counts = list(adapter.tiles_per_image(adapter.record_geometry_on_host(images.record),
+                                                       images.record.n_images))
     return signals

@@ -234,7 +234,7 @@ def tile_merge(adapter: Adapter, host: VisionZipScorer, images: Any, signals: Si
     keys = _recorded(rec, KEYS)  # [T, S, d]
     table = adapter.merge_features(images)  # [T, S, C], CLS rows kept
     flat = table.flatten(0, 1)
-    sizes = adapter.host_of(rec.geometry) if isinstance(rec.geometry, torch.Tensor) else rec.geometry
+    sizes = adapter.record_geometry_on_host(rec)
     counts = adapter.tiles_per_image(sizes, rec.n_images)
     grids = [adapter.tile_grid(size) for size in sizes]
     plans = host.plan_tiles(cls_rows, keys.to(cls_rows.device), counts, grids, signals.keep)

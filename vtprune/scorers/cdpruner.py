@@ -11,6 +11,7 @@ exponential form is the option ``theta=<float>``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -216,30 +217,44 @@ class CDPrunerScorer(Scorer):
         return torch.nn.functional.normalize(self._clip.text_embeddings(text), dim=-1)
 
     @torch.no_grad()
-    def _relevance(self, signals: Signals, b: int, idx: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        z = signals.hidden_states[b][idx.to(signals.hidden_states[b].device)].float()
+    def _relevance(self, signals: Signals, b: int, z: torch.Tensor, feats: torch.Tensor | None,
+                   text: torch.Tensor | None) -> torch.Tensor:
+        """``[..., n]`` raw relevance of sample ``b``'s tokens with projector outputs ``z`` ``[..., n, D]``
+        (float32) and, for ``relevance="clip"``, tower features ``feats`` ``[..., n, C]`` and the sample's CLIP
+        text ``text`` (`_text`)."""
         if self.relevance == "text":
             words = signals.instruction_embeds[b].float().to(z.device)
             if words.shape[0] == 0:
-                return torch.ones(z.shape[0], device=z.device)
-            rel = (torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).T).mean(1)
-            return rel
-        feats = signals.require(VISION_FEATURES)[b][idx.to(signals.vision_features[b].device)]
-        e = torch.nn.functional.normalize(self._clip.image_embeddings(feats), dim=-1)
-        return -(e @ text.to(e.device).T).mean(1)
+                return torch.ones(z.shape[:-1], device=z.device)
+            return (torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).T).mean(-1)
+        e = torch.nn.functional.normalize(self._clip.image_embeddings(feats.flatten(0, -2)), dim=-1)
+        return -(e @ text.to(e.device).T).mean(-1).view(feats.shape[:-1])
+
+    def _texts(self, signals: Signals) -> Callable[[int], torch.Tensor | None]:
+        """Sample ``b`` -> its CLIP text embeddings, encoded once per sample (None for ``relevance="text"``)."""
+        texts: dict[int, torch.Tensor] = {}
+
+        def text(b: int) -> torch.Tensor | None:
+            if self.relevance == "clip" and b not in texts:
+                texts[b] = self._text(signals, b)
+            return texts.get(b)
+
+        return text
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         signals.require(HIDDEN_STATES)
         signals.require(INSTRUCTION)
         self.last_relevance = []  # per image, on the device (a debugging record; no host copy)
-        texts: dict[int, torch.Tensor] = {}  # one CLIP text encoding per sample, shared by its images
+        text = self._texts(signals)  # one CLIP text encoding per sample, shared by its images
 
         def pick(b: int, idx: torch.Tensor, k: int) -> torch.Tensor:
-            if self.relevance == "clip" and b not in texts:
-                texts[b] = self._text(signals, b)
-            r = normalise_relevance(self._relevance(signals, b, idx, texts.get(b)).float())
+            z = signals.hidden_states[b][idx.to(signals.hidden_states[b].device)]
+            feats = None
+            if self.relevance == "clip":
+                feats = signals.require(VISION_FEATURES)[b][idx.to(signals.vision_features[b].device)]
+            r = normalise_relevance(self._relevance(signals, b, z.float(), feats, text(b)).float())
             self.last_relevance.append(r)
-            sim = cosine_matrix(signals.hidden_states[b][idx.to(signals.hidden_states[b].device)])
+            sim = cosine_matrix(z)
             return dpp_map(dpp_kernel(sim, r.to(sim.device), self.theta), k)
 
         return per_image(signals.layout, signals.keep, pick)
@@ -258,31 +273,18 @@ class CDPrunerScorer(Scorer):
         k, _ = image_budget(signals.keep, stride - first)
         out = torch.full((tiles, stride), float("-inf"), device=hidden.device)
         samples = [b for b, n in enumerate(signals.layout.images_per_sample()) for _ in range(n)]  # per image
+        text = self._texts(signals)
         self.last_relevance = []
         start = 0
         for image, count in enumerate(signals.tile_counts):
             b = samples[image]
             z = hidden[start:start + count, first:].float()  # [t, n, D]
-            r = normalise_relevance(self._tile_relevance(signals, b, z, start, count, first).flatten())
+            feats = signals.tile_features[start:start + count, first:] if self.relevance == "clip" else None
+            r = normalise_relevance(self._relevance(signals, b, z, feats, text(b)).flatten())
             self.last_relevance.append(r)
-            r = r.view(count, -1).to(z.device)
-            unit = torch.nn.functional.normalize(z, dim=-1)
-            picks = dpp_map(dpp_kernel(unit @ unit.transpose(1, 2), r, self.theta), k)  # [t, k]: one pass
+            kernels = dpp_kernel(cosine_matrix(z), r.view(count, -1).to(z.device), self.theta)  # [t, n, n]
+            picks = dpp_map(kernels, k)  # [t, k]: every tile in one pass
             for t in range(count):
                 out[start + t, first:] = order_scores(picks[t], stride - first).to(out.device)
             start += count
         return out
-
-    def _tile_relevance(self, signals: Signals, b: int, z: torch.Tensor, start: int, count: int,
-                        first: int) -> torch.Tensor:
-        """``[count, n]`` raw relevance of one image's tile rows (``z``: their projector outputs)."""
-        if self.relevance == "text":
-            words = signals.instruction_embeds[b].float().to(z.device)
-            if words.shape[0] == 0:
-                return torch.ones(z.shape[:2], device=z.device)
-            unit = torch.nn.functional.normalize(words, dim=-1)
-            return (torch.nn.functional.normalize(z, dim=-1) @ unit.T).mean(-1)
-        feats = signals.tile_features[start:start + count, first:]
-        e = torch.nn.functional.normalize(self._clip.image_embeddings(feats.flatten(0, 1)), dim=-1)
-        text = self._text(signals, b).to(e.device)
-        return -(e @ text.T).mean(1).view(count, -1)

@@ -17,6 +17,14 @@ from vtprune.scorers.base import Scorer, Signals, register, registry, scorer_opt
 from vtprune.signals import per_sample
 
 
+def refuse_per_tile(method: str, member: Scorer, why: str) -> None:
+    """`ConfigError` where ``member`` of the composition ``method`` selects per tile (`Scorer.per_tile`): its
+    tiles have no per-token scores to compose (``why``)."""
+    if member.per_tile:
+        raise ConfigError(f"{method}: {member.name} selects per tile on this model (its release's LLaVA-NeXT "
+                          f"path), where {why}: pass {member.name}.budget_per='image'")
+
+
 class Wrapper(Scorer):
     """A scorer that reads another scorer's scores (``inner``) and returns corrected ones.
 
@@ -71,11 +79,7 @@ class Wrapper(Scorer):
 
     def bind(self, model, adapter) -> None:
         self.inner.bind(model, adapter)
-        if self.inner.per_tile:
-            raise ConfigError(
-                f"{self.method_string()}: {self.inner.name} selects per tile on this model (its release's "
-                f"LLaVA-NeXT path), where {self.name} has no token scores to correct: pass "
-                f"{self.inner.name}.budget_per='image'")
+        refuse_per_tile(self.method_string(), self.inner, f"{self.name} has no token scores to correct")
         self.bind_self(model, adapter)
 
     # the host's plan: a wrapper corrects scores wherever the host prunes, at every stage it plans
@@ -336,11 +340,7 @@ class Ensemble(Scorer):
     def bind(self, model, adapter) -> None:
         for m in self.members:
             m.bind(model, adapter)
-            if m.per_tile:
-                raise ConfigError(
-                    f"{method_string(self)}: {m.name} selects per tile on this model (its release's LLaVA-NeXT "
-                    f"path), where an ensemble has no per-token scores of it to combine: pass "
-                    f"{m.name}.budget_per='image'")
+            refuse_per_tile(method_string(self), m, "an ensemble has no per-token scores of it to combine")
 
     def score(self, signals: Signals) -> list[torch.Tensor]:
         lay = signals.layout

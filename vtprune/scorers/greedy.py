@@ -61,9 +61,9 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
-    """``[n, n]`` float32 cosine similarities of the rows of ``x`` ``[n, D]``."""
+    """``[..., n, n]`` float32 cosine similarities of the rows of ``x`` ``[..., n, D]``."""
     z = torch.nn.functional.normalize(x.float(), dim=-1)
-    return z @ z.T
+    return z @ z.transpose(-1, -2)
 
 
 def _row(m: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,11 @@ class VisPrunerScorer(Scorer):
     ``_unpad`` from ``mm_patch_merge_type``: every crop's picks, padding included, in the padded grid's raster
     order). HF's LLaVA-NeXT sequence holds only the unpadded grid, so the picks that fall in the padding
     have no token here: vtprune keeps the release's picks in the unpadded area, in the release's order, and
-    the LLM sees ``tiles x keep`` tokens minus those (deviation, recorded in `benchmarks/parity/vispruner_next.py`).
-    On untiled models (LLaVA-1.5) a tile is an image, so both rules agree and the per-image path runs. ``"image"``: per image over all its tiles
-    together, after the unpadding, newlines kept beside the budget (every other method's rule; Qwen-VL,
-    which has no tiles, always uses it). Kept tokens stay in raster order (so does the release, through
+    the LLM sees ``tiles x keep`` tokens minus those (deviation, recorded in
+    `benchmarks/parity/vispruner_next.py`). On untiled models (LLaVA-1.5) a tile is an image, so both rules
+    agree and the per-image path runs. ``"image"``: per image over all its tiles together, after the
+    unpadding, newlines kept beside the budget (every other method's rule; Qwen-VL, which has no tiles,
+    always uses it). Kept tokens stay in raster order (so does the release, through
     its index mask).
 
     Options:
