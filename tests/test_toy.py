@@ -84,11 +84,14 @@ def test_training_script_smoke(tmp_path, arch):
     """`scripts/train_toy.py --smoke` runs every stage and writes a checkpoint that loads offline."""
     mod = _train_toy()
     out = tmp_path / "toy"
-    scene = [] if arch == "qwen2-vl" else ["--scene-steps", "0"]  # stages 2a and 2b on one arch (time)
+    # stages 0, 2a and 2b on one arch (time)
+    scene = ["--text-steps", "1"] if arch == "qwen2-vl" else ["--scene-steps", "0"]
     assert mod.main(["--arch", arch, "--smoke", "--out", str(out), *scene]) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["tower"]["steps"] == 3 and log["llm"]["steps"] == 3
-    if not scene:
+    assert (log["text_lm"]["steps"] == 3 and log["text_lm"]["final_loss"] > 0) if scene[0] == "--text-steps" \
+        else "text_lm" not in log
+    if scene[0] == "--text-steps":
         assert log["scene_lm"]["steps"] == 3 and set(log["scene_lm"]["accuracy"]) <= {"all", "oracle", *shapes.QTYPES}
         assert log["align"]["steps"] == 3 and log["align"]["r2"] <= 1
     else:
@@ -120,6 +123,16 @@ def test_training_script_smoke(tmp_path, arch):
         assert lm and any(not torch.equal(a[k], c[k]) for k in lm)  # the language model was trained on
         with pytest.raises(SystemExit):
             mod.main(["--arch", arch, "--smoke", "--out", str(tuned), "--init-from", str(out), "--tower-from", str(out)])
+        # --frozen-attention keeps the first layers' query/key projections and input norms through stage 2
+        frozen = tmp_path / "frozen"
+        assert mod.main(["--arch", arch, "--smoke", "--out", str(frozen), "--init-from", str(out),
+                         "--scene-steps", "0", "--llm-lr", "1e-2", "--frozen-attention", "1"]) == 0
+        d = load_file(frozen / "model.safetensors")
+        kept = [k for k in lm if ".layers.0." in k and any(n in k for n in ("q_proj", "k_proj", "input_layernorm"))]
+        assert len(kept) == 3 and all(torch.equal(a[k], d[k]) for k in kept)
+        rest = [k for k in lm if k not in kept]
+        assert sum(not torch.equal(a[k], d[k]) for k in rest) > len(rest) // 2
+        assert len(json.loads((frozen / "train_log.json").read_text())["frozen"]) == 3
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -133,6 +146,21 @@ def test_training_script_smoke(tmp_path, arch):
     from vtprune.loading import default_prompt
 
     assert default_prompt(model, proc, f"{s.question} {ONE_WORD}") == mod.RECIPES[arch]().prompt(s.question)
+
+
+def test_text_documents_are_text_only_and_cut_to_length():
+    """Stage 0's documents: BOS first (LLaVA), the task's turns, never an image token, ``length`` long."""
+    mod = _train_toy()
+    recipe = mod.LlavaRecipe()
+    tok = recipe.tokenizer()
+    ids = mod.text_documents(recipe, tok, np.random.default_rng(0), 3, 40, 0)
+    assert ids.shape == (3, 40) and (ids[:, 0] == tok.bos_token_id).all()
+    assert not (ids == tok.convert_tokens_to_ids("<image>")).any()
+    assert "ASSISTANT:" in tok.decode(ids[0]) and not torch_equal_rows(ids)
+
+
+def torch_equal_rows(ids) -> bool:
+    return bool((ids == ids[0]).all())
 
 
 class _Small:
