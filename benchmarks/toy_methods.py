@@ -10,7 +10,8 @@ a method name: ``ensemble`` gets ``members=["cls", "vtc-cls"]`` (its options mus
 ``--keep 0.5`` (any fraction below 1 means "exit"). Writes ``OUT/toy_methods.md`` (accuracy and retention per toy and budget), the cells behind it in
 ``OUT/toy_methods.json`` and the raw results of each grid under ``OUT/toy_methods_<model>/``. ``--method``
 (repeatable) reruns only those presets and replaces their cells in an existing ``toy_methods.json`` (same
-``--limit``), so adding a preset does not rerun the others.
+``--limit``), so adding a preset does not rerun the others; ``--model`` likewise reruns one toy and keeps
+the other's stored cells (a retrained toy-llava does not rerun toy-qwen2vl's 25 min).
 """
 
 from __future__ import annotations
@@ -27,6 +28,47 @@ from toy_quality import evaluate  # noqa: E402
 KEEPS = (7, 16)
 EXITS = ("dyvte",)  # run at their default budget (an exit keeps none)
 ENSEMBLE_MEMBERS = '["cls", "vtc-cls"]'  # two pre-LLM members (members must share a stage)
+# the published record these toys should rank like: average accuracy retention (%) on LLaVA-1.5-7B with 64
+# of 576 visual tokens, as the methods' papers report it (FastV, SparseVLM, PyramidDrop, VTC-CLS, VisionZip
+# from the comparison tables of FlowCut (Tong et al., 2025) and VScan (Zhang et al., 2025); DivPrune,
+# FlowCut, CDPruner, VScan from their own papers; collected in the project's notes, anchors.md)
+PUBLISHED_64 = {"fastv": 77.5, "sparsevlm": 84.6, "pyramiddrop": 86.1, "vtc-cls": 94.0, "visionzip": 94.4,
+                "divprune": 95.3, "flowcut": 96.0, "cdpruner": 96.3, "vscan": 96.7}
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks of ``values``, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (Pearson's on their tie-averaged ranks)."""
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def agreement(results: dict, model: str, keep: int = 7) -> tuple[float, list[str]] | None:
+    """Spearman's correlation between a toy's accuracy at ``keep`` tokens and `PUBLISHED_64` over the
+    methods measured on both, and those methods from worst to best on the toy; None when under 3."""
+    acc = {c["method"]: c["accuracy"] for c in results[model]["cells"] if c["keep"] == keep}
+    common = [m for m in PUBLISHED_64 if m in acc]
+    if len(common) < 3:
+        return None
+    rho = spearman([acc[m] for m in common], [PUBLISHED_64[m] for m in common])
+    return rho, sorted(common, key=lambda m: acc[m])
 
 
 def refusals(model_name: str, methods: list[str]) -> dict[str, str]:
@@ -70,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_methods = [m for m in chosen if m in EXITS]
     out = Path(args.out)
     store = out / "toy_methods.json"
-    saved = json.loads(store.read_text()) if (args.method or args.report) and store.exists() else {}
+    # a partial rerun (some presets, or some models) updates the stored results in place
+    saved = json.loads(store.read_text()) if (args.method or args.report or args.model) and store.exists() else {}
     if args.report:
         if not saved:
             ap.error(f"--report needs {store}: run the benchmark first")
@@ -108,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         store.write_text(json.dumps({"limit": args.limit, "models": results}, indent=1))
 
+    models = [m for m in ["toy-llava", "toy-qwen2vl"] if m in results] + sorted(
+        m for m in results if m not in ("toy-llava", "toy-qwen2vl"))  # every model measured, stored ones too
     header = "| method | " + " | ".join(f"{m} @{k}" for m in models for k in KEEPS) + " |"
     lines = ["# Every preset on the toy models", "",
              f"`python benchmarks/toy_methods.py --limit {args.limit}` ({args.limit} toy-shapes test samples per toy; "
@@ -144,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "Refused (the reason `vtprune.apply` gives on that toy):", ""]
         lines += [f"- `{m}` on {', '.join(n for n in models if results[n].get('refused', {}).get(m) == r)}: {r}"
                   for m, r in reasons]
+    lines += ["", "Ranking against the published record (average retention on LLaVA-1.5-7B at 64 of 576 tokens: "
+              + ", ".join(f"{m} {v}" for m, v in PUBLISHED_64.items()) + "): Spearman's rank correlation with each "
+              "toy's accuracy at 7 of 64 tokens, over those methods:", ""]
+    for m in models:
+        found = agreement(results, m)
+        if found is not None:
+            lines.append(f"- {m}: rho = {found[0]:+.2f} (worst to best on the toy: {', '.join(found[1])})")
     lines += ["", "Time (2-core CPU, summed over the runs that measured these cells): " + ", ".join(f"{m} {results[m]['seconds']:.0f} s" for m in models) + "."]
     text = "\n".join(lines) + "\n"
     (out / "toy_methods.md").write_text(text)
