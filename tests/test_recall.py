@@ -132,3 +132,14 @@ def test_oracle_covers_every_question_object_before_completing_one():
     top16 = {(int(i) // 8, int(i) % 8) for i in score.topk(16).indices}
     assert top16 == set(sample.question_cells)  # the question's tier before the other object
     assert score.topk(17).indices[-1] == 3 * 8 + 3
+
+
+def test_toy_llava_shallow_attention_is_not_question_aligned(tmp_path, capsys):
+    """The shipped toy-llava keeps a text-pretrained attention in its first three layers
+    (`scripts/train_toy.py --frozen-attention 3`): FastV's layer-2 text-to-image attention finds far fewer of
+    the question's cells than the CLS attention of the tower, as on a real LLaVA-1.5, and loses accuracy."""
+    code, res = _eval(tmp_path, capsys, "--method", "fastv", "--method", "cls", "--keep", "7")
+    assert code == 0
+    cells = {c["method"]: c for c in res["cells"]}
+    assert cells["fastv"]["recall_question"] < 0.5 < cells["cls"]["recall_question"]
+    assert cells["fastv"]["accuracy"] < cells["cls"]["accuracy"]
