@@ -28,6 +28,7 @@ from toy_quality import evaluate  # noqa: E402
 KEEPS = (7, 16)
 EXITS = ("dyvte",)  # run at their default budget (an exit keeps none)
 ENSEMBLE_MEMBERS = '["cls", "vtc-cls"]'  # two pre-LLM members (members must share a stage)
+TOYS = ("toy-llava", "toy-qwen2vl")  # the default models, and the report's column order
 # the published record these toys should rank like: average accuracy retention (%) on LLaVA-1.5-7B with 64
 # of 576 visual tokens, as the methods' papers report it (FastV, SparseVLM, PyramidDrop, VTC-CLS, VisionZip
 # from the comparison tables of FlowCut (Tong et al., 2025) and VScan (Zhang et al., 2025); DivPrune,
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", action="append", default=None, help="rerun only these presets (default: all)")
     ap.add_argument("--report", action="store_true", help="only rewrite toy_methods.md from toy_methods.json")
     args = ap.parse_args(argv)
-    models = args.model or ["toy-llava", "toy-qwen2vl"]
+    models = args.model or list(TOYS)
     presets = preset_strings()
     unknown = sorted(set(args.method or []) - set(presets))
     if unknown:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         if not saved:
             ap.error(f"--report needs {store}: run the benchmark first")
-        args.limit, models = saved["limit"], list(saved["models"])
+        args.limit = saved["limit"]
     if saved and saved.get("limit") != args.limit:
         ap.error(f"{store} was measured with --limit {saved.get('limit')}; rerun everything or pass that limit")
     results: dict[str, dict] = saved.get("models", {})
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         store.write_text(json.dumps({"limit": args.limit, "models": results}, indent=1))
 
-    models = [m for m in ["toy-llava", "toy-qwen2vl"] if m in results] + sorted(
-        m for m in results if m not in ("toy-llava", "toy-qwen2vl"))  # every model measured, stored ones too
+    # the report covers every model measured, stored ones too
+    models = [m for m in TOYS if m in results] + sorted(m for m in results if m not in TOYS)
     header = "| method | " + " | ".join(f"{m} @{k}" for m in models for k in KEEPS) + " |"
     lines = ["# Every preset on the toy models", "",
              f"`python benchmarks/toy_methods.py --limit {args.limit}` ({args.limit} toy-shapes test samples per toy; "

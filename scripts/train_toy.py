@@ -350,6 +350,12 @@ def with_image(model, ids: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
     return embeds.masked_scatter(mask[..., None].expand_as(embeds), vis.reshape(-1, vis.shape[-1]))
 
 
+def language_model_parameters(model) -> list[nn.Parameter]:
+    """The language model's parameters, then the LM head's that it does not share (an untied head)."""
+    lm = list(model.model.language_model.parameters())
+    return lm + [p for p in model.lm_head.parameters() if all(p is not q for q in lm)]
+
+
 def optimise(loss, opt, sched, params, losses: list[float], bar) -> None:
     """One step: backward, clip to norm 1, optimiser and schedule; logs the running mean of 20 losses."""
     opt.zero_grad()
@@ -601,7 +607,7 @@ def train_text_lm(recipe, model, tok, args, log: dict) -> None:
     and sinks, attention drift) through the short multimodal fine-tune: the failure mode of methods that
     rank visual tokens by a shallow layer's text-to-image attention (FastV)."""
     lm = model.model.language_model
-    params = list(lm.parameters()) + [p for p in model.lm_head.parameters() if all(p is not q for q in lm.parameters())]
+    params = language_model_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps = args.text_steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps, 100), pct_start=0.05)
@@ -706,8 +712,7 @@ def scene_accuracy(recipe, model, tok, scene: SceneTokens, n: int = 64, turns: i
 def train_scene_lm(recipe, model, processor, scene: SceneTokens, args, log: dict) -> None:
     """Stage 2a: the language model (and the scene-token tables) on fresh scenes, no image involved."""
     tok = processor.tokenizer
-    lm = list(model.model.language_model.parameters())
-    params = lm + [p for p in model.lm_head.parameters() if all(p is not q for q in lm)] + list(scene.parameters())
+    params = language_model_parameters(model) + list(scene.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps, batch = args.scene_steps, args.llm_batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps, 100), pct_start=0.05)
@@ -785,8 +790,7 @@ def quick_accuracy(recipe, model, processor, n: int, seed: int = 0, noise: bool 
 
 def train_llm(recipe, model, processor, feats: torch.Tensor, args, log: dict) -> None:
     tok = processor.tokenizer
-    params = list(recipe.projector(model).parameters()) + list(model.model.language_model.parameters())
-    params += [p for p in model.lm_head.parameters() if all(p is not q for q in params)]
+    params = list(recipe.projector(model).parameters()) + language_model_parameters(model)
     lr = args.llm_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps, batch = args.llm_steps, args.llm_batch
