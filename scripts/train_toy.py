@@ -219,6 +219,13 @@ class LlavaRecipe:
         """The rest of the one-question prompt after the image tokens."""
         return tok.encode("\n" + question + " ASSISTANT:", add_special_tokens=False)
 
+    def text_turn(self, tok, question: str) -> list[int]:
+        """`turn` in a text-only document (stage 0): no image before it, so without the newline that
+        starts the prompt's line after the image tokens."""
+        ids = self.turn(tok, question)
+        assert tok.decode(ids[:1]) == "\n", ids
+        return ids[1:]
+
     def answer(self, tok, answer: str) -> list[int]:
         return tok.encode(" " + answer, add_special_tokens=False) + [tok.eos_token_id]
 
@@ -314,6 +321,10 @@ class QwenRecipe:
     def turn(self, tok, question: str) -> list[int]:
         """The rest of the one-question prompt after the image tokens."""
         return tok.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+
+    def text_turn(self, tok, question: str) -> list[int]:
+        """`turn` in a text-only document (stage 0): the chat turn carries no image-specific tokens."""
+        return self.turn(tok, question)
 
     def answer(self, tok, answer: str) -> list[int]:
         return tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id] + tok.encode("\n", add_special_tokens=False)
@@ -592,10 +603,7 @@ def text_documents(recipe, tok, rng: np.random.Generator, n: int, length: int, f
             else:
                 q, a, _, _ = shapes.ask(objs, rng)
                 q += ONE_WORD
-            turn = recipe.turn(tok, q)
-            if tok.decode(turn[:1]) == "\n":  # LLaVA's turn starts on the line after the image: text runs on
-                turn = turn[1:]
-            ids += turn + recipe.answer(tok, a)
+            ids += recipe.text_turn(tok, q) + recipe.answer(tok, a)
         out.append(ids[:length])
     return torch.tensor(out)
 
