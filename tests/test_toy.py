@@ -84,14 +84,13 @@ def test_training_script_smoke(tmp_path, arch):
     """`scripts/train_toy.py --smoke` runs every stage and writes a checkpoint that loads offline."""
     mod = _train_toy()
     out = tmp_path / "toy"
-    # stages 0, 2a and 2b on one arch (time)
-    scene = ["--text-steps", "1"] if arch == "qwen2-vl" else ["--scene-steps", "0"]
+    staged = arch == "qwen2-vl"  # stages 0, 2a and 2b on one arch (time)
+    scene = ["--text-steps", "1"] if staged else ["--scene-steps", "0"]
     assert mod.main(["--arch", arch, "--smoke", "--out", str(out), *scene]) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["tower"]["steps"] == 3 and log["llm"]["steps"] == 3
-    assert (log["text_lm"]["steps"] == 3 and log["text_lm"]["final_loss"] > 0) if scene[0] == "--text-steps" \
-        else "text_lm" not in log
-    if scene[0] == "--text-steps":
+    assert (log["text_lm"]["steps"] == 3 and log["text_lm"]["final_loss"] > 0) if staged else "text_lm" not in log
+    if staged:
         assert log["scene_lm"]["steps"] == 3 and set(log["scene_lm"]["accuracy"]) <= {"all", "oracle", *shapes.QTYPES}
         assert log["align"]["steps"] == 3 and log["align"]["r2"] <= 1
     else:
@@ -156,11 +155,7 @@ def test_text_documents_are_text_only_and_cut_to_length():
     ids = mod.text_documents(recipe, tok, np.random.default_rng(0), 3, 40, 0)
     assert ids.shape == (3, 40) and (ids[:, 0] == tok.bos_token_id).all()
     assert not (ids == tok.convert_tokens_to_ids("<image>")).any()
-    assert "ASSISTANT:" in tok.decode(ids[0]) and not torch_equal_rows(ids)
-
-
-def torch_equal_rows(ids) -> bool:
-    return bool((ids == ids[0]).all())
+    assert "ASSISTANT:" in tok.decode(ids[0]) and not (ids == ids[0]).all()  # documents differ
 
 
 class _Small:
