@@ -120,6 +120,28 @@ def token_labels(objects, grid: int) -> np.ndarray:
     return out.reshape(len(SCENE_HEADS), -1)
 
 
+def nearest_object_direction(objects, grid: int) -> np.ndarray:
+    """``[grid*grid]`` targets of the tower's ``direction`` head: 0 on an object's token, else the compass
+    direction (1 right, 3 up, 5 left, 7 down, even numbers between) from the token to its nearest object cell.
+
+    To know it a background token must attend to the objects, so the attention every patch receives in the
+    tower lands on them, as a real tower's received (or CLS) attention lands on salient content; the answer
+    tells nothing about colour, shape, size or count, so background tokens still answer no question.
+    """
+    per_cell = grid * shapes.CELL // IMAGE
+    cells = np.array(sorted({cell for o in objects for cell in o.cells}), dtype=np.float64) * per_cell
+    cells = (cells[:, None, :] + np.stack(np.meshgrid(range(per_cell), range(per_cell), indexing="ij"),
+                                          -1).reshape(1, -1, 2)).reshape(-1, 2)  # every token of an object
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    here = np.stack([rows.ravel(), cols.ravel()], 1).astype(np.float64)  # [grid*grid, 2]
+    delta = cells[None] - here[:, None]  # [grid*grid, n, 2]
+    nearest = delta[np.arange(len(here)), (delta ** 2).sum(-1).argmin(1)]  # [grid*grid, 2]
+    angle = np.arctan2(-nearest[:, 0], nearest[:, 1])
+    out = 1 + np.round(angle / (np.pi / 4)).astype(np.int64) % 8
+    out[(nearest == 0).all(1)] = 0
+    return out
+
+
 def corpus(turn_text) -> list[str]:
     """Tokenizer training text: captions and question/answer turns of 400 scenes."""
     rng = np.random.default_rng(0)
@@ -385,12 +407,14 @@ def fmt(acc: dict) -> str:
 
 # ---- stage 1: the vision tower -------------------------------------------------------------------
 def tower_batch(recipe, start: int, n: int):
-    """Images ``start .. start+n`` of the train split, their token labels, pair presence and counts."""
+    """Images ``start .. start+n`` of the train split; their token labels ``[n, len(SCENE_HEADS) + 1, T]``
+    (the last row: `nearest_object_direction`), pair presence and counts."""
     imgs, labels, pres, counts = [], [], [], []
     for i in range(start, start + n):
         img, objs = shapes.make_scene("train", i)
         imgs.append(img)
-        labels.append(token_labels(objs, recipe.label_grid))
+        labels.append(np.concatenate([token_labels(objs, recipe.label_grid),
+                                      nearest_object_direction(objs, recipe.label_grid)[None]]))
         p = np.zeros(len(PAIRS), dtype=np.float32)
         for o in objs:
             p[PAIRS.index((o.colour, o.shape))] = 1
@@ -399,7 +423,10 @@ def tower_batch(recipe, start: int, n: int):
     return imgs, torch.tensor(np.stack(labels)), torch.tensor(np.stack(pres)), torch.tensor(counts)
 
 
-def train_tower(recipe, model, processor, steps: int, batch: int, lr: float, log: dict) -> None:
+def train_tower(recipe, model, processor, steps: int, batch: int, lr: float, log: dict, direction: float = 0.0) -> None:
+    """Stage 1: the tower and linear heads on its output tokens (`TOKEN_HEADS`; LLaVA's CLS: presence and
+    count); ``direction > 0`` adds the `nearest_object_direction` head on every token with that loss weight.
+    Run on a loaded tower (``--tower-tune``) it fine-tunes it, fresh heads, the earlier log kept as ``from``."""
     tower = recipe.tower(model)
     feats, cls = recipe.tower_outputs(model, processor, [shapes.make_scene("train", 0)[0]])
     width = feats.shape[-1]
@@ -407,6 +434,8 @@ def train_tower(recipe, model, processor, steps: int, batch: int, lr: float, log
     if cls is not None:
         heads["cls_presence"] = nn.Linear(cls.shape[-1], len(PAIRS))
         heads["cls_count"] = nn.Linear(cls.shape[-1], 4)
+    if direction:
+        heads["direction"] = nn.Linear(width, 9)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 100), pct_start=0.1)
@@ -420,6 +449,8 @@ def train_tower(recipe, model, processor, steps: int, batch: int, lr: float, log
         loss = sum(ce(heads[name](feats).flatten(0, 1), labels[:, k].flatten()) for k, name in enumerate(TOKEN_HEADS))
         if cls is not None:
             loss = loss + bce(heads["cls_presence"](cls), pres) + ce(heads["cls_count"](cls), cnt)
+        if direction:
+            loss = loss + direction * ce(heads["direction"](feats).flatten(0, 1), labels[:, -1].flatten())
         optimise(loss, opt, sched, params, losses, bar)
     tower.eval()
     with torch.no_grad():  # held out: each head's accuracy on the object tokens of unseen scenes
@@ -428,8 +459,12 @@ def train_tower(recipe, model, processor, steps: int, batch: int, lr: float, log
         on = labels[:, 0] > 0
         probe = {name: float((heads[name](feats).argmax(-1) == labels[:, k])[on].float().mean())
                  for k, name in enumerate(TOKEN_HEADS)}
+        if direction:  # on the background tokens, where the direction is the task (chance about 1/8)
+            probe["direction"] = float((heads["direction"](feats).argmax(-1) == labels[:, -1])[~on].float().mean())
     tqdm.write(f"tower heads on object tokens (held out): {fmt(probe)}", file=sys.stderr)
-    log["tower"] = dict(steps=steps, batch=batch, lr=lr, final_loss=float(np.mean(losses[-20:])), heads=probe)
+    earlier = {"from": log["tower"]} if "tower" in log else {}
+    log["tower"] = dict(steps=steps, batch=batch, lr=lr, direction=direction, final_loss=float(np.mean(losses[-20:])),
+                        heads=probe, **earlier)
 
 
 # ---- stage 2: projector + language model -----------------------------------------------------------
@@ -842,6 +877,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few steps of each stage (for CI)")
     ap.add_argument("--tower-steps", type=int, default=400)
     ap.add_argument("--tower-batch", type=int, default=32)
+    ap.add_argument("--direction", type=float, default=0.0,
+                    help="stage 1: loss weight of the nearest-object direction head on every token (0: none); "
+                         "it makes the attention the tower's tokens receive land on the objects")
+    ap.add_argument("--tower-tune", type=int, default=0,
+                    help="stage 1 again for this many steps on the tower of --init-from / --tower-from / --tower")
+    ap.add_argument("--tower-lr", type=float, default=3e-4, help="peak learning rate of --tower-tune")
     ap.add_argument("--llm-steps", type=int, default=1000)
     ap.add_argument("--llm-batch", type=int, default=8)
     ap.add_argument("--images", type=int, default=16000, help="training scenes cached for stage 2")
@@ -892,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.tower_steps, args.llm_steps, args.images, args.tower_batch, args.llm_batch = 3, 3, 16, 4, 4
+        args.tower_tune = 3 if args.tower_tune else 0
         args.eval_every, args.eval_samples, args.turns = 0, 8, 2
         args.scene_steps, args.align_steps = (3, 3) if args.scene_steps else (0, 0)
         args.text_steps = 3 if args.text_steps else 0
@@ -907,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
     log = dict(args=vars(args), parameters=sum(p.numel() for p in model.parameters()))
     if args.init_from and (args.tower_from or args.tower):
         ap.error("--init-from takes the tower too: leave out --tower-from / --tower")
+    if args.tower_tune and not (args.init_from or args.tower_from or args.tower):
+        ap.error("--tower-tune fine-tunes a loaded tower: give --init-from, --tower-from or --tower")
     if args.init_from:  # every weight of an earlier checkpoint: stage 2 fine-tunes it
         model.load_state_dict(type(model).from_pretrained(args.init_from).state_dict())
         with open(os.path.join(args.init_from, "train_log.json")) as f:
@@ -925,11 +969,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.tower + ".json") as f:
             log["tower"] = dict(json.load(f), loaded_from=args.tower)
     else:
-        train_tower(recipe, model, processor, args.tower_steps, args.tower_batch, 1e-3, log)
+        train_tower(recipe, model, processor, args.tower_steps, args.tower_batch, 1e-3, log, args.direction)
         stage1 = args.out.rstrip("/") + ".stage1.pt"  # beside the checkpoint, not in it
         torch.save(recipe.tower(model).state_dict(), stage1)
         with open(stage1 + ".json", "w") as f:
             json.dump(log["tower"], f)
+    if args.tower_tune:  # fine-tune the loaded tower (stage 1 again, from its weights)
+        train_tower(recipe, model, processor, args.tower_tune, args.tower_batch, args.tower_lr, log, args.direction)
     for p in recipe.tower(model).parameters():
         p.requires_grad_(False)
     for p in recipe.projector(model).parameters():

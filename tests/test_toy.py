@@ -132,6 +132,18 @@ def test_training_script_smoke(tmp_path, arch):
         rest = [k for k in lm if k not in kept]
         assert sum(not torch.equal(a[k], d[k]) for k in rest) > len(rest) // 2
         assert len(json.loads((frozen / "train_log.json").read_text())["frozen"]) == 3
+        # --tower-tune runs stage 1 again on the loaded tower (here with the direction head), then stage 2c
+        retuned = tmp_path / "retuned"
+        assert mod.main(["--arch", arch, "--smoke", "--out", str(retuned), "--init-from", str(out),
+                         "--scene-steps", "0", "--tower-tune", "5", "--direction", "1"]) == 0
+        log4 = json.loads((retuned / "train_log.json").read_text())
+        assert log4["tower"]["steps"] == 3 and log4["tower"]["direction"] == 1
+        assert log4["tower"]["from"]["loaded_from"] == str(out) and set(log4["tower"]["heads"]) == {
+            *mod.TOKEN_HEADS, "direction"}
+        e = load_file(retuned / "model.safetensors")
+        assert any(not torch.equal(a[k], e[k]) for k in towers)
+        with pytest.raises(SystemExit):
+            mod.main(["--arch", arch, "--smoke", "--out", str(retuned), "--tower-tune", "5"])
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -254,6 +266,24 @@ def test_token_labels_mark_every_object_token():
         pair = mod.PAIRS.index((o.colour, o.shape)) + 1
         assert {int(labels[5, r * 8 + c]) for r, c in o.cells} == {pair} and (labels[5] == pair).sum() == len(o.cells)
     assert set(labels[5][labels[0] == 0]) == {0}
+
+
+def test_direction_labels_point_at_the_nearest_object():
+    """The tower's `direction` head target: 0 on object tokens, else the compass step to the nearest object."""
+    mod = _train_toy()
+    small = shapes.ShapeObject("red", "circle", False, 2, 2)  # cell (2, 2)
+    grid = mod.nearest_object_direction([small], 8).reshape(8, 8)
+    assert grid[2, 2] == 0 and (grid == 0).sum() == 1
+    # 1 right, 3 up, 5 left, 7 down; 2, 4, 6, 8 the diagonals between
+    assert (grid[2, 0], grid[0, 2], grid[2, 7], grid[7, 2]) == (1, 7, 5, 3)
+    assert (grid[0, 0], grid[0, 4], grid[4, 4], grid[4, 0]) == (8, 6, 4, 2)
+    big = shapes.ShapeObject("blue", "square", True, 5, 5)  # cells (5..6, 5..6); nearer than (2, 2) from (7, 7)
+    grid = mod.nearest_object_direction([small, big], 8).reshape(8, 8)
+    assert grid[7, 7] == 4 and grid[6, 4] == 1 and grid[3, 2] == 3
+    sample = shapes.make_sample("test", 3)  # on any grid the zeros are the object tokens
+    for size in (8, 16):
+        fine = mod.nearest_object_direction(sample.objects, size).reshape(size, size)
+        assert np.array_equal(fine == 0, sample.object_mask(size)) and fine.max() <= 8
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
