@@ -120,24 +120,19 @@ def token_labels(objects, grid: int) -> np.ndarray:
     return out.reshape(len(SCENE_HEADS), -1)
 
 
-def nearest_object_direction(objects, grid: int) -> np.ndarray:
-    """``[grid*grid]`` targets of the tower's ``direction`` head: 0 on an object's token, else the compass
-    direction (1 right, 3 up, 5 left, 7 down, even numbers between) from the token to its nearest object cell.
+def nearest_object_direction(on: np.ndarray) -> np.ndarray:
+    """``[grid*grid]`` targets of the tower's ``direction`` head, from ``on`` ``[grid, grid]`` bool (the object
+    tokens, `token_labels` row 0 > 0): 0 on an object's token, else the compass direction (1 right, 3 up,
+    5 left, 7 down, even numbers between) from the token to its nearest object token.
 
     To know it a background token must attend to the objects, so the attention every patch receives in the
     tower lands on them, as a real tower's received (or CLS) attention lands on salient content; the answer
     tells nothing about colour, shape, size or count, so background tokens still answer no question.
     """
-    per_cell = grid * shapes.CELL // IMAGE
-    cells = np.array(sorted({cell for o in objects for cell in o.cells}), dtype=np.float64) * per_cell
-    cells = (cells[:, None, :] + np.stack(np.meshgrid(range(per_cell), range(per_cell), indexing="ij"),
-                                          -1).reshape(1, -1, 2)).reshape(-1, 2)  # every token of an object
-    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-    here = np.stack([rows.ravel(), cols.ravel()], 1).astype(np.float64)  # [grid*grid, 2]
-    delta = cells[None] - here[:, None]  # [grid*grid, n, 2]
+    here = np.indices(on.shape).reshape(2, -1).T  # [grid*grid, 2] (row, col)
+    delta = np.argwhere(on)[None] - here[:, None]  # [grid*grid, n, 2] to every object token
     nearest = delta[np.arange(len(here)), (delta ** 2).sum(-1).argmin(1)]  # [grid*grid, 2]
-    angle = np.arctan2(-nearest[:, 0], nearest[:, 1])
-    out = 1 + np.round(angle / (np.pi / 4)).astype(np.int64) % 8
+    out = 1 + np.round(np.arctan2(-nearest[:, 0], nearest[:, 1]) / (np.pi / 4)).astype(np.int64) % 8
     out[(nearest == 0).all(1)] = 0
     return out
 
@@ -413,8 +408,9 @@ def tower_batch(recipe, start: int, n: int):
     for i in range(start, start + n):
         img, objs = shapes.make_scene("train", i)
         imgs.append(img)
-        labels.append(np.concatenate([token_labels(objs, recipe.label_grid),
-                                      nearest_object_direction(objs, recipe.label_grid)[None]]))
+        tokens = token_labels(objs, recipe.label_grid)
+        on = tokens[0].reshape(recipe.label_grid, recipe.label_grid) > 0
+        labels.append(np.concatenate([tokens, nearest_object_direction(on)[None]]))
         p = np.zeros(len(PAIRS), dtype=np.float32)
         for o in objs:
             p[PAIRS.index((o.colour, o.shape))] = 1

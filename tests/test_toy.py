@@ -271,18 +271,22 @@ def test_token_labels_mark_every_object_token():
 def test_direction_labels_point_at_the_nearest_object():
     """The tower's `direction` head target: 0 on object tokens, else the compass step to the nearest object."""
     mod = _train_toy()
+
+    def direction(objects, grid=8):
+        return mod.nearest_object_direction(mod.token_labels(objects, grid)[0].reshape(grid, grid) > 0)
+
     small = shapes.ShapeObject("red", "circle", False, 2, 2)  # cell (2, 2)
-    grid = mod.nearest_object_direction([small], 8).reshape(8, 8)
+    grid = direction([small]).reshape(8, 8)
     assert grid[2, 2] == 0 and (grid == 0).sum() == 1
     # 1 right, 3 up, 5 left, 7 down; 2, 4, 6, 8 the diagonals between
     assert (grid[2, 0], grid[0, 2], grid[2, 7], grid[7, 2]) == (1, 7, 5, 3)
     assert (grid[0, 0], grid[0, 4], grid[4, 4], grid[4, 0]) == (8, 6, 4, 2)
     big = shapes.ShapeObject("blue", "square", True, 5, 5)  # cells (5..6, 5..6); nearer than (2, 2) from (7, 7)
-    grid = mod.nearest_object_direction([small, big], 8).reshape(8, 8)
+    grid = direction([small, big]).reshape(8, 8)
     assert grid[7, 7] == 4 and grid[6, 4] == 1 and grid[3, 2] == 3
     sample = shapes.make_sample("test", 3)  # on any grid the zeros are the object tokens
     for size in (8, 16):
-        fine = mod.nearest_object_direction(sample.objects, size).reshape(size, size)
+        fine = direction(sample.objects, size).reshape(size, size)
         assert np.array_equal(fine == 0, sample.object_mask(size)) and fine.max() <= 8
 
 
