@@ -71,6 +71,7 @@ with the real images and with the images replaced by noise (which must fall to c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -472,6 +473,30 @@ def cache_features(recipe, model, processor, n: int, chunk: int = 64) -> torch.T
         imgs = [shapes.make_scene("train", i)[0] for i in range(start, min(n, start + chunk))]
         out.append(recipe.cached(model, processor, imgs).half())
     return torch.cat(out)
+
+
+def tower_fingerprint(recipe, model) -> str:
+    """SHA-256 of the tower's parameters: features cached from one tower are never reused with another."""
+    h = hashlib.sha256()
+    for name, t in sorted(recipe.tower(model).state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_cached_features(path, recipe, model, n: int):
+    """``[n, T, C]`` features from a ``--features`` file when it holds ``n`` scenes of this very tower, else None
+    (a file from another tower, e.g. after ``--tower-tune``, or an old bare-tensor cache is recomputed, with a note)."""
+    if not path or not os.path.exists(path):
+        return None
+    saved = torch.load(path, mmap=True)
+    if not isinstance(saved, dict) or saved.get("tower") != tower_fingerprint(recipe, model):
+        tqdm.write(f"{path}: cached from another tower; recomputing the features", file=sys.stderr)
+        return None
+    if saved["features"].shape[0] < n:
+        tqdm.write(f"{path}: holds {saved['features'].shape[0]} scenes, {n} needed; recomputing", file=sys.stderr)
+        return None
+    return saved["features"][:n].clone()
 
 
 # question types in training, weighted towards those that need a (colour, shape) conjunction found among
@@ -895,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the same in stage 2a (measured: 0.5 from the start slows learning the task, 0.81 against "
                          "0.89 scene-token accuracy after 4000 steps)")
     ap.add_argument("--features", default=None,
-                    help="file caching the frozen tower's features of the stage-2 scenes (reused when it holds enough)")
+                    help="file caching the frozen tower's features of the stage-2 scenes (reused only when it holds enough "
+                         "scenes of the same tower, checked by a SHA-256 of its weights)")
     ap.add_argument("--scene-steps", type=int, default=2000,
                     help="stage 2a: language-model steps on scene tokens before it sees images (0: skip 2a and 2b)")
     ap.add_argument("--align-steps", type=int, default=600, help="stage 2b: projector steps onto the scene tokens")
@@ -980,13 +1006,11 @@ def main(argv: list[str] | None = None) -> int:
         train_text_lm(recipe, model, tok, args, log)
     if args.frozen_attention:
         log["frozen"] = freeze_attention(model, args.frozen_attention)
-    saved = torch.load(args.features, mmap=True) if args.features and os.path.exists(args.features) else None
-    if saved is not None and saved.shape[0] >= args.images:
-        feats = saved[:args.images].clone()  # same --arch, --seed and tower as the run that saved it
-    else:
+    feats = load_cached_features(args.features, recipe, model, args.images)
+    if feats is None:
         feats = cache_features(recipe, model, processor, args.images)
         if args.features:
-            torch.save(feats, args.features)
+            torch.save({"features": feats, "tower": tower_fingerprint(recipe, model)}, args.features)
     if args.scene_steps:
         scene = SceneTokens(args.hidden)
         train_scene_lm(recipe, model, processor, scene, args, log)

@@ -159,6 +159,27 @@ def test_training_script_smoke(tmp_path, arch):
     assert default_prompt(model, proc, f"{s.question} {ONE_WORD}") == mod.RECIPES[arch]().prompt(s.question)
 
 
+def test_feature_cache_is_reused_only_for_the_tower_that_wrote_it(tmp_path):
+    """`--features` saves the tower's fingerprint: the same tower reads the cache back, a changed tower
+    (as after `--tower-tune`), a short cache and an old bare-tensor file are recomputed."""
+    import torch
+
+    mod = _train_toy()
+    recipe = mod.RECIPES["llava"]()
+    torch.manual_seed(0)
+    model = recipe.model(recipe.tokenizer(), _Small()).eval()
+    path, feats = str(tmp_path / "f.pt"), torch.randn(4, 64, 32).half()
+    torch.save({"features": feats, "tower": mod.tower_fingerprint(recipe, model)}, path)
+    assert torch.equal(mod.load_cached_features(path, recipe, model, 3), feats[:3])
+    assert mod.load_cached_features(path, recipe, model, 5) is None  # too few scenes
+    with torch.no_grad():
+        next(recipe.tower(model).parameters()).add_(1e-3)
+    assert mod.load_cached_features(path, recipe, model, 3) is None  # another tower
+    torch.save(feats, path)
+    assert mod.load_cached_features(path, recipe, model, 3) is None  # no fingerprint
+    assert mod.load_cached_features(None, recipe, model, 3) is None
+
+
 def test_text_documents_are_text_only_and_cut_to_length():
     """Stage 0's documents: BOS first (LLaVA), the task's turns, never an image token, ``length`` long."""
     mod = _train_toy()
