@@ -10,7 +10,8 @@ a method name: ``ensemble`` gets ``members=["cls", "vtc-cls"]`` (its options mus
 ``--keep 0.5`` (any fraction below 1 means "exit"). Writes ``OUT/toy_methods.md`` (accuracy and retention per toy and budget), the cells behind it in
 ``OUT/toy_methods.json`` and the raw results of each grid under ``OUT/toy_methods_<model>/``. ``--method``
 (repeatable) reruns only those presets and replaces their cells in an existing ``toy_methods.json`` (same
-``--limit``), so adding a preset does not rerun the others; ``--model`` likewise reruns one toy and keeps
+``--limit``), so adding a preset does not rerun the others; its raw results go to
+``OUT/toy_methods_<model>_rerun/``, leaving the full grid's in place; ``--model`` likewise reruns one toy and keeps
 the other's stored cells (a retrained toy-llava does not rerun toy-qwen2vl's 25 min).
 """
 
@@ -131,17 +132,19 @@ def main(argv: list[str] | None = None) -> int:
                    **refusals(model, chosen)}
         runs = [m for m in methods if m not in refused]
         base = results.get(model, {}).get("baseline")
+        # a --method rerun keeps the full grid's raw results and writes its own beside them
+        raw = f"toy_methods_{model}" + ("_rerun" if args.method else "")
         if runs:
             grid = evaluate([*common, *sum((["--keep", str(k)] for k in KEEPS), []),
                              *sum((["--method", m] for m in runs), []),
                              *(["--option", f"members={ENSEMBLE_MEMBERS}"] if "ensemble" in runs else []),
-                             "--out", str(out / f"toy_methods_{model}")])
+                             "--out", str(out / raw)])
             cells += grid["cells"]
             base = grid["baseline"]["accuracy"]
         exit_runs = [m for m in exit_methods if m not in refused]
         if exit_runs:
             exits = evaluate([*common, "--keep", "0.5", *sum((["--method", m] for m in exit_runs), []),
-                              "--out", str(out / f"toy_methods_{model}_exit")])
+                              "--out", str(out / f"{raw}_exit")])
             cells += [{**c, "keep": k} for c in exits["cells"] for k in KEEPS]  # an exit: the same cell at each
             base = exits["baseline"]["accuracy"]
         kept_old = any(c["method"] not in chosen for c in results.get(model, {}).get("cells", []))

@@ -38,3 +38,33 @@ def test_agreement_uses_the_methods_measured_at_the_budget():
     assert order == ["fastv", "visionzip", "vscan"] and rho == pytest.approx(1.0)
     assert record["fastv"] < record["visionzip"] < record["vscan"]
     assert mod.agreement({"toy": {"cells": cells[:2]}}, "toy") is None
+
+
+def test_a_method_rerun_keeps_the_full_grids_raw_results(tmp_path, monkeypatch):
+    """A full run writes each grid's raw results to toy_methods_<model>/; a --method rerun replaces only its
+    cells in toy_methods.json and writes its raw results to toy_methods_<model>_rerun/, not over the grid's."""
+    mod = _mod()
+    outs = []
+
+    def fake_evaluate(argv):
+        out = argv[argv.index("--out") + 1]
+        outs.append(os.path.basename(out))
+        methods = [argv[i + 1] for i, a in enumerate(argv) if a == "--method"]
+        acc = 0.5 if "_rerun" in os.path.basename(out) else 0.25
+        keeps = [float(argv[i + 1]) for i, a in enumerate(argv) if a == "--keep"]
+        return {"baseline": {"accuracy": 1.0},
+                "cells": [{"method": m, "keep": k, "accuracy": acc} for m in methods for k in keeps]}
+
+    monkeypatch.setattr(mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(mod, "refusals", lambda model, methods: {})
+    common = ["--model", "toy-llava", "--out", str(tmp_path), "--limit", "10"]
+    assert mod.main(common) == 0
+    assert set(outs) == {"toy_methods_toy-llava", "toy_methods_toy-llava_exit"}
+    outs.clear()
+    assert mod.main([*common, "--method", "fastv", "--method", "dyvte"]) == 0
+    assert set(outs) == {"toy_methods_toy-llava_rerun", "toy_methods_toy-llava_rerun_exit"}
+    import json
+    cells = json.loads((tmp_path / "toy_methods.json").read_text())["models"]["toy-llava"]["cells"]
+    acc = {(c["method"], c["keep"]): c["accuracy"] for c in cells}
+    assert acc[("fastv", 7)] == acc[("dyvte", 16)] == 0.5 and acc[("cls", 7)] == 0.25
+    assert len(cells) == len(set(acc))  # every (method, keep) once
